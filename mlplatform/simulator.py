@@ -1,0 +1,123 @@
+"""Production simulator: replays the production period into the landing zone, batch by batch,
+and delivers each batch's labels once its label delay has passed. Deterministic, idempotent, resettable."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from mlplatform.batches import Landing, partitions_def, window
+from resources.settings import DatasetSpec
+
+
+@dataclass
+class Release:
+    records: list[str]
+    labels: list[str]
+    clock: str | None
+
+
+class Simulator:
+    def __init__(self, spec: DatasetSpec, landing: Landing, scale: int = 1):
+        self.spec = spec
+        self.landing = landing
+        self.scale = scale
+        self.state_file = landing.root / "simulator.json"
+        self._production: pl.DataFrame | None = None
+
+    # --- state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {"released": [], "labels_released": []}
+
+    def _save(self, state: dict) -> None:
+        self.landing.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_file)
+
+    # --- data -------------------------------------------------------------------------------------
+    def production(self) -> pl.DataFrame:
+        """Production rows with their labels, sorted by event time (labels are held back until due)."""
+        if self._production is None:
+            _, production, labels = self.spec.load_source()
+            df = pl.from_pandas(production)
+            lab = pl.from_pandas(labels).select(self.spec.id_column, self.spec.target)
+            df = df.join(lab, on=self.spec.id_column, how="left")
+            t = self.spec.time_column
+            if df.schema[t] == pl.String:
+                df = df.with_columns(pl.col(t).str.to_datetime(time_unit="us").alias("_t"))
+            else:
+                df = df.with_columns(pl.col(t).cast(pl.Datetime("us")).alias("_t"))
+            if self.scale > 1:  # a larger copy for benchmarks: resampled rows with fresh ids
+                n = df.height
+                df = pl.concat([df.with_columns((pl.col(self.spec.id_column) + (i * 10 * n)))
+                                for i in range(self.scale)])
+            self._production = df.sort("_t")
+        return self._production
+
+    def batches(self) -> list[str]:
+        """Partitions that hold production rows, in time order."""
+        df = self.production()
+        tmin, tmax = df["_t"].min(), df["_t"].max()
+        keys = []
+        for key in partitions_def(self.spec).get_partition_keys():
+            start, end = window(self.spec, key)
+            if end > tmin and start <= tmax:
+                keys.append(key)
+        return keys
+
+    # --- commands ---------------------------------------------------------------------------------
+    def release(self, n: int = 1) -> Release:
+        state = self.state()
+        pending = [b for b in self.batches() if b not in state["released"]][:n]
+        df = self.production()
+        features = [self.spec.id_column, self.spec.time_column, *self.spec.feature_names]
+        for key in pending:
+            start, end = window(self.spec, key)
+            rows = df.filter((pl.col("_t") >= start) & (pl.col("_t") < end)).select(features)
+            self._write(self.landing.records_dir(key) / f"batch-{key}.parquet", rows)
+            state["released"].append(key)
+        labels = self._due_labels(state)
+        for key in labels:
+            start, end = window(self.spec, key)
+            rows = df.filter((pl.col("_t") >= start) & (pl.col("_t") < end)).select(
+                self.spec.id_column, self.spec.target).drop_nulls(self.spec.target)
+            self._write(self.landing.labels_dir(key) / f"labels-{key}.parquet", rows)
+            state["labels_released"].append(key)
+        self._save(state)
+        return Release(pending, labels, self.clock(state))
+
+    def clock(self, state: dict | None = None) -> str | None:
+        """Simulated now: the end of the last released batch period."""
+        state = state or self.state()
+        if not state["released"]:
+            return None
+        return window(self.spec, state["released"][-1])[1].isoformat()
+
+    def _due_labels(self, state: dict) -> list[str]:
+        if not state["released"]:
+            return []
+        now = window(self.spec, state["released"][-1])[1]
+        delay = dt.timedelta(days=self.spec.label_delay_days)
+        return [k for k in state["released"]
+                if k not in state["labels_released"] and window(self.spec, k)[1] + delay <= now]
+
+    def _write(self, path: Path, df: pl.DataFrame) -> None:
+        if path.exists():
+            return  # idempotent: a released file is never rewritten
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp"
+        df.write_parquet(tmp)
+        tmp.replace(path)  # atomic: a sensor never sees half a file
+
+    def reset(self) -> None:
+        for sub in ("records", "labels", "quarantine"):
+            shutil.rmtree(self.landing.root / sub, ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)

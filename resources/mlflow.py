@@ -1,0 +1,110 @@
+"""MLflow tracking and registry: a local SQLite store by default, MLFLOW_TRACKING_URI overrides it."""
+
+
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import dagster as dg
+import requests
+from pydantic import PrivateAttr
+
+T = TypeVar("T")
+
+
+class MLflowUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached; the message names the URI."""
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """Where runs are tracked and models registered; `model_name` is the registered model."""
+
+    tracking_uri: str
+    artifact_root: str = ""  # for a local store: where artifacts go (default: next to the SQLite file)
+    experiment: str = "mlplatform"
+    model_name: str = "mlplatform-model"
+    ui_url: str = "http://127.0.0.1:5000"
+    retries: int = 3
+    timeout_seconds: float = 5.0
+
+    _ready: bool = PrivateAttr(default=False)
+    _experiment_id: str = PrivateAttr(default="")
+
+    def _check(self) -> None:
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            last = None
+            for attempt in range(self.retries):
+                try:
+                    if requests.get(f"{uri.rstrip('/')}/health", timeout=self.timeout_seconds).ok:
+                        return
+                    last = "unhealthy"
+                except requests.RequestException as exc:
+                    last = type(exc).__name__
+                time.sleep(min(2 ** attempt * 0.5, 4))
+            raise MLflowUnavailable(f"MLflow tracking server {uri} is unreachable after {self.retries} "
+                                    f"attempts ({last}); check MLFLOW_TRACKING_URI")
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///"):])
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise MLflowUnavailable(f"MLflow store {uri}: cannot create {db.parent}: {exc}") from None
+
+    def setup(self) -> str:
+        """Point mlflow at the store, make sure the experiment exists; returns the experiment id."""
+        if self._ready:
+            return self._experiment_id
+        import mlflow
+
+        self._check()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        exp = self.with_retries(lambda: mlflow.get_experiment_by_name(self.experiment))
+        if exp is None:
+            artifact = self.artifact_root or (
+                (Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+                if self.tracking_uri.startswith("sqlite:///") else None)
+            exp_id = self.with_retries(lambda: mlflow.create_experiment(self.experiment, artifact_location=artifact))
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        self._experiment_id = exp_id
+        self._ready = True
+        return exp_id
+
+    def with_retries(self, fn: Callable[[], T]) -> T:
+        """Call fn, retrying a bounded number of times on connection errors, naming the URI at the end."""
+        last: Exception | None = None
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a dead store
+                msg = str(exc)
+                transient = any(s in msg for s in ("Connection", "timed out", "Max retries", "database is locked"))
+                if not transient:
+                    raise
+                last = exc
+                time.sleep(min(2 ** attempt * 0.5, 4))
+        raise MLflowUnavailable(f"MLflow at {self.tracking_uri} failed {self.retries} times: {last}")
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        self.setup()
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self._experiment_id or '0'}/runs/{run_id}"
+
+    def model_version_url(self, version: str | int) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/models/{self.model_name}/versions/{version}"
+
+    def alias_version(self, alias: str) -> Any | None:
+        """The ModelVersion behind an alias, or None when the alias is not set."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client().get_model_version_by_alias(self.model_name, alias)
+        except MlflowException:
+            return None

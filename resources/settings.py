@@ -1,0 +1,233 @@
+"""Settings: the data-set spec and the one function that chooses the environment (local / prod)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS_DIR = ROOT / "platform" / "datasets"
+
+
+class SettingError(ValueError):
+    """A configuration value is missing or malformed; the message names the setting and file."""
+
+
+FEATURE_TYPES = {"numeric", "categorical", "boolean"}
+PROBLEM_TYPES = {"binary_classification", "regression"}
+CADENCES = {"daily", "weekly", "monthly"}
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    type: str
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EngineeredFeature:
+    name: str
+    expression: str  # DuckDB SQL over the raw columns, used by dbt (batch) and serving alike
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    loader: str
+    drop_columns: tuple[str, ...]
+    id_column: str
+    time_column: str
+    target: str
+    problem_type: str
+    positive_class: Any
+    features: tuple[Feature, ...]
+    engineered_features: tuple[EngineeredFeature, ...]
+    label_delay_days: int
+    cadence: str
+    batch_start: str
+    batch_end: str
+    split: dict[str, float]
+    metric: str
+    floor: float
+    margin: float
+    monitoring: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def is_classification(self) -> bool:
+        return self.problem_type == "binary_classification"
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def model_feature_names(self) -> list[str]:
+        return self.feature_names + [f.name for f in self.engineered_features]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [f.name for f in self.features if f.type == "categorical"]
+
+    @property
+    def raw_columns(self) -> list[str]:
+        return [self.id_column, self.time_column, *self.feature_names]
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in {"rmse", "mae", "log_loss", "brier"}
+
+    def load_source(self):
+        """(reference, production, production_labels) from the spec's loader, as pandas.
+
+        The loader's output is cached as Parquet under the state dir: importing a package such as
+        nannyml costs ~10 s, and the source does not change for a given loader.
+        """
+        import pandas as pd
+
+        cache = state_dir() / ".cache" / "sources" / self.loader.replace(":", "__")
+        parts = ("reference", "production", "labels")
+        if all((cache / f"{p}.parquet").exists() for p in parts):
+            frames = [pd.read_parquet(cache / f"{p}.parquet") for p in parts]
+        else:
+            module, _, func = self.loader.partition(":")
+            os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+            try:
+                fn = getattr(importlib.import_module(module), func)
+            except (ImportError, AttributeError) as exc:
+                raise SettingError(f"{self.path}: source.loader {self.loader!r} cannot be imported: {exc}") from None
+            frames = list(fn())
+            cache.mkdir(parents=True, exist_ok=True)
+            for p, f in zip(parts, frames):
+                f.to_parquet(cache / f".{p}.tmp")
+                (cache / f".{p}.tmp").replace(cache / f"{p}.parquet")
+        reference, production, labels = frames
+        drop = set(self.drop_columns)
+        return (reference.drop(columns=[c for c in drop if c in reference.columns]),
+                production.drop(columns=[c for c in drop if c in production.columns]),
+                labels)
+
+
+def _require(raw: dict, key: str, path: Path, kind: type | tuple = object):
+    cur: Any = raw
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
+            raise SettingError(f"{path}: setting {key!r} is missing")
+        cur = cur[part]
+    if not isinstance(cur, kind):
+        raise SettingError(f"{path}: setting {key!r} must be {getattr(kind, '__name__', kind)}, got {cur!r}")
+    return cur
+
+
+def load_spec(name_or_path: str | Path) -> DatasetSpec:
+    """Read and validate a data-set spec; every error names the file and the setting."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DATASETS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
+        raise SettingError(f"data-set spec {path} does not exist (MLP_DATASET); known: {known}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SettingError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingError(f"{path}: expected a mapping at the top level")
+
+    features = []
+    for i, f in enumerate(_require(raw, "features", path, list)):
+        if not isinstance(f, dict) or "name" not in f:
+            raise SettingError(f"{path}: setting 'features[{i}]' needs a name")
+        ftype = f.get("type")
+        if ftype not in FEATURE_TYPES:
+            raise SettingError(f"{path}: setting 'features[{i}].type' ({f['name']}) must be one of "
+                               f"{sorted(FEATURE_TYPES)}, got {ftype!r}")
+        cats = f.get("categories")
+        if ftype == "categorical" and not cats:
+            raise SettingError(f"{path}: setting 'features[{i}].categories' ({f['name']}) is missing")
+        features.append(Feature(str(f["name"]), ftype, f.get("min"), f.get("max"),
+                                tuple(str(c) for c in cats) if cats else None))
+    engineered = []
+    for i, f in enumerate(raw.get("engineered_features") or []):
+        if not isinstance(f, dict) or not f.get("name") or not f.get("expression"):
+            raise SettingError(f"{path}: setting 'engineered_features[{i}]' needs a name and an expression")
+        engineered.append(EngineeredFeature(str(f["name"]), str(f["expression"])))
+
+    problem = _require(raw, "target.problem_type", path, str)
+    if problem not in PROBLEM_TYPES:
+        raise SettingError(f"{path}: setting 'target.problem_type' must be one of {sorted(PROBLEM_TYPES)}, "
+                           f"got {problem!r}")
+    cadence = _require(raw, "batch.cadence", path, str)
+    if cadence not in CADENCES:
+        raise SettingError(f"{path}: setting 'batch.cadence' must be one of {sorted(CADENCES)}, got {cadence!r}")
+    for key in ("batch.start", "batch.end"):
+        value = str(_require(raw, key, path))
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            raise SettingError(f"{path}: setting {key!r} must be a date YYYY-MM-DD, got {value!r}") from None
+    split = _require(raw, "training.split", path, dict)
+    if set(split) != {"train", "validation", "test"} or abs(sum(split.values()) - 1.0) > 1e-9 \
+            or any(v <= 0 for v in split.values()):
+        raise SettingError(f"{path}: setting 'training.split' must give train, validation and test "
+                           f"fractions > 0 summing to 1, got {split!r}")
+    delay = _require(raw, "label_delay_days", path, int)
+    if delay < 0:
+        raise SettingError(f"{path}: setting 'label_delay_days' must be >= 0, got {delay}")
+
+    return DatasetSpec(
+        name=_require(raw, "name", path, str),
+        description=str(raw.get("description", "")),
+        loader=_require(raw, "source.loader", path, str),
+        drop_columns=tuple(raw.get("source", {}).get("drop_columns") or ()),
+        id_column=_require(raw, "id_column", path, str),
+        time_column=_require(raw, "time_column", path, str),
+        target=_require(raw, "target.name", path, str),
+        problem_type=problem,
+        positive_class=raw["target"].get("positive_class", 1),
+        features=tuple(features),
+        engineered_features=tuple(engineered),
+        label_delay_days=delay,
+        cadence=cadence,
+        batch_start=str(raw["batch"]["start"]),
+        batch_end=str(raw["batch"]["end"]),
+        split={k: float(v) for k, v in split.items()},
+        metric=_require(raw, "training.metric", path, str),
+        floor=float(_require(raw, "training.floor", path, (int, float))),
+        margin=float(_require(raw, "training.margin", path, (int, float))),
+        monitoring=dict(raw.get("monitoring") or {}),
+        path=str(path),
+    )
+
+
+def environment() -> str:
+    """The one place that chooses the environment: MLP_ENV=local (default) or prod."""
+    env = os.environ.get("MLP_ENV", "local")
+    if env not in ("local", "prod"):
+        raise SettingError(f"setting MLP_ENV must be 'local' or 'prod', got {env!r}")
+    return env
+
+
+def dataset_name() -> str:
+    return os.environ.get("MLP_DATASET", "car_loan")
+
+
+def state_dir() -> Path:
+    """Where local state lives (landing zone, DuckDB file, MLflow store): MLP_STATE_DIR or the repo."""
+    return Path(os.environ.get("MLP_STATE_DIR", str(ROOT)))
