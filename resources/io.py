@@ -168,7 +168,7 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
                 if self.lakefs.exists(self.read_ref, path):
                     return self.read_ref, path
             return None
-        found = latest_checked_materialization(context.instance, key, partition, context.run_id)
+        found = latest_checked_materialization(context.instance, key, partition, context.step_context.run_id)
         return (found[0], found[1]) if found else None
 
     def load_input(self, context: dg.InputContext) -> Any:
@@ -195,7 +195,7 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
             context.log.warning(f"{key.to_user_string()}: partitions {missing} have no checked version; skipped")
         try:
             step_key = context.step_context.step.key
-            _LOADED_COMMITS.setdefault((context.run_id, step_key), {}).update(commits)
+            _LOADED_COMMITS.setdefault((context.step_context.run_id, step_key), {}).update(commits)
         except Exception:  # noqa: BLE001 - direct IO-manager calls have no step
             pass
         if len(partitions) == 1 and partitions[0] is None:

@@ -101,7 +101,7 @@ class DatasetSpec:
         """
         import pandas as pd
 
-        cache = state_dir() / ".cache" / "sources" / self.loader.replace(":", "__")
+        cache = Path(os.environ.get("MLP_CACHE_DIR", str(ROOT / ".cache"))) / "sources" / self.loader.replace(":", "__")
         parts = ("reference", "production", "labels")
         if all((cache / f"{p}.parquet").exists() for p in parts):
             frames = [pd.read_parquet(cache / f"{p}.parquet") for p in parts]
