@@ -6,6 +6,7 @@ package would shadow the standard-library module of the same name.
 
 import dagster as dg
 
+from assets.features import build_features
 from assets.ingestion import build_ingestion
 from resources.environment import build_resources
 from resources.settings import dataset_name, load_spec
@@ -14,7 +15,7 @@ from sensors.publish import publish_sensors
 
 def build_definitions() -> dg.Definitions:
     spec = load_spec(dataset_name())
-    assets = [*build_ingestion(spec)]
+    assets = [*build_ingestion(spec), *build_features(spec)]
     return dg.Definitions(
         assets=assets,
         sensors=[*publish_sensors],
