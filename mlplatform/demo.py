@@ -50,10 +50,19 @@ def main() -> None:
     if "--summary" in sys.argv:
         summary()
         return
-    released = _simulator().state()["released"]
+    state = _simulator().state()
     materialize("reference_data")
-    for partition in released:
-        materialize("raw_records", partition)
+    for partition in state["released"]:
+        select = "raw_records,raw_labels" if partition in state["labels_released"] else "raw_records"
+        materialize(select, partition)
+    materialize("stg_records,stg_labels,features,labelled_examples,training_set,candidate_model,"
+                "evaluation_report,model_card")
+    for partition in state["released"]:
+        materialize(PER_BATCH, partition)
+
+
+# Per-batch scoring and monitoring, materialized after the model exists.
+PER_BATCH = "batch_predictions"
 
 
 if __name__ == "__main__":

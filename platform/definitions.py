@@ -6,8 +6,10 @@ package would shadow the standard-library module of the same name.
 
 import dagster as dg
 
+from assets.evaluation import build_evaluation
 from assets.features import build_features
 from assets.ingestion import build_ingestion
+from assets.training import build_training
 from resources.environment import build_resources
 from resources.settings import dataset_name, load_spec
 from sensors.publish import publish_sensors
@@ -15,7 +17,7 @@ from sensors.publish import publish_sensors
 
 def build_definitions() -> dg.Definitions:
     spec = load_spec(dataset_name())
-    assets = [*build_ingestion(spec), *build_features(spec)]
+    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
     return dg.Definitions(
         assets=assets,
         sensors=[*publish_sensors],

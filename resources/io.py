@@ -125,7 +125,8 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         upstream = dict(_LOADED_COMMITS.pop((context.run_id, step_key), {}))
         extra = context.output_metadata.get("upstream_commits") if context.output_metadata else None
         if extra is not None:
-            upstream.update(json.loads(_meta_text(extra) or "{}"))
+            value = getattr(extra, "value", getattr(extra, "data", extra))
+            upstream.update(value if isinstance(value, dict) else json.loads(str(value)))
         code_version = None
         try:
             assets_def = context.step_context.assets_def
@@ -216,3 +217,21 @@ def load_asset(lakefs: LakeFSResource, key: str | dg.AssetKey, ref: str = "main"
             return deserialize(lakefs.get(ref, path), path)
     raise LakeFSError(f"{akey.to_user_string()} (partition {partition}) is not in lakeFS repository "
                       f"{lakefs.repository!r} at ref {ref!r}")
+
+
+def read_upstream_table(context, lakefs: LakeFSResource, key: str | dg.AssetKey,
+                        partition: str | None = None) -> tuple[pl.DataFrame, str]:
+    """Read an asset that is not an IO-manager input (e.g. a dbt model) at its latest checked commit,
+    and record that commit as this step's upstream lineage. Returns (table, commit)."""
+    akey = key if isinstance(key, dg.AssetKey) else dg.AssetKey.from_user_string(key)
+    found = latest_checked_materialization(context.instance, akey, partition, context.run_id)
+    if found is None:
+        raise LakeFSError(f"no checked version of {akey.to_user_string()} in lakeFS repository "
+                          f"{lakefs.repository!r}: materialize it first")
+    commit, path, _ = found
+    try:
+        step_key = context.get_step_execution_context().step.key
+    except Exception:  # noqa: BLE001 - outside a step (direct calls)
+        step_key = ""
+    _LOADED_COMMITS.setdefault((context.run_id, step_key), {})[akey.to_user_string()] = commit
+    return deserialize(lakefs.get(commit, path), path), commit

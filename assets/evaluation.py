@@ -1,0 +1,206 @@
+"""Evaluation: candidate vs champion on the same test rows, the promotion gate, and the model card."""
+
+import base64
+import datetime as dt
+import io
+import json
+import os
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mlplatform import modeling, registry
+from mlplatform.audit import AuditTrail
+from resources.lakefs import LakeFSResource
+from resources.mlflow import MLflowResource
+from resources.settings import DatasetSpec
+
+
+class GateConfig(dg.Config):
+    manual_approval: bool = False  # hold promotion until `mlp approve VERSION --by NAME --reason TEXT`
+    bootstrap_samples: int = 300
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(spec: DatasetSpec, y, p_new, p_old, importance: dict, slices: list[dict]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if spec.is_classification:
+        for name, p in (("candidate", p_new), ("champion", p_old)):
+            if p is None:
+                continue
+            edges = np.linspace(0, 1, 11)
+            idx = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
+            xs = [p[idx == b].mean() for b in range(10) if (idx == b).any()]
+            ys = [y[idx == b].mean() for b in range(10) if (idx == b).any()]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("observed rate")
+        ax.set_title("calibration (test split)")
+    else:
+        ax.scatter(y, p_new, s=2, alpha=0.3, label="candidate")
+        ax.set_xlabel("actual")
+        ax.set_ylabel("predicted")
+        ax.set_title("predicted vs actual (test split)")
+    ax.legend()
+    out["calibration.png"] = _png(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = sorted(importance, key=importance.get)
+    ax.barh(names, [importance[n] for n in names])
+    ax.set_title("feature importance (gain)")
+    out["importance.png"] = _png(fig)
+    plt.close(fig)
+    if slices:
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(slices) + 1))
+        labels = [f"{s['feature']}={s['value']}" for s in slices]
+        ax.barh(labels, [s[spec.metric] for s in slices])
+        ax.set_title(f"{spec.metric} per slice (test split)")
+        out["slices.png"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def build_evaluation(spec: DatasetSpec) -> list:
+    @dg.asset(
+        group_name="evaluation", kinds={"mlflow", "lightgbm"}, code_version="1",
+        description="Candidate vs champion on the same test rows, with a paired bootstrap CI; gates promotion.",
+        check_specs=[dg.AssetCheckSpec("promotion_gate", asset="evaluation_report", blocking=True,
+                                       description="Floor from config; not significantly worse than the champion")],
+    )
+    def evaluation_report(context: dg.AssetExecutionContext, config: GateConfig, candidate_model: dict,
+                          training_set: pl.DataFrame, mlflow: MLflowResource):
+        import mlflow as mlf
+
+        version = str(candidate_model["version"])
+        test = training_set.filter(pl.col("split") == "test")
+        y = test[spec.target].to_numpy()
+        cand = registry.load_booster(mlflow, version)
+        p_new = modeling.predict(cand, test, spec)
+        m_new = modeling.metrics(y, p_new, spec)
+        champ_version = registry.aliases(mlflow).get(registry.CHAMPION)
+        p_old, m_old, comparison = None, None, None
+        if champ_version and champ_version != version:
+            champ = registry.load_booster(mlflow, champ_version)
+            p_old = modeling.predict(champ, test, spec)
+            m_old = modeling.metrics(y, p_old, spec)
+            comparison = modeling.paired_bootstrap(y, p_new, p_old, spec, n=config.bootstrap_samples)
+        importance = dict(zip(cand.feature_name(), [float(v) for v in cand.feature_importance("gain")]))
+        slices = modeling.slice_metrics(test, p_new, spec)
+        images = plots(spec, y, p_new, p_old, importance, slices)
+        run_id = candidate_model["run_id"]
+        client = mlflow.client()
+        for name, data in images.items():
+            path = f"/tmp/mlp-{run_id}-{name}"
+            with open(path, "wb") as fh:
+                fh.write(data)
+            client.log_artifact(run_id, path, artifact_path="evaluation")
+            os.remove(path)
+        for k, v in m_new.items():
+            client.log_metric(run_id, f"test_{k}", v)
+        report = {
+            "model_version": version, "champion_version": champ_version if p_old is not None else None,
+            "metric": spec.metric, "test_rows": int(len(y)), "candidate": m_new, "champion": m_old,
+            "comparison": comparison, "slices": slices, "importance": importance,
+            "mlflow_run_id": run_id, "training_set_commit": candidate_model["training_set_commit"],
+        }
+        passed, reason = registry.decide(spec, m_new[spec.metric], comparison)
+        outcome = registry.apply_gate(
+            mlflow, AuditTrail(), spec, version, passed, reason,
+            {"metrics": m_new, "champion_metrics": m_old, "comparison": comparison, "dagster_run_id": context.run_id,
+             "lakefs_commit": candidate_model["training_set_commit"]},
+            manual=config.manual_approval, actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
+        report["gate"] = {"passed": passed, "action": outcome.action, "reason": outcome.reason}
+        client.set_model_version_tag(mlflow.model_name, version, "gate", outcome.action)
+        rows = [dg.TableRecord({"metric": k, "candidate": round(v, 5),
+                                "champion": round(m_old[k], 5) if m_old else None}) for k, v in m_new.items()]
+        md_imgs = "\n".join(f"![{n}](data:image/png;base64,{base64.b64encode(d).decode()})" for n, d in images.items())
+        yield dg.Output(report, metadata={
+            "summary": dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
+                dg.TableColumn("metric"), dg.TableColumn("candidate", "float"), dg.TableColumn("champion", "float")])),
+            f"test_{spec.metric}": dg.MetadataValue.float(m_new[spec.metric]),
+            "improvement_vs_champion": dg.MetadataValue.float(comparison["diff"] if comparison else 0.0),
+            "ci_low": dg.MetadataValue.float(comparison["ci_low"] if comparison else 0.0),
+            "gate": dg.MetadataValue.text(outcome.action),
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
+            "plots": dg.MetadataValue.md(md_imgs),
+        })
+        yield dg.AssetCheckResult(check_name="promotion_gate", passed=passed, description=outcome.reason,
+                                  metadata={"action": outcome.action, "model_version": version})
+
+    @dg.asset(
+        group_name="evaluation", kinds={"mlflow", "lakefs"}, code_version="1",
+        description="Model card (Markdown and JSON): use, lineage, metrics, slices, gate and approval.",
+    )
+    def model_card(context: dg.AssetExecutionContext, candidate_model: dict, evaluation_report: dict,
+                   training_set: pl.DataFrame, mlflow: MLflowResource, lakefs: LakeFSResource) -> dict:
+        card = make_card(spec, candidate_model, evaluation_report, training_set, lakefs,
+                         AuditTrail().history(mlflow.model_name, candidate_model["version"]))
+        md = card_markdown(card)
+        client = mlflow.client()
+        client.log_text(candidate_model["run_id"], md, "model_card.md")
+        client.log_text(candidate_model["run_id"], json.dumps(card, indent=1, default=str), "model_card.json")
+        context.add_output_metadata({"card": dg.MetadataValue.md(md),
+                                     "mlflow_run": dg.MetadataValue.url(mlflow.run_url(candidate_model["run_id"]))})
+        return {"card": card, "markdown": md}
+
+    return [evaluation_report, model_card]
+
+
+def make_card(spec, cand, report, ts, lakefs, events) -> dict:
+    splits = {}
+    for s in modeling.SPLITS:
+        part = ts.filter(pl.col("split") == s)
+        splits[s] = {"rows": part.height, "from": str(part[spec.time_column].min()),
+                     "to": str(part[spec.time_column].max())}
+    return {
+        "model": f"{spec.name}-model", "version": cand["version"], "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "intended_use": spec.description + f" Target: {spec.target} ({spec.problem_type}). Batch scoring of "
+                        f"{spec.cadence} production batches; not for individual decisions without review.",
+        "training_data": {"lakefs_commit": cand["training_set_commit"],
+                          "lakefs_uri": lakefs.uri(cand["training_set_commit"], "assets/training_set/data.parquet"),
+                          "splits": splits},
+        "features": spec.model_feature_names, "params": cand["params"],
+        "metrics": report["candidate"], "champion_metrics": report["champion"], "comparison": report["comparison"],
+        "slices": report["slices"], "gate": report["gate"],
+        "approvals": [{"at": e.at, "by": e.actor, "action": e.action, "reason": e.reason} for e in events
+                      if e.action in ("approved", "promoted", "rejected", "awaiting_approval")],
+        "limitations": ["Trained on the reference period and labelled production batches only; drift beyond "
+                        "them is watched by the monitoring assets, not handled by the model.",
+                        "Slices with fewer than 30 test rows are not reported."],
+    }
+
+
+def card_markdown(card: dict) -> str:
+    lines = [f"# Model card: {card['model']} v{card['version']}", "", f"**Intended use.** {card['intended_use']}", "",
+             "## Training data", f"- lakeFS commit `{card['training_data']['lakefs_commit']}`",
+             f"- {card['training_data']['lakefs_uri']}"]
+    for s, v in card["training_data"]["splits"].items():
+        lines.append(f"- {s}: {v['rows']} rows, {v['from']} .. {v['to']}")
+    lines += ["", "## Metrics (test split)", "| metric | candidate | champion |", "|---|---|---|"]
+    for k, v in card["metrics"].items():
+        champ = card["champion_metrics"][k] if card["champion_metrics"] else None
+        lines.append(f"| {k} | {v:.4f} | {'' if champ is None else f'{champ:.4f}'} |")
+    if card["comparison"]:
+        c = card["comparison"]
+        lines.append(f"\nImprovement vs champion: {c['diff']:+.4f} (95% CI {c['ci_low']:+.4f} .. {c['ci_high']:+.4f})")
+    lines += ["", f"## Gate: {card['gate']['action']}", card["gate"]["reason"], "", "## Slices"]
+    for s in card["slices"]:
+        lines.append(f"- {s['feature']}={s['value']}: {s['rows']} rows, " +
+                     ", ".join(f"{k}={v:.4f}" for k, v in s.items() if isinstance(v, float)))
+    lines += ["", "## Approvals and decisions"] + [f"- {a['at']} {a['by']}: {a['action']} ({a['reason']})"
+                                                   for a in card["approvals"]]
+    lines += ["", "## Limitations"] + [f"- {x}" for x in card["limitations"]]
+    return "\n".join(lines) + "\n"

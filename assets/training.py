@@ -1,0 +1,171 @@
+"""Training: point-in-time labelled examples, the time-split training set, and the LightGBM candidate."""
+
+import datetime as dt
+import os
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mlplatform import modeling
+from mlplatform.audit import AuditTrail
+from resources.io import git_commit, latest_checked_materialization, read_upstream_table
+from resources.lakefs import LakeFSResource
+from resources.mlflow import MLflowResource
+from resources.settings import DatasetSpec
+
+
+class ExamplesConfig(dg.Config):
+    cutoff: str = ""  # ISO datetime of the training cut-off; default: the latest event time in the features
+
+
+class TrainConfig(dg.Config):
+    num_boost_round: int = 400
+    early_stopping_rounds: int = 30
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    seed: int = 42
+    shuffle_labels: bool = False  # train on permuted labels: a deliberately worse candidate, for drills
+
+
+def build_training(spec: DatasetSpec) -> list:
+    @dg.asset(
+        group_name="training", kinds={"polars", "lakefs"}, code_version="1",
+        deps=["features", "stg_labels"],
+        description="Features joined with the labels known at the cut-off (point in time, no leakage).",
+        check_specs=[dg.AssetCheckSpec("no_label_leakage", asset="labelled_examples", blocking=True)],
+    )
+    def labelled_examples(context: dg.AssetExecutionContext, config: ExamplesConfig, lakefs: LakeFSResource):
+        features, fcommit = read_upstream_table(context, lakefs, "features")
+        labels, lcommit = read_upstream_table(context, lakefs, "stg_labels")
+        cutoff = dt.datetime.fromisoformat(config.cutoff) if config.cutoff else features[spec.time_column].max()
+        examples = modeling.point_in_time_examples(features, labels, spec, cutoff)
+        problems = modeling.leakage_violations(examples, spec, cutoff)
+        yield dg.Output(examples, metadata={
+            "cutoff": str(cutoff), "rows": examples.height,
+            "labels_known_at_cutoff": int(labels.filter(pl.col("label_available_at") <= cutoff).height),
+            "labels_after_cutoff_excluded": int(labels.filter(pl.col("label_available_at") > cutoff).height),
+            "upstream_commits": dg.MetadataValue.json({"features": fcommit, "stg_labels": lcommit}),
+        })
+        yield dg.AssetCheckResult(check_name="no_label_leakage", passed=not problems,
+                                  description="; ".join(problems) or f"no label known after {cutoff} is used")
+
+    ts_checks = ["splits_not_empty", "target_valid"]
+
+    @dg.asset(
+        group_name="training", kinds={"polars", "lakefs"}, code_version="1",
+        description="Time-ordered train / validation / test split of the labelled examples, frozen in lakeFS.",
+        check_specs=[dg.AssetCheckSpec(n, asset="training_set", blocking=True) for n in ts_checks],
+    )
+    def training_set(context: dg.AssetExecutionContext, labelled_examples: pl.DataFrame):
+        ts = modeling.time_split(labelled_examples, spec)
+        rows = []
+        for s in modeling.SPLITS:
+            part = ts.filter(pl.col("split") == s)
+            y = part[spec.target]
+            rows.append(dg.TableRecord({
+                "split": s, "rows": part.height,
+                "from": str(part[spec.time_column].min()), "to": str(part[spec.time_column].max()),
+                ("positive_rate" if spec.is_classification else "target_mean"):
+                    round(float(y.mean()), 4) if part.height else 0.0,
+            }))
+        summary_col = "positive_rate" if spec.is_classification else "target_mean"
+        yield dg.Output(ts, metadata={
+            "splits": dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
+                dg.TableColumn("split"), dg.TableColumn("rows", "int"), dg.TableColumn("from"),
+                dg.TableColumn("to"), dg.TableColumn(summary_col, "float")])),
+            **{f"rows_{s}": int(ts.filter(pl.col("split") == s).height) for s in modeling.SPLITS},
+        })
+        problems = modeling.training_set_problems(ts, spec)
+        empty = [p for p in problems if "is empty" in p]
+        other = [p for p in problems if "is empty" not in p]
+        yield dg.AssetCheckResult(check_name="splits_not_empty", passed=not empty,
+                                  description="; ".join(empty) or "every split has rows")
+        yield dg.AssetCheckResult(check_name="target_valid", passed=not other,
+                                  description="; ".join(other) or "targets finite, both classes in every split")
+
+    @dg.asset(
+        group_name="training", kinds={"lightgbm", "mlflow"}, code_version="1",
+        description="A LightGBM candidate trained on the training set, tracked and registered in MLflow.",
+    )
+    def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
+                        mlflow: MLflowResource, lakefs: LakeFSResource) -> dg.Output:
+        found = latest_checked_materialization(context.instance, dg.AssetKey("training_set"), None, context.run_id)
+        ts_commit = found[0] if found else "unknown"
+        result = train_and_register(spec, training_set, config, mlflow, lakefs, ts_commit, context.run_id,
+                                    actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
+        return dg.Output(result, metadata={
+            "model_version": dg.MetadataValue.int(int(result["version"])),
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(result["run_id"])),
+            "mlflow_model_version": dg.MetadataValue.url(mlflow.model_version_url(result["version"])),
+            "training_set_commit": dg.MetadataValue.text(ts_commit),
+            "training_set_link": dg.MetadataValue.url(lakefs.commit_url(ts_commit)),
+            f"validation_{result['params']['metric']}": dg.MetadataValue.float(result["validation_score"]),
+            "best_iteration": dg.MetadataValue.int(result["best_iteration"]),
+            "train_seconds": dg.MetadataValue.float(result["train_seconds"]),
+        })
+
+    return [labelled_examples, training_set, candidate_model]
+
+
+def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig, mlflow: MLflowResource,
+                       lakefs: LakeFSResource, ts_commit: str, run_id: str, actor: str) -> dict:
+    """Train, log and register one model version; on any failure no version is left behind."""
+    import time
+
+    import mlflow as mlf
+    from mlflow.models import infer_signature
+
+    from assets.features import manifest_hash
+
+    if config.shuffle_labels:
+        rng = np.random.default_rng(config.seed)
+        ts = ts.with_columns(pl.Series(spec.target, rng.permutation(ts[spec.target].to_numpy())))
+    params = modeling.lgb_params(spec, {"learning_rate": config.learning_rate, "num_leaves": config.num_leaves},
+                                 config.seed)
+    t0 = time.perf_counter()
+    trained = modeling.train(ts, spec, params, config.num_boost_round, config.early_stopping_rounds)
+    train_seconds = time.perf_counter() - t0
+    mlflow.setup()
+    try:
+        dbt_hash = manifest_hash(spec)
+    except OSError:
+        dbt_hash = "unknown"
+    tags = {"dagster_run_id": run_id, "code_version": git_commit(), "git_commit": git_commit(),
+            "lakefs_commit": ts_commit, "lakefs_repository": lakefs.repository,
+            "training_set_uri": lakefs.uri(ts_commit, "assets/training_set/data.parquet"),
+            # The same object through lakeFS's S3 gateway: a source MLflow can resolve.
+            "training_set_s3_uri": lakefs.s3_uri(ts_commit, "assets/training_set/data.parquet"),
+            "dbt_manifest_hash": dbt_hash, "dataset": spec.name, "shuffled_labels": str(config.shuffle_labels)}
+    test = ts.filter(pl.col("split") == "test")
+    client = mlflow.client()
+    version = None
+    with mlf.start_run(run_name=f"candidate-{run_id[:8]}") as run:
+        try:
+            mlf.set_tags(tags)
+            mlf.log_params({**{k: v for k, v in params.items()}, "num_boost_round": config.num_boost_round,
+                            "early_stopping_rounds": config.early_stopping_rounds})
+            mlf.log_metrics({f"validation_{params['metric']}": trained.validation_score,
+                             "best_iteration": trained.best_iteration, "train_rows":
+                             ts.filter(pl.col("split") == "train").height, "train_seconds": train_seconds})
+            train_pd = ts.select([spec.time_column, *spec.model_feature_names, spec.target, "split"]).to_pandas()
+            dataset = mlf.data.from_pandas(train_pd, source=tags["training_set_s3_uri"], name="training_set",
+                                           targets=spec.target)
+            mlf.log_input(dataset, context="training")
+            x_example = modeling.feature_matrix(test.head(5), spec)
+            signature = infer_signature(x_example, trained.booster.predict(x_example))
+            mlf.lightgbm.log_model(trained.booster, name="model", signature=signature, input_example=x_example)
+            mv = mlflow.with_retries(lambda: mlf.register_model(f"runs:/{run.info.run_id}/model", mlflow.model_name,
+                                                                tags=tags))
+            version = str(mv.version)
+            AuditTrail().record("registered", mlflow.model_name, version,
+                                f"trained on lakeFS commit {ts_commit[:12]}",
+                                {"run_id": run.info.run_id, "dagster_run_id": run_id, "lakefs_commit": ts_commit,
+                                 f"validation_{params['metric']}": trained.validation_score}, actor)
+        except BaseException:
+            if version is not None:  # never leave a half-registered version behind
+                client.delete_model_version(mlflow.model_name, version)
+            raise
+    return {"version": version, "run_id": run.info.run_id, "model_uri": f"models:/{mlflow.model_name}/{version}",
+            "training_set_commit": ts_commit, "params": params, "validation_score": trained.validation_score,
+            "best_iteration": trained.best_iteration, "train_seconds": train_seconds, "tags": tags}
