@@ -32,7 +32,8 @@ def check_results(asset_key: dg.AssetKey, names: list[str], violations: list[con
         by_check.setdefault(VIOLATION_TO_CHECK.get(v.check, v.check), []).append(v)
     if rejected:
         by_check.setdefault("files_readable", []).extend(
-            contracts.Violation("files_readable", r["reason"], file=r["file"]) for r in rejected)
+            contracts.Violation("files_readable", r["reason"], file=r["file"]) for r in rejected
+            if not r.get("row_level"))
     for name in names:
         found = by_check.get(name, [])
         yield dg.AssetCheckResult(
@@ -106,6 +107,19 @@ def build_ingestion(spec: DatasetSpec) -> list:
         violations = contracts.check_records(df, spec, window(spec, partition)) if frames else \
             [contracts.Violation("empty", f"no readable file landed for batch {partition} "
                                           f"({len(files)} file(s) found in {zone.records_dir(partition)})")]
+        # A file whose rows break the contract goes to quarantine too; the batch's good files stay.
+        by_file: dict[str, list[str]] = {}
+        for v in violations:
+            if v.blocking and v.file:
+                for name in v.file.split(", "):
+                    by_file.setdefault(name, []).append(v.message)
+        for path in files:
+            if path.name in by_file and path.exists():
+                reason = "; ".join(by_file[path.name])
+                target = zone.quarantine("records", partition, path, reason, context.run_id)
+                rejected.append({"file": path.name, "reason": reason, "quarantined_to": str(target),
+                                 "row_level": True})
+                context.log.error(f"quarantined {path.name}: {reason}")
         yield dg.Output(df, metadata={
             "rows": df.height, "files": dg.MetadataValue.json([p.name for p in files]),
             "files_rejected": len(rejected),

@@ -1,6 +1,7 @@
 """Training: point-in-time labelled examples, the time-split training set, and the LightGBM candidate."""
 
 import datetime as dt
+import json
 import os
 
 import dagster as dg
@@ -136,7 +137,10 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
             "training_set_uri": lakefs.uri(ts_commit, "assets/training_set/data.parquet"),
             # The same object through lakeFS's S3 gateway: a source MLflow can resolve.
             "training_set_s3_uri": lakefs.s3_uri(ts_commit, "assets/training_set/data.parquet"),
-            "dbt_manifest_hash": dbt_hash, "dataset": spec.name, "shuffled_labels": str(config.shuffle_labels)}
+            "dbt_manifest_hash": dbt_hash, "dataset": spec.name, "shuffled_labels": str(config.shuffle_labels),
+            # Exactly what `mlp reproduce` needs to retrain bit for bit.
+            "lgb_params": json.dumps(params, sort_keys=True), "num_boost_round": str(config.num_boost_round),
+            "early_stopping_rounds": str(config.early_stopping_rounds)}
     test = ts.filter(pl.col("split") == "test")
     client = mlflow.client()
     version = None

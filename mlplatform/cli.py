@@ -81,6 +81,84 @@ def cmd_branches(args) -> int:
     return 0
 
 
+def _spec():
+    from resources.settings import dataset_name, load_spec
+
+    return load_spec(dataset_name())
+
+
+def _mlflow():
+    from resources.mlflow import MLflowResource
+    from resources.settings import SettingError, dataset_name
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise SettingError("setting MLFLOW_TRACKING_URI is not set: run `make up`, or export it")
+    return MLflowResource(tracking_uri=uri, model_name=f"{dataset_name()}-model", experiment=dataset_name())
+
+
+def cmd_approve(args) -> int:
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail
+
+    registry.approve(_mlflow(), AuditTrail(), str(args.version), args.by, args.reason)
+    print(f"version {args.version} approved by {args.by} and promoted to champion")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail, default_actor
+
+    old, new = registry.rollback(_mlflow(), AuditTrail(), args.reason, actor=default_actor())
+    print(f"champion rolled back from version {old} to version {new}")
+    return 0
+
+
+def reproduce(version: str, mlflow=None, lakefs=None, spec=None) -> dict:
+    """Rebuild a version's training set from its lakeFS commit, retrain, compare test predictions."""
+    import numpy as np
+    import polars as pl
+
+    from mlplatform import modeling, registry
+    from mlplatform.audit import AuditTrail, default_actor
+    from resources.io import load_asset
+
+    mlflow, lakefs, spec = mlflow or _mlflow(), lakefs or _lakefs(), spec or _spec()
+    tags = registry.version_tags(mlflow, version)
+    commit = tags["lakefs_commit"]
+    ts = load_asset(lakefs, "training_set", ref=commit)
+    params = json.loads(tags["lgb_params"])
+    trained = modeling.train(ts, spec, params, int(tags["num_boost_round"]), int(tags["early_stopping_rounds"]))
+    test = ts.filter(pl.col("split") == "test")
+    registered = registry.load_booster(mlflow, version)
+    diff = float(np.max(np.abs(modeling.predict(trained.booster, test, spec) - modeling.predict(registered, test, spec))))
+    result = {"version": version, "lakefs_commit": commit, "test_rows": test.height, "max_abs_diff": diff,
+              "identical": diff <= 1e-12}
+    AuditTrail().record("reproduced", mlflow.model_name, version,
+                        f"retrained from lakeFS commit {commit[:12]}: max |diff| {diff:.3g} on {test.height} rows",
+                        result, default_actor())
+    return result
+
+
+def cmd_reproduce(args) -> int:
+    result = reproduce(str(args.version))
+    print(json.dumps(result, indent=1))
+    return 0 if result["identical"] else 1
+
+
+def cmd_history(args) -> int:
+    from mlplatform.audit import AuditTrail
+
+    trail = AuditTrail()
+    model = _mlflow().model_name
+    for e in trail.history(model, args.version):
+        print(f"{e.seq:>4} {e.at[:19]} {e.actor:<28} {e.action:<18} v{e.version or '-':<4} {e.reason}")
+    broken = trail.verify()
+    print("audit trail intact" if not broken else f"audit trail TAMPERED at entries {broken}")
+    return 0 if not broken else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlp", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -96,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune", type=float, metavar="DAYS")
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(fn=cmd_branches)
+    s = sub.add_parser("approve", help="promote a version awaiting approval (manual gate mode)")
+    s.add_argument("version")
+    s.add_argument("--by", required=True, help="who approves")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(fn=cmd_approve)
+    s = sub.add_parser("rollback", help="move `champion` back to the previous version, in one step")
+    s.add_argument("--reason", default="manual rollback")
+    s.set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("reproduce", help="rebuild a version's training set from lakeFS and retrain it")
+    s.add_argument("version")
+    s.set_defaults(fn=cmd_reproduce)
+    s = sub.add_parser("history", help="the audit trail of the model (every decision, in order)")
+    s.add_argument("--version")
+    s.set_defaults(fn=cmd_history)
     return p
 
 
@@ -109,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         from resources.lakefs import LakeFSError
         from resources.settings import SettingError
 
-        if isinstance(exc, (LakeFSError, SettingError)):
+        from mlplatform.registry import RegistryError
+        from resources.mlflow import MLflowUnavailable
+
+        if isinstance(exc, (LakeFSError, SettingError, RegistryError, MLflowUnavailable)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

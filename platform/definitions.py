@@ -9,6 +9,7 @@ import dagster as dg
 from assets.evaluation import build_evaluation
 from assets.features import build_features
 from assets.ingestion import build_ingestion
+from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import build_resources
 from resources.settings import dataset_name, load_spec
@@ -17,7 +18,8 @@ from sensors.publish import publish_sensors
 
 def build_definitions() -> dg.Definitions:
     spec = load_spec(dataset_name())
-    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
+    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
+              *build_serving(spec)]
     return dg.Definitions(
         assets=assets,
         sensors=[*publish_sensors],

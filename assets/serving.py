@@ -1,0 +1,66 @@
+"""Serving: batch predictions per production batch by the champion, with the challenger in shadow."""
+
+import dagster as dg
+import polars as pl
+
+from mlplatform import modeling, registry
+from mlplatform.batches import partitions_def, window
+from resources.io import read_upstream_table
+from resources.lakefs import LakeFSResource
+from resources.mlflow import MLflowResource
+from resources.settings import DatasetSpec
+
+
+def score_batch(features: pl.DataFrame, spec: DatasetSpec, champion, champion_version: str, challenger,
+                challenger_version: str | None, input_commit: str) -> pl.DataFrame:
+    """Champion scores; the challenger's scores sit beside them (shadow, never acted on)."""
+    p = modeling.predict(champion, features, spec)
+    out = features.select(spec.id_column, spec.time_column).with_columns(
+        pl.Series("prediction", p),
+        pl.lit(champion_version).alias("model_version"),
+        pl.lit(input_commit).alias("input_commit"),
+    )
+    if spec.is_classification:
+        out = out.with_columns((pl.col("prediction") >= 0.5).cast(pl.Int8).alias("predicted_label"))
+    if challenger is not None:
+        out = out.with_columns(pl.Series("shadow_prediction", modeling.predict(challenger, features, spec)),
+                               pl.lit(challenger_version).alias("shadow_model_version"))
+    return out
+
+
+def build_serving(spec: DatasetSpec) -> list:
+    @dg.asset(
+        group_name="serving", kinds={"polars", "lightgbm", "lakefs"}, code_version="1",
+        partitions_def=partitions_def(spec), deps=["features", dg.AssetDep("raw_records")],
+        description="Champion scores for one production batch; the challenger scores the same rows in shadow.",
+    )
+    def batch_predictions(context: dg.AssetExecutionContext, lakefs: LakeFSResource,
+                          mlflow: MLflowResource) -> dg.Output:
+        start, end = window(spec, context.partition_key)
+        features, commit = read_upstream_table(context, lakefs, "features")
+        batch = features.filter((pl.col(spec.time_column) >= start) & (pl.col(spec.time_column) < end)
+                                & (pl.col("origin") == "production"))
+        if batch.height == 0:
+            raise ValueError(f"no production features for batch {context.partition_key} in `features` at lakeFS "
+                             f"commit {commit[:12]}: materialize raw_records[{context.partition_key}] and the dbt "
+                             f"models first")
+        al = registry.aliases(mlflow)
+        champ_v = al.get(registry.CHAMPION)
+        if not champ_v:
+            raise ValueError(f"model {mlflow.model_name} has no `champion` alias in MLflow {mlflow.tracking_uri}: "
+                             f"train and promote a model first")
+        champion = registry.load_booster(mlflow, champ_v)
+        chall_v = al.get(registry.CHALLENGER)
+        challenger = registry.load_booster(mlflow, chall_v) if chall_v and chall_v != champ_v else None
+        out = score_batch(batch, spec, champion, champ_v, challenger, chall_v if challenger else None, commit)
+        meta = {"rows": out.height, "champion_version": dg.MetadataValue.int(int(champ_v)),
+                "mean_prediction": dg.MetadataValue.float(float(out["prediction"].mean())),
+                "input_commit": commit, "mlflow_model": dg.MetadataValue.url(mlflow.model_version_url(champ_v))}
+        if challenger is not None:
+            meta["shadow_version"] = dg.MetadataValue.int(int(chall_v))
+            meta["shadow_agreement"] = dg.MetadataValue.float(
+                float(((out["prediction"] >= 0.5) == (out["shadow_prediction"] >= 0.5)).mean())
+                if spec.is_classification else float((out["prediction"] - out["shadow_prediction"]).abs().mean()))
+        return dg.Output(out, metadata=meta)
+
+    return [batch_predictions]
