@@ -158,7 +158,13 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
             mlf.log_input(dataset, context="training")
             x_example = modeling.feature_matrix(test.head(5), spec)
             signature = infer_signature(x_example, trained.booster.predict(x_example))
-            mlf.lightgbm.log_model(trained.booster, name="model", signature=signature, input_example=x_example)
+            # Explicit requirements: MLflow's own inference imports the model in a subprocess (~25 s).
+            import lightgbm
+
+            mlf.lightgbm.log_model(trained.booster, name="model", signature=signature, input_example=x_example,
+                                   pip_requirements=[f"lightgbm=={lightgbm.__version__}",
+                                                     f"pandas=={__import__('pandas').__version__}",
+                                                     f"numpy=={np.__version__}"])
             mv = mlflow.with_retries(lambda: mlf.register_model(f"runs:/{run.info.run_id}/model", mlflow.model_name,
                                                                 tags=tags))
             version = str(mv.version)

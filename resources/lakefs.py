@@ -177,12 +177,16 @@ class LakeFSResource(dg.ConfigurableResource):
     def merge(self, source: str, destination: str | None = None, message: str = "",
               metadata: dict[str, Any] | None = None) -> str:
         """Merge `source` into `destination` (main); a conflict raises MergeConflict naming the paths."""
-        from lakefs.exceptions import ConflictException
+        from lakefs.exceptions import BadRequestException, ConflictException
 
         dest = destination or self.main_branch
         meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}
         try:
             return self.repo().ref(source).merge_into(dest, message=message or f"publish {source}", metadata=meta)
+        except BadRequestException as exc:
+            if "no changes" in str(exc):  # the run wrote exactly what main already holds
+                return self.head(dest)
+            raise
         except ConflictException:
             mine = set(self.changed_paths(dest, source))
             theirs = set(self.changed_paths(source, dest))

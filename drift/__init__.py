@@ -1,0 +1,5 @@
+"""Fast univariate drift detection on polars (see :mod:`drift.engine`)."""
+
+from drift.engine import METHODS, ChunkSpec, DriftEngine
+
+__all__ = ["METHODS", "ChunkSpec", "DriftEngine"]
