@@ -62,7 +62,7 @@ def main() -> None:
 
 
 # Per-batch scoring and monitoring, materialized after the model exists.
-PER_BATCH = "batch_predictions"
+PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
 
 
 if __name__ == "__main__":

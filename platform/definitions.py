@@ -9,6 +9,7 @@ import dagster as dg
 from assets.evaluation import build_evaluation
 from assets.features import build_features
 from assets.ingestion import build_ingestion
+from assets.monitoring import build_monitoring
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import build_resources
@@ -19,7 +20,7 @@ from sensors.publish import publish_sensors
 def build_definitions() -> dg.Definitions:
     spec = load_spec(dataset_name())
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-              *build_serving(spec)]
+              *build_serving(spec), *build_monitoring(spec)]
     return dg.Definitions(
         assets=assets,
         sensors=[*publish_sensors],

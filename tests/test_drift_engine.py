@@ -378,3 +378,16 @@ def test_reference_problems_are_reported_not_raised():
         "gone": "column 'gone' is missing from the reference data",
     }
     _no_nan_with_ok(result)
+
+
+def test_asymptotic_ks_p_value_option_keeps_statistic_and_approximates_scipy(frames, engine_and_result):
+    ref, ana = frames
+    _, exact = engine_and_result
+    engine = DriftEngine(continuous=["loan_length", "driver_tenure"], methods=("ks",), ks_p_value="asymptotic")
+    engine.fit(ref, SPEC)
+    fast = engine.calculate(ana, SPEC)
+    for feature in ["loan_length", "driver_tenure"]:
+        np.testing.assert_allclose(_values(fast, feature, "ks"), _values(exact, feature, "ks"), rtol=0, atol=1e-12)
+        p_fast, p_exact = _values(fast, feature, "ks", "p_value"), _values(exact, feature, "ks", "p_value")
+        big = p_exact > 1e-6
+        np.testing.assert_allclose(p_fast[big], p_exact[big], rtol=0.05)

@@ -1,0 +1,287 @@
+"""Monitoring per production batch: univariate drift (our polars engine) and multivariate drift (NannyML),
+label-free performance estimation (NannyML CBPE / DLE), realized performance, and data quality."""
+
+import base64
+import io
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mlplatform import modeling, registry
+from mlplatform.batches import partitions_def, window
+from resources.io import latest_checked_materialization, read_upstream_table
+from resources.lakefs import LakeFSResource, run_branch
+from resources.mlflow import MLflowResource
+from resources.settings import DatasetSpec
+
+
+def _png_md(fig, title: str) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=70, bbox_inches="tight")
+    data = buf.getvalue()
+    return data, f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
+def _md_table(df: pl.DataFrame, cols: list[str], limit: int = 60) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in df.select(cols).head(limit).iter_rows():
+        lines.append("| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                                       for v in r) + " |")
+    return "\n".join(lines)
+
+
+def drift_engine(spec: DatasetSpec):
+    from drift.engine import DriftEngine
+
+    mon = spec.monitoring
+    cont = [f.name for f in spec.features if f.type == "numeric"] + [f.name for f in spec.engineered_features]
+    cat = [f.name for f in spec.features if f.type in ("categorical", "boolean")]
+    return DriftEngine(continuous=cont, categorical=cat, methods=tuple(mon.get("drift_methods", ("psi", "ks"))),
+                       psi_bins=int(mon.get("psi_bins", 10)), min_chunk_rows=int(mon.get("min_chunk_rows", 200)),
+                       threshold="std", std_multiplier=float(mon.get("std_multiplier", 3.0)))
+
+
+def period_string(spec: DatasetSpec) -> str:
+    return {"daily": "1d", "weekly": "1w", "monthly": "1mo"}[spec.cadence]
+
+
+def reference_features(features: pl.DataFrame) -> pl.DataFrame:
+    return features.filter(pl.col("origin") == "reference")
+
+
+def production_until(features: pl.DataFrame, spec: DatasetSpec, end) -> pl.DataFrame:
+    return features.filter((pl.col("origin") == "production") & (pl.col(spec.time_column) < end))
+
+
+def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec, chunk_size: int) -> dict:
+    """NannyML's data-reconstruction (PCA) drift: reconstruction error of the batch vs reference bounds."""
+    import os
+
+    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+    import nannyml as nml
+
+    cols = [f.name for f in spec.features]
+    cat = [f.name for f in spec.features if f.type in ("categorical", "boolean")]
+    r = ref.select([spec.time_column, *cols]).to_pandas()
+    a = batch.select([spec.time_column, *cols]).to_pandas()
+    for c in cat:
+        r[c], a[c] = r[c].astype(str), a[c].astype(str)
+    calc = nml.DataReconstructionDriftCalculator(column_names=cols, timestamp_column_name=spec.time_column,
+                                                 chunk_size=chunk_size)
+    calc.fit(r)
+    res = calc.calculate(a).filter(period="analysis").to_df()
+    rec = res["reconstruction_error"]
+    return {"error": float(rec["value"].mean()), "upper": float(rec["upper_threshold"].iloc[0]),
+            "lower": float(rec["lower_threshold"].iloc[0]) if rec["lower_threshold"].iloc[0] is not None else None,
+            "alert": bool(rec["alert"].any()), "chunks": int(len(rec))}
+
+
+def build_monitoring(spec: DatasetSpec) -> list:
+    parts = partitions_def(spec)
+
+    @dg.asset(
+        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        deps=["features", dg.AssetDep("raw_records")],
+        description="Univariate drift per feature and method (PSI, KS, chi2, JS, Wasserstein, Hellinger, "
+                    "L-inf) and multivariate reconstruction drift of one batch against the reference.",
+    )
+    def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource) -> dg.Output:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from drift.engine import ChunkSpec
+
+        start, end = window(spec, context.partition_key)
+        features, commit = read_upstream_table(context, lakefs, "features")
+        ref = reference_features(features)
+        history = production_until(features, spec, end)
+        batch = history.filter(pl.col(spec.time_column) >= start)
+        if batch.height == 0:
+            raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
+                             f"commit {commit[:12]}")
+        engine = drift_engine(spec)
+        chunk_rows = max(int(spec.monitoring.get("reference_chunk_rows", 5000)), engine.min_chunk_rows)
+        engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
+        over_time = engine.calculate(history, ChunkSpec(kind="period", period=period_string(spec),
+                                                        timestamp_column=spec.time_column))
+        latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+        summary = engine.summary(latest)
+        mv = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
+        summary["multivariate"] = mv
+        summary["partition"] = context.partition_key
+        # Plot: each feature's main distance over time (one line per feature), alerts marked.
+        method = "jensen_shannon" if "jensen_shannon" in engine.methods else engine.methods[0]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for feat in over_time["feature"].unique().sort().to_list():
+            s = over_time.filter((pl.col("feature") == feat) & (pl.col("method") == method)).sort("chunk_index")
+            ax.plot(s["chunk_key"].cast(pl.String).to_list(), s["value"].to_list(), marker="o", ms=3, label=feat)
+        ax.set_title(f"{method} per feature over time (up to {context.partition_key})")
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        ax.legend(fontsize=6, ncol=2)
+        png, md_img = _png_md(fig, "drift over time")
+        plt.close(fig)
+        branch = run_branch(context.run_id)
+        lakefs.ensure_branch(branch)
+        img_path = f"reports/drift_report/partition={context.partition_key}/drift_over_time.png"
+        lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
+        table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
+                              "alert", "status").sort("alert", "feature", descending=[True, False])
+        return dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
+            "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
+            "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
+            "multivariate_error": dg.MetadataValue.float(mv["error"]),
+            "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
+            "summary": dg.MetadataValue.json(summary),
+            "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
+            "drift_over_time": dg.MetadataValue.md(md_img),
+            "plot_in_lakefs": dg.MetadataValue.url(lakefs.object_url("main", img_path)),
+            "rows": batch.height,
+        })
+
+    @dg.asset(
+        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        deps=["features"],
+        description="Label-free performance estimate of the champion on one batch (NannyML CBPE / DLE).",
+    )
+    def performance_estimate(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
+                             lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
+        champ_v = batch_predictions["model_version"][0]
+        ref = champion_reference(context, spec, lakefs, mlflow, champ_v)
+        batch = batch_predictions
+        if not spec.is_classification:  # DLE reads the features beside the predictions
+            features, _ = read_upstream_table(context, lakefs, "features")
+            batch = batch.join(features.select(spec.id_column, *spec.model_feature_names), on=spec.id_column)
+        est = estimate_performance(spec, ref, batch, lakefs, context)
+        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        return dg.Output(pl.DataFrame([est]), metadata={
+            f"estimated_{metric}": dg.MetadataValue.float(est["estimated"]),
+            "lower_bound": dg.MetadataValue.float(est["lower"] if est["lower"] is not None else float("nan")),
+            "upper_bound": dg.MetadataValue.float(est["upper"] if est["upper"] is not None else float("nan")),
+            "alert": dg.MetadataValue.bool(est["alert"]),
+            "champion_version": dg.MetadataValue.int(int(champ_v)),
+            "champion_test_score": dg.MetadataValue.float(est["reference_score"]),
+            "summary": dg.MetadataValue.json(est),
+        })
+
+    @dg.asset(
+        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        deps=[dg.AssetDep("performance_estimate")],
+        description="Realized performance once the batch's delayed labels land, beside the estimate.",
+    )
+    def realized_performance(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
+                             raw_labels: pl.DataFrame, lakefs: LakeFSResource) -> dg.Output:
+        joined = batch_predictions.join(raw_labels.select(spec.id_column, spec.target), on=spec.id_column)
+        if joined.height == 0:
+            raise ValueError(f"no labelled rows for batch {context.partition_key}: labels and predictions share "
+                             f"no {spec.id_column!r}")
+        y, p = joined[spec.target].to_numpy(), joined["prediction"].to_numpy()
+        realized = modeling.metrics(y, p, spec)
+        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        row = {"partition": context.partition_key, "rows": joined.height, "model_version":
+               batch_predictions["model_version"][0], **{f"realized_{k}": v for k, v in realized.items()}}
+        found = latest_checked_materialization(context.instance, dg.AssetKey("performance_estimate"),
+                                               context.partition_key, context.run_id)
+        meta = {f"realized_{metric}": dg.MetadataValue.float(realized[metric]), "rows": joined.height}
+        if found:
+            from resources.io import deserialize
+
+            est = deserialize(lakefs.get(found[0], found[1]), found[1])
+            row["estimated"] = float(est["estimated"][0])
+            row["estimate_error"] = row["estimated"] - realized[metric]
+            meta["estimated"] = dg.MetadataValue.float(row["estimated"])
+            meta["estimate_abs_error"] = dg.MetadataValue.float(abs(row["estimate_error"]))
+        return dg.Output(pl.DataFrame([row]), metadata=meta)
+
+    @dg.asset(
+        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        description="Missing values, unseen categories and range violations per feature in one batch.",
+    )
+    def data_quality_report(context: dg.AssetExecutionContext, raw_records: pl.DataFrame) -> dg.Output:
+        report = data_quality(raw_records, spec)
+        issues = int(report.filter(pl.col("missing") + pl.col("unseen_categories") + pl.col("out_of_range") > 0)
+                     .height)
+        return dg.Output(report.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
+            "features_with_issues": dg.MetadataValue.int(issues),
+            "missing_values": dg.MetadataValue.int(int(report["missing"].sum())),
+            "unseen_categories": dg.MetadataValue.int(int(report["unseen_categories"].sum())),
+            "range_violations": dg.MetadataValue.int(int(report["out_of_range"].sum())),
+            "table": dg.MetadataValue.md(_md_table(report, report.columns)),
+        })
+
+    return [drift_report, performance_estimate, realized_performance, data_quality_report]
+
+
+def data_quality(df: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
+    rows = []
+    n = df.height
+    for f in spec.features:
+        if f.name not in df.columns:
+            rows.append({"feature": f.name, "rows": n, "missing": n, "missing_rate": 1.0, "unseen_categories": 0,
+                         "out_of_range": 0, "note": "column missing"})
+            continue
+        col = df[f.name]
+        missing = int(col.null_count() + (col.is_nan().sum() if col.dtype.is_float() else 0))
+        unseen = int((~col.cast(pl.String).is_in(list(f.categories)) & col.is_not_null()).sum()) \
+            if f.type == "categorical" and f.categories else 0
+        oor = 0
+        if f.type == "numeric":
+            if f.min is not None:
+                oor += int((col < f.min).sum())
+            if f.max is not None:
+                oor += int((col > f.max).sum())
+        rows.append({"feature": f.name, "rows": n, "missing": missing, "missing_rate": missing / n if n else 0.0,
+                     "unseen_categories": unseen, "out_of_range": oor, "note": ""})
+    return pl.DataFrame(rows)
+
+
+def champion_reference(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflow: MLflowResource,
+                       version: str) -> pl.DataFrame:
+    """The champion's predictions on its own test split, with labels: what CBPE/DLE are fitted on."""
+    from resources.io import load_asset
+
+    tags = registry.version_tags(mlflow, version)
+    ts = load_asset(lakefs, "training_set", ref=tags["lakefs_commit"])
+    test = ts.filter(pl.col("split") == "test")
+    booster = registry.load_booster(mlflow, version)
+    return test.with_columns(pl.Series("prediction", modeling.predict(booster, test, spec)))
+
+
+def estimate_performance(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFrame, lakefs, context) -> dict:
+    import os
+
+    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+    import nannyml as nml
+
+    metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+    t = spec.time_column
+    r = ref.select(t, spec.target, "prediction").to_pandas()
+    a = batch.select(t, "prediction").to_pandas()
+    chunk = max(len(a), 2)
+    if spec.is_classification:
+        r["y_pred"] = (r["prediction"] >= 0.5).astype(int)
+        a["y_pred"] = (a["prediction"] >= 0.5).astype(int)
+        est = nml.CBPE(y_pred_proba="prediction", y_pred="y_pred", y_true=spec.target, timestamp_column_name=t,
+                       metrics=[metric], chunk_size=chunk, problem_type="classification_binary")
+    else:
+        feats = spec.model_feature_names
+        r = ref.select(t, spec.target, "prediction", *feats).to_pandas()
+        a = batch.select(t, "prediction", *feats).to_pandas()
+        for c in spec.categorical_features:
+            cats = list(spec.feature(c).categories or [])
+            r[c] = r[c].astype("category").cat.set_categories(cats)
+            a[c] = a[c].astype("category").cat.set_categories(cats)
+        est = nml.DLE(feature_column_names=feats, y_pred="prediction", y_true=spec.target, timestamp_column_name=t,
+                      metrics=[metric], chunk_size=chunk)
+    est.fit(r)
+    res = est.estimate(a).filter(period="analysis").to_df()[metric]
+    ref_score = float(modeling.metrics(ref[spec.target].to_numpy(), ref["prediction"].to_numpy(), spec)[metric])
+    return {"partition": context.partition_key, "metric": metric, "estimated": float(res["value"].iloc[0]),
+            "lower": _f(res["lower_confidence_boundary"].iloc[0]), "upper": _f(res["upper_confidence_boundary"].iloc[0]),
+            "alert": bool(res["alert"].iloc[0]), "lower_threshold": _f(res["lower_threshold"].iloc[0]),
+            "reference_score": ref_score, "rows": int(len(a)), "model_version": str(batch["model_version"][0])}
+
+
+def _f(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
