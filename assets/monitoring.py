@@ -167,11 +167,11 @@ def build_monitoring(spec: DatasetSpec) -> list:
 
     @dg.asset(
         group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=[dg.AssetDep("performance_estimate")],
+        deps=[dg.AssetDep("performance_estimate"), "features"],
         description="Realized performance once the batch's delayed labels land, beside the estimate.",
     )
     def realized_performance(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
-                             raw_labels: pl.DataFrame, lakefs: LakeFSResource) -> dg.Output:
+                             raw_labels: pl.DataFrame, lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
         joined = batch_predictions.join(raw_labels.select(spec.id_column, spec.target), on=spec.id_column)
         if joined.height == 0:
             raise ValueError(f"no labelled rows for batch {context.partition_key}: labels and predictions share "
@@ -183,7 +183,18 @@ def build_monitoring(spec: DatasetSpec) -> list:
                batch_predictions["model_version"][0], **{f"realized_{k}": v for k, v in realized.items()}}
         found = latest_checked_materialization(context.instance, dg.AssetKey("performance_estimate"),
                                                context.partition_key, context.run_id)
-        meta = {f"realized_{metric}": dg.MetadataValue.float(realized[metric]), "rows": joined.height}
+        meta = {f"realized_{metric}": dg.MetadataValue.float(realized[metric]), "rows": joined.height,
+                "model_version": dg.MetadataValue.text(str(row["model_version"]))}
+        # The previous champion on the same rows: the evidence the rollback sensor compares.
+        prev_v = registry.aliases(mlflow).get(registry.PREVIOUS)
+        if prev_v and prev_v != str(row["model_version"]):
+            features, _ = read_upstream_table(context, lakefs, "features")
+            rows = features.join(joined.select(spec.id_column, spec.target), on=spec.id_column)
+            prev = registry.load_booster(mlflow, prev_v)
+            prev_score = modeling.metrics(rows[spec.target].to_numpy(), modeling.predict(prev, rows, spec), spec)[metric]
+            row["previous_version"], row[f"previous_{metric}"] = prev_v, prev_score
+            meta["previous_version"] = dg.MetadataValue.text(prev_v)
+            meta[f"previous_{metric}"] = dg.MetadataValue.float(prev_score)
         if found:
             from resources.io import deserialize
 

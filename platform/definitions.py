@@ -13,22 +13,56 @@ from assets.monitoring import build_monitoring
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import build_resources
-from resources.settings import dataset_name, load_spec
+from resources.settings import DatasetSpec, dataset_name, load_spec
+from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
+
+# Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
+# `features` is ignored so that a new batch re-scores only its own partition, not every old one.
+FOLLOWERS = ["batch_predictions", "drift_report", "data_quality_report", "performance_estimate",
+             "realized_performance"]
+
+
+def follow_inputs() -> dg.AutomationCondition:
+    return (
+        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features"))
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("follows its partition's inputs")
+
+
+def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
+    """Freshness SLAs from the spec and automation conditions, applied to the whole graph in one place."""
+    def policy(asset_spec: dg.AssetSpec) -> dg.AssetSpec:
+        name = asset_spec.key.to_user_string()
+        attrs = {}
+        windows = spec.freshness.get(name)
+        if windows:
+            attrs["freshness_policy"] = dg.FreshnessPolicy.time_window(fail_window=windows["fail"],
+                                                                       warn_window=windows.get("warn"))
+        if name in FOLLOWERS:
+            attrs["automation_condition"] = follow_inputs()
+        return asset_spec.replace_attributes(**attrs) if attrs else asset_spec
+
+    return defs.map_asset_specs(func=policy)
 
 
 def build_definitions() -> dg.Definitions:
     spec = load_spec(dataset_name())
-    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-              *build_serving(spec), *build_monitoring(spec)]
-    return dg.Definitions(
-        assets=assets,
-        sensors=[*publish_sensors],
+    lifecycle = build_lifecycle(spec)
+    defs = dg.Definitions(
+        assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
+                *build_serving(spec), *build_monitoring(spec)],
+        jobs=lifecycle["jobs"],
+        sensors=[*publish_sensors, *lifecycle["sensors"]],
+        schedules=lifecycle["schedules"],
         resources=build_resources(),
         # In-process: steps of a run commit to one lakeFS branch one after another, so each commit
         # holds exactly its own asset (lakeFS commits everything staged on a branch).
         executor=dg.in_process_executor,
     )
+    return apply_policies(spec, defs)
 
 
 defs = build_definitions()

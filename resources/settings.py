@@ -61,6 +61,8 @@ class DatasetSpec:
     floor: float
     margin: float
     monitoring: dict[str, Any] = field(default_factory=dict)
+    automation: dict[str, Any] = field(default_factory=dict)
+    freshness: dict[str, dict[str, dt.timedelta]] = field(default_factory=dict)
     path: str = ""
 
     @property
@@ -212,8 +214,23 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         floor=float(_require(raw, "training.floor", path, (int, float))),
         margin=float(_require(raw, "training.margin", path, (int, float))),
         monitoring=dict(raw.get("monitoring") or {}),
+        automation=dict(raw.get("automation") or {}),
+        freshness={asset: {k: parse_duration(v, f"freshness.{asset}.{k}", path) for k, v in windows.items()}
+                   for asset, windows in (raw.get("freshness") or {}).items()},
         path=str(path),
     )
+
+
+def parse_duration(value: Any, key: str, path: Path) -> dt.timedelta:
+    """'90s', '15m', '36h', '30d' -> timedelta; anything else names the setting."""
+    text = str(value).strip()
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if len(text) >= 2 and text[-1] in units:
+        try:
+            return dt.timedelta(**{units[text[-1]]: float(text[:-1])})
+        except ValueError:
+            pass
+    raise SettingError(f"{path}: setting {key!r} must be a duration like 90s, 15m, 36h or 30d, got {value!r}")
 
 
 def environment() -> str:

@@ -1,0 +1,198 @@
+"""Lifecycle automation: arrivals, retraining triggers (schedule, volume, drift, estimated performance)
+and automated rollback. Sensors read Dagster's event log (cheap) and act; heavy work runs in jobs."""
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from mlplatform.batches import Landing, partitions_def
+from resources.landing import LandingZoneResource
+from resources.mlflow import MLflowResource
+from resources.settings import DatasetSpec
+
+INGEST_ASSETS = ["raw_records", "stg_records", "stg_labels", "features"]
+LABEL_ASSETS = ["raw_labels", "stg_records", "stg_labels", "features"]
+RETRAIN_ASSETS = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
+                  "evaluation_report", "model_card"]
+
+
+@dataclass
+class Trigger:
+    name: str            # schedule | volume | drift | performance
+    reason: str
+    evidence: dict = field(default_factory=dict)
+    event_id: int = 0    # storage id of the evidence: each event fires once
+
+
+def _latest(instance: dg.DagsterInstance, key: str, limit: int = 1):
+    return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=limit).records
+
+
+def _val(meta: dict, key: str, default=None):
+    v = meta.get(key)
+    return default if v is None else getattr(v, "value", v)
+
+
+def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dict) -> list[Trigger]:
+    """Which retraining triggers have new evidence since `seen` (storage ids per trigger)."""
+    auto = spec.automation
+    fired: list[Trigger] = []
+    last_model = _latest(instance, "candidate_model")
+    trained_at = last_model[0].timestamp if last_model else 0.0
+
+    vol = auto.get("volume", {})
+    if vol.get("enabled", True):
+        labels = _latest(instance, "raw_labels", limit=500)
+        new = [r for r in labels if r.timestamp > trained_at]
+        rows = sum(int(_val(r.asset_materialization.metadata, "rows", 0)) for r in new)
+        ts = _latest(instance, "training_set")
+        base = int(_val(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
+        frac = rows / base if base else float("inf")
+        top = max((r.storage_id for r in new), default=0)
+        if new and top > seen.get("volume", 0) and (rows >= vol.get("min_new_labelled_rows", 10**12)
+                                                     or frac >= vol.get("min_fraction", float("inf"))):
+            fired.append(Trigger("volume", f"{rows} labelled rows arrived since the last training "
+                                           f"({frac:.0%} of its {base} training rows)",
+                                 {"new_labelled_rows": rows, "fraction": round(frac, 4),
+                                  "partitions": sorted({r.partition_key for r in new if r.partition_key})}, top))
+
+    drift = auto.get("drift", {})
+    if drift.get("enabled", True):
+        rec = _latest(instance, "drift_report")
+        if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
+            summary = _val(rec[0].asset_materialization.metadata, "summary", {}) or {}
+            method = drift.get("method")
+            by_feature = summary.get("alerts_by_feature", {})
+            feats = sorted(f for f, ms in by_feature.items() if not method or method in ms)
+            mv = bool(summary.get("multivariate", {}).get("alert"))
+            if len(feats) >= drift.get("min_alerting_features", 1) or (mv and drift.get("on_multivariate_alert")):
+                fired.append(Trigger("drift", f"{len(feats)} feature(s) drift by {method or 'any method'}"
+                                              f"{' and a multivariate alert' if mv else ''} in batch "
+                                              f"{rec[0].partition_key}",
+                                     {"features": feats, "multivariate_alert": mv, "partition": rec[0].partition_key},
+                                     rec[0].storage_id))
+
+    perf = auto.get("performance", {})
+    if perf.get("enabled", True):
+        rec = _latest(instance, "performance_estimate")
+        if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
+            meta = rec[0].asset_materialization.metadata
+            metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+            est = float(_val(meta, f"estimated_{metric}", float("nan")))
+            champ = float(_val(meta, "champion_test_score", float("nan")))
+            higher = spec.higher_is_better
+            below_floor = est < perf["floor"] if higher else est > perf["floor"]
+            margin = perf.get("margin_below_champion_test")
+            below_champ = margin is not None and ((est < champ - margin) if higher else (est > champ + margin))
+            if below_floor or below_champ:
+                fired.append(Trigger("performance", f"estimated {metric} {est:.4f} in batch {rec[0].partition_key} "
+                                     + ("is below the floor " + str(perf["floor"]) if below_floor else
+                                        f"is below the champion's test score {champ:.4f} by more than {margin}"),
+                                     {"estimated": est, "champion_test_score": champ,
+                                      "partition": rec[0].partition_key}, rec[0].storage_id))
+    return fired
+
+
+def build_lifecycle(spec: DatasetSpec) -> dict:
+    parts = partitions_def(spec)
+    ingest_job = dg.define_asset_job("ingest_batch", selection=INGEST_ASSETS, partitions_def=parts,
+                                     description="A landed batch: raw records of the partition, then the dbt models.")
+    labels_job = dg.define_asset_job("ingest_labels", selection=LABEL_ASSETS, partitions_def=parts,
+                                     description="Delayed labels of a partition, then the dbt models.")
+    retrain_job = dg.define_asset_job("retrain", selection=RETRAIN_ASSETS,
+                                      description="Rebuild features and the training set, train, evaluate, gate.")
+    auto = spec.automation
+
+    @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=15,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="New files in the landing zone -> ingest their partition (records or labels).")
+    def landing_arrivals(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
+        zone = landing.zone()
+        seen = json.loads(context.cursor) if context.cursor else {}
+        requests = []
+        for kind, job in (("records", "ingest_batch"), ("labels", "ingest_labels")):
+            for partition in zone.partitions_with_files(kind):
+                files = zone.files(kind, partition)
+                stamp = ",".join(f"{p.name}:{int(p.stat().st_mtime)}" for p in files)
+                key = f"{kind}/{partition}"
+                if not files or seen.get(key) == stamp:
+                    continue
+                seen[key] = stamp
+                requests.append(dg.RunRequest(run_key=f"{key}/{stamp}", partition_key=partition, job_name=job,
+                                              tags={"arrival/kind": kind, "arrival/files": stamp[:200]}))
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen))
+
+    @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Retrain when labelled volume, drift or estimated performance says so (once per event, "
+                           "one run per storm, a minimum interval between retrains).")
+    def retrain_on_evidence(context: dg.SensorEvaluationContext):
+        state = json.loads(context.cursor) if context.cursor else {"seen": {}, "last_fired": 0.0}
+        fired = evaluate_triggers(context.instance, spec, state["seen"])
+        if not fired:
+            return dg.SkipReason("no trigger has new evidence")
+        for t in fired:  # each event is consumed, whether or not it leads to a run now
+            state["seen"][t.name] = max(state["seen"].get(t.name, 0), t.event_id)
+        min_gap = float(auto.get("min_minutes_between_retrains", 60)) * 60
+        now = time.time()
+        if now - state["last_fired"] < min_gap:
+            context.update_cursor(json.dumps(state))
+            return dg.SkipReason(f"triggers {[t.name for t in fired]} fired, but the last retrain was "
+                                 f"{(now - state['last_fired']) / 60:.0f} min ago (minimum {min_gap / 60:.0f} min)")
+        state["last_fired"] = now
+        context.update_cursor(json.dumps(state))
+        from mlplatform.audit import AuditTrail
+
+        evidence = {t.name: {"reason": t.reason, **t.evidence} for t in fired}
+        AuditTrail().record("retrain_triggered", f"{spec.name}-model", None,
+                            "; ".join(t.reason for t in fired), evidence, actor="sensor:retrain_on_evidence")
+        return dg.RunRequest(run_key=f"retrain-{int(now)}", tags={
+            "retrain/trigger": "+".join(t.name for t in fired),
+            "retrain/evidence": json.dumps(evidence, default=str)[:4000]})
+
+    @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Roll the champion back when it does worse than the previous champion on the same rows.")
+    def rollback_on_regression(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
+        rb = auto.get("rollback", {})
+        if not rb.get("enabled", True):
+            return dg.SkipReason("automated rollback is switched off")
+        seen = int(context.cursor or 0)
+        recs = [r for r in _latest(context.instance, "realized_performance", limit=5) if r.storage_id > seen]
+        if not recs:
+            return dg.SkipReason("no new realized performance")
+        context.update_cursor(str(max(r.storage_id for r in recs)))
+        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        for rec in recs:
+            meta = rec.asset_materialization.metadata
+            cur, prev = _val(meta, f"realized_{metric}"), _val(meta, f"previous_{metric}")
+            if cur is None or prev is None:
+                continue
+            worse = (prev - cur) if spec.higher_is_better else (cur - prev)
+            if worse > rb.get("margin", 0.02):
+                from mlplatform import registry
+                from mlplatform.audit import AuditTrail
+
+                al = registry.aliases(mlflow)
+                if al.get(registry.CHAMPION) != str(_val(meta, "model_version")):
+                    continue  # the champion changed since: this evidence is about another model
+                frm, to = registry.rollback(
+                    mlflow, AuditTrail(),
+                    f"realized {metric} of champion v{al[registry.CHAMPION]} is {cur:.4f} vs {prev:.4f} for v"
+                    f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.get('margin')})",
+                    actor="sensor:rollback_on_regression",
+                    evidence={"partition": rec.partition_key, "dagster_run_id": rec.run_id, "champion_score": cur,
+                              "previous_score": prev})
+                context.log.info(f"rolled back champion v{frm} -> v{to}")
+                return dg.SkipReason(f"rolled back v{frm} -> v{to} (evidence run {rec.run_id})")
+        return dg.SkipReason("champion is not worse than the previous champion")
+
+    schedules = []
+    if auto.get("retrain_schedule"):
+        schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto["retrain_schedule"],
+                                               job=retrain_job, tags={"retrain/trigger": "schedule"},
+                                               default_status=dg.DefaultScheduleStatus.RUNNING))
+    return {"jobs": [ingest_job, labels_job, retrain_job],
+            "sensors": [landing_arrivals, retrain_on_evidence, rollback_on_regression], "schedules": schedules}
