@@ -159,6 +159,81 @@ def cmd_history(args) -> int:
     return 0 if not broken else 1
 
 
+def _sensor_cursor(instance, name: str) -> str | None:
+    for state in instance.all_instigator_state():
+        if state.name == name and state.instigator_data is not None:
+            return getattr(state.instigator_data, "cursor", None)
+    return None
+
+
+def lifecycle_state(instance, mlflow, spec) -> dict:
+    """Everything the operator view shows, as data (the `status` command prints it)."""
+    import dagster as dg
+
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail
+    from sensors.lifecycle import _latest, _val, evaluate_triggers
+
+    out: dict = {"model": mlflow.model_name, "aliases": {}}
+    for alias, version in sorted(registry.aliases(mlflow).items()):
+        tags = registry.version_tags(mlflow, version)
+        out["aliases"][alias] = {"version": version, "training_commit": tags.get("lakefs_commit", "?"),
+                                 "dagster_run_id": tags.get("dagster_run_id", "?")}
+    trail = AuditTrail().history(mlflow.model_name)
+    retrains = [e for e in trail if e.action == "retrain_triggered"]
+    decisions = [e for e in trail if e.action in ("promoted", "rejected", "rolled_back", "approved")]
+    out["last_retrain"] = ({"at": retrains[-1].at, "why": retrains[-1].reason, "by": retrains[-1].actor}
+                           if retrains else None)
+    out["last_decision"] = ({"at": decisions[-1].at, "action": decisions[-1].action, "version": decisions[-1].version,
+                             "why": decisions[-1].reason} if decisions else None)
+    drift = _latest(instance, "drift_report")
+    if drift:
+        summary = _val(drift[0].asset_materialization.metadata, "summary", {}) or {}
+        out["latest_drift"] = {"partition": drift[0].partition_key, "n_alerts": summary.get("n_alerts"),
+                               "alerting_features": summary.get("alerting_features"),
+                               "multivariate_alert": summary.get("multivariate", {}).get("alert")}
+    est = _latest(instance, "performance_estimate")
+    if est:
+        meta = est[0].asset_materialization.metadata
+        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        out["latest_estimate"] = {"partition": est[0].partition_key, metric: _val(meta, f"estimated_{metric}"),
+                                  "champion_test_score": _val(meta, "champion_test_score"), "alert": _val(meta, "alert")}
+    keys = [dg.AssetKey(k) for k in spec.freshness]
+    records = instance.get_freshness_state_records(keys)
+    out["freshness"] = {k.to_user_string(): (records[k].freshness_state.value if k in records else "UNKNOWN")
+                        for k in keys}
+    cursor = _sensor_cursor(instance, "retrain_on_evidence")
+    seen = json.loads(cursor)["seen"] if cursor else {}
+    out["pending_triggers"] = [{"trigger": t.name, "reason": t.reason} for t in evaluate_triggers(instance, spec, seen)]
+    return out
+
+
+def cmd_status(args) -> int:
+    state = lifecycle_state(_instance(), _mlflow(), _spec())
+    if args.json:
+        print(json.dumps(state, indent=1, default=str))
+        return 0
+    print(f"== {state['model']}")
+    for alias, v in state["aliases"].items():
+        print(f"  {alias:<18} v{v['version']:<4} trained on lakeFS {v['training_commit'][:12]}  run {v['dagster_run_id'][:8]}")
+    if not state["aliases"]:
+        print("  no model registered yet")
+    lr, ld = state["last_retrain"], state["last_decision"]
+    print(f"last retrain:     {lr['at'][:19]} by {lr['by']}: {lr['why']}" if lr else "last retrain:     none")
+    print(f"last decision:    {ld['at'][:19]} {ld['action']} v{ld['version']}: {ld['why']}" if ld else
+          "last decision:    none")
+    d = state.get("latest_drift")
+    print(f"latest drift:     batch {d['partition']}: {d['n_alerts']} alerts on {d['alerting_features']}, "
+          f"multivariate alert {d['multivariate_alert']}" if d else "latest drift:     none")
+    e = state.get("latest_estimate")
+    print(f"latest estimate:  batch {e['partition']}: " + ", ".join(f"{k}={v}" for k, v in e.items() if k != 'partition')
+          if e else "latest estimate:  none")
+    print("freshness:        " + ", ".join(f"{k}={v}" for k, v in state["freshness"].items()))
+    print("pending triggers: " + ("; ".join(f"{t['trigger']}: {t['reason']}" for t in state["pending_triggers"])
+                                  or "none"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlp", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -185,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reproduce", help="rebuild a version's training set from lakeFS and retrain it")
     s.add_argument("version")
     s.set_defaults(fn=cmd_reproduce)
+    s = sub.add_parser("status", help="the lifecycle at a glance: models, retrains, drift, estimates, freshness")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
     s = sub.add_parser("history", help="the audit trail of the model (every decision, in order)")
     s.add_argument("--version")
     s.set_defaults(fn=cmd_history)
