@@ -33,9 +33,9 @@ def _instance():
 def _simulator(scale: int = 1):
     from mlplatform.batches import Landing
     from mlplatform.simulator import Simulator
-    from resources.settings import dataset_name, load_spec, state_dir
+    from resources.settings import dataset_spec, state_dir
 
-    spec = load_spec(dataset_name())
+    spec = dataset_spec()
     return Simulator(spec, Landing(state_dir() / ".landing" / spec.name), scale=scale)
 
 
@@ -82,9 +82,9 @@ def cmd_branches(args) -> int:
 
 
 def _spec():
-    from resources.settings import dataset_name, load_spec
+    from resources.settings import dataset_spec
 
-    return load_spec(dataset_name())
+    return dataset_spec()
 
 
 def _mlflow():

@@ -13,7 +13,7 @@ from assets.monitoring import build_monitoring
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import build_resources
-from resources.settings import DatasetSpec, dataset_name, load_spec
+from resources.settings import DatasetSpec, dataset_spec
 from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
 
@@ -49,7 +49,7 @@ def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
 
 
 def build_definitions() -> dg.Definitions:
-    spec = load_spec(dataset_name())
+    spec = dataset_spec()
     lifecycle = build_lifecycle(spec)
     defs = dg.Definitions(
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),

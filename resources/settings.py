@@ -242,7 +242,14 @@ def environment() -> str:
 
 
 def dataset_name() -> str:
-    return os.environ.get("MLP_DATASET", "car_loan")
+    """MLP_DATASET: a spec name under platform/datasets/ or a path to a spec file (default car_loan)."""
+    value = os.environ.get("MLP_DATASET", "car_loan")
+    return load_spec(value).name if value.endswith((".yaml", ".yml")) else value
+
+
+def dataset_spec() -> "DatasetSpec":
+    """The spec chosen by MLP_DATASET (a name under platform/datasets/ or a path)."""
+    return load_spec(os.environ.get("MLP_DATASET", "car_loan"))
 
 
 def state_dir() -> Path:
