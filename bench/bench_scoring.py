@@ -54,6 +54,10 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 PARTITION = "2018-11-01"
 
 
+# Dagster's console logger at WARNING: the run's DEBUG events would drown the results table.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -88,7 +92,7 @@ def production_features(spec, n_rows: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[50000, 500000])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -151,7 +155,8 @@ def main() -> None:
                     return feats
 
                 assets = [features_stub, *build_serving(spec)]
-                r = dg.materialize(assets, selection=["features"], instance=instance, resources=resources)
+                r = dg.materialize(assets, selection=["features"], instance=instance, resources=resources,
+                                   run_config=QUIET)
                 assert r.success
                 md = r.asset_materializations_for_node("features")[0].metadata
                 fcommit = md["lakefs_commit"].value
@@ -179,7 +184,7 @@ def main() -> None:
                 def asset_fn() -> dict:
                     t0 = time.perf_counter()
                     res = dg.materialize(assets, selection=["batch_predictions"], partition_key=PARTITION,
-                                         instance=instance, resources=resources)
+                                         instance=instance, resources=resources, run_config=QUIET)
                     s = time.perf_counter() - t0
                     assert res.success
                     m = res.asset_materializations_for_node("batch_predictions")[0].metadata
