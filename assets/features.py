@@ -88,8 +88,9 @@ def build_features(spec: DatasetSpec) -> list:
         """Build the dbt project (staging, features) and version each model's table in lakeFS."""
         from dagster_dbt import DagsterDbtTranslator, DbtCliResource
 
-        branch = run_branch(context.run_id)
-        lakefs.ensure_branch(branch)
+        from resources.publish import open_run_branch
+
+        branch = open_run_branch(context.instance, lakefs, context.run_id)
         tables = {}
         for name, partitioned in (("reference_data", False), ("raw_records", True), ("raw_labels", True)):
             present = lakefs.list_paths(branch, f"assets/{name}/")

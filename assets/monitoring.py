@@ -122,8 +122,9 @@ def build_monitoring(spec: DatasetSpec) -> list:
         ax.legend(fontsize=6, ncol=2)
         png, md_img = _png_md(fig, "drift over time")
         plt.close(fig)
-        branch = run_branch(context.run_id)
-        lakefs.ensure_branch(branch)
+        from resources.publish import open_run_branch
+
+        branch = open_run_branch(context.instance, lakefs, context.run_id)
         img_path = f"reports/drift_report/partition={context.partition_key}/drift_over_time.png"
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
         table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",

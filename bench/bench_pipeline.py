@@ -164,8 +164,7 @@ def child(args) -> None:
         t0 = time.perf_counter()
         r = run(features, None)
         dbt_rows = {}
-        for ev in r.get_asset_materialization_events():
-            m = ev.asset_materialization
+        for m in r.asset_materializations_for_node("dbt_models"):
             dbt_rows[m.asset_key.to_user_string()] = m.metadata["dagster/row_count"].value
         stage("dbt", t0, rows=dbt_rows)
 

@@ -45,7 +45,7 @@ def cmd_simulate(args) -> int:
         sim.reset()
         print(f"landing zone {sim.landing.root} reset")
     elif args.action == "next":
-        rel = sim.release(args.n)
+        rel = sim.release(args.n, start=args.start)
         print(json.dumps({"released_batches": rel.records, "released_labels": rel.labels, "clock": rel.clock}))
     else:
         st = sim.state()
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["next", "reset", "status"])
     s.add_argument("n", nargs="?", type=int, default=1)
     s.add_argument("--scale", type=int, default=1, help="resample the production data this many times")
+    s.add_argument("--start", help="jump ahead: release batches from this partition key on")
     s.set_defaults(fn=cmd_simulate)
     s = sub.add_parser("publish", help="merge finished, passing runs' lakeFS branches into main")
     s.add_argument("--run-id")

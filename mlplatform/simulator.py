@@ -74,9 +74,10 @@ class Simulator:
         return keys
 
     # --- commands ---------------------------------------------------------------------------------
-    def release(self, n: int = 1) -> Release:
+    def release(self, n: int = 1, start: str | None = None) -> Release:
+        """Release the next `n` batches (from `start` on, if given: a drill can jump ahead in time)."""
         state = self.state()
-        pending = [b for b in self.batches() if b not in state["released"]][:n]
+        pending = [b for b in self.batches() if b not in state["released"] and (start is None or b >= start)][:n]
         df = self.production()
         features = [self.spec.id_column, self.spec.time_column, *self.spec.feature_names]
         for key in pending:

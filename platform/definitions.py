@@ -55,7 +55,11 @@ def build_definitions() -> dg.Definitions:
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
                 *build_serving(spec), *build_monitoring(spec)],
         jobs=lifecycle["jobs"],
-        sensors=[*publish_sensors, *lifecycle["sensors"]],
+        sensors=[*publish_sensors, *lifecycle["sensors"],
+                 # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
+                 dg.AutomationConditionSensorDefinition(
+                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
+                     default_status=dg.DefaultSensorStatus.RUNNING)],
         schedules=lifecycle["schedules"],
         resources=build_resources(),
         # In-process: steps of a run commit to one lakeFS branch one after another, so each commit

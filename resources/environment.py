@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -22,7 +23,8 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
         endpoint=dg.EnvVar("LAKEFS_ENDPOINT"),
         access_key_id=dg.EnvVar("LAKEFS_ACCESS_KEY_ID"),
         secret_access_key=dg.EnvVar("LAKEFS_SECRET_ACCESS_KEY"),
-        repository=dg.EnvVar("LAKEFS_REPOSITORY") if env == "prod" else "mlplatform",
+        repository=dg.EnvVar("LAKEFS_REPOSITORY") if env == "prod" else os.environ.get("LAKEFS_REPOSITORY",
+                                                                                       "mlplatform"),
         storage_namespace=dg.EnvVar("LAKEFS_STORAGE_NAMESPACE") if env == "prod" else "",
     )
     model = f"{dataset_name()}-model"

@@ -101,13 +101,18 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
 
     lakefs: dg.ResourceDependency[LakeFSResource]
     read_ref: str = ""  # load inputs as of this commit id or tag instead of their latest checked version
+    # Publish finished, passing runs before making this run's branch, so that with one writer at a time
+    # (the run queue's limit) a run always starts from its predecessors' data.
+    publish_before_branching: bool = True
 
     _branches: set = PrivateAttr(default_factory=set)
 
-    def _branch_for(self, run_id: str) -> str:
+    def _branch_for(self, run_id: str, instance: dg.DagsterInstance | None = None) -> str:
+        from resources.publish import open_run_branch
+
         name = run_branch(run_id)
         if name not in self._branches:
-            self.lakefs.ensure_branch(name)
+            open_run_branch(instance if self.publish_before_branching else None, self.lakefs, run_id)
             self._branches.add(name)
         return name
 
@@ -118,7 +123,11 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         partition = context.asset_partition_key if context.has_asset_partitions else None
         data, suffix, content_type = serialize(obj)
         path = asset_path(key, partition, suffix)
-        branch = self._branch_for(context.run_id)
+        try:
+            instance = context.step_context.instance
+        except Exception:  # noqa: BLE001 - direct IO-manager calls have no step
+            instance = None
+        branch = self._branch_for(context.run_id, instance)
         self.lakefs.put(branch, path, data, content_type)
 
         step_key = context.step_key if hasattr(context, "step_key") else ""

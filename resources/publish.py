@@ -89,3 +89,14 @@ def prune_branches(instance: dg.DagsterInstance, lakefs: LakeFSResource, older_t
         if not dry_run:
             lakefs.delete_branch(info.name)
     return pruned
+
+
+def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str) -> str:
+    """The run's branch; made from a main that first receives every finished, passing run (so a run
+    that starts before the publish sensor's next tick still sees its predecessors' data)."""
+    branch = run_branch(run_id)
+    if not lakefs.branch_exists(branch):
+        if instance is not None:
+            publish_pending(instance, lakefs)
+        lakefs.ensure_branch(branch)
+    return branch

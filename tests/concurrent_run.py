@@ -17,6 +17,6 @@ if __name__ == "__main__":
                             secret_access_key=os.environ["LAKEFS_SECRET_ACCESS_KEY"],
                             repository=os.environ["LAKEFS_REPOSITORY"])
     result = dg.materialize([slices], instance=instance, partition_key=partition,
-                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs)},
+                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)},
                             run_config={"ops": {"slices": {"config": {"value": value}}}})
     print(result.run_id)

@@ -44,7 +44,7 @@ def slices(context: dg.AssetExecutionContext, config: Knobs) -> pl.DataFrame:
 def run(assets, lakefs, instance, config=None, partition=None, raise_on_error=True, selection=None):
     return dg.materialize(assets, instance=instance, partition_key=partition, raise_on_error=raise_on_error,
                           selection=selection,
-                          resources={"io_manager": LakeFSIOManager(lakefs=lakefs)},
+                          resources={"io_manager": LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)},
                           run_config={"ops": config} if config else None)
 
 
@@ -103,7 +103,7 @@ def test_loading_at_an_older_commit_returns_the_older_content(lakefs, instance):
     assert load_asset(lakefs, "numbers", ref="v1")["x"][0] == 1
     # The I/O manager can also be pinned to a ref: downstream computed from the tagged data.
     pinned = dg.materialize([numbers, doubled], selection=["doubled"], instance=instance, resources={
-        "io_manager": LakeFSIOManager(lakefs=lakefs, read_ref="v1")})
+        "io_manager": LakeFSIOManager(lakefs=lakefs, read_ref="v1", publish_before_branching=False)})
     assert load_asset(lakefs, "doubled", ref=run_branch(pinned.run_id))["x"][0] == 2
 
 
@@ -207,3 +207,16 @@ def _load_defs() -> dg.Definitions:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.defs
+
+
+def test_a_run_starts_from_its_finished_predecessors_even_before_the_publish_sensor_ticks(lakefs, instance):
+    io = LakeFSIOManager(lakefs=lakefs)  # the platform's default: publish before branching
+    first = dg.materialize([numbers], instance=instance, resources={"io_manager": io},
+                           run_config={"ops": {"numbers": {"config": {"value": 7}}}})
+    assert load_asset(lakefs, "numbers", ref=run_branch(first.run_id))["x"][0] == 7
+    second = dg.materialize([numbers, doubled], selection=["doubled"], instance=instance,
+                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs)})
+    # The first run was published when the second made its branch: main has it, and the branch is gone.
+    assert load_asset(lakefs, "numbers")["x"][0] == 7
+    assert not lakefs.branch_exists(run_branch(first.run_id))
+    assert load_asset(lakefs, "doubled", ref=run_branch(second.run_id))["x"][0] == 14

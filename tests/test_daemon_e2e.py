@@ -1,0 +1,95 @@
+"""End to end under a real dagster-daemon on a temporary instance, with real lakeFS and MLflow: the
+simulator releases drifting batches and nothing else is done by the test; the arrival sensor ingests
+them, declarative automation scores and monitors them, the retrain sensor fires, and a new model version
+is trained, evaluated and gated."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+
+from assets.evaluation import build_evaluation
+from assets.features import build_features
+from assets.ingestion import build_ingestion
+from assets.training import build_training
+from mlplatform import registry
+from mlplatform.audit import AuditTrail
+from mlplatform.batches import Landing
+from mlplatform.simulator import Simulator
+from resources.publish import publish_run
+from resources.settings import load_spec
+
+from .conftest import ROOT
+from .helpers import resources_for
+
+pytestmark = pytest.mark.daemon
+
+
+def drill_spec(tmp_path):
+    text = (ROOT / "platform" / "datasets" / "car_loan.yaml").read_text()
+    text = text.replace("volume:      {enabled: true", "volume:      {enabled: false")
+    text = text.replace("min_alerting_features: 4", "min_alerting_features: 2")
+    text = text.replace("min_minutes_between_retrains: 60", "min_minutes_between_retrains: 0")
+    path = tmp_path / "car_loan.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, mlflow_uri, state, tmp_path,
+                                                                       monkeypatch):
+    spec_path = drill_spec(tmp_path)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("MLP_DATASET", str(spec_path))
+    spec = load_spec(spec_path)
+    instance = dg.DagsterInstance.get()
+    res = resources_for(lakefs, state, spec, mlflow_uri)
+    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
+
+    # Precondition: a champion trained on the reference period (set-up, before the daemon starts).
+    for selection in (["reference_data"], ["stg_records", "stg_labels", "features", "labelled_examples",
+                                           "training_set", "candidate_model", "evaluation_report", "model_card"]):
+        r = dg.materialize(assets, selection=selection, instance=instance, resources=res)
+        publish_run(instance, lakefs, r.run_id)
+    m = res["mlflow"]
+    assert registry.aliases(m)["champion"] == "1"
+    v1_commit = registry.version_tags(m, "1")["lakefs_commit"]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # The only action: drifting production batches land.
+        Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2019-04-01")
+        deadline = time.time() + 1500
+        gated = None
+        while time.time() < deadline and gated is None:
+            time.sleep(10)
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            events = AuditTrail().history(m.model_name)
+            gated = next((e for e in events if e.version == "2" and e.action in ("promoted", "rejected")), None)
+        events = AuditTrail().history(m.model_name)
+        runs = instance.get_runs()
+        summary = [(r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in runs]
+        assert gated is not None, f"no gated version 2; runs: {summary}; audit: {[e.action for e in events]}"
+    finally:
+        os.killpg(daemon.pid, 15)
+        daemon.wait(30)
+    triggered = [e for e in events if e.action == "retrain_triggered"]
+    assert triggered and triggered[0].actor == "sensor:retrain_on_evidence"
+    assert set(triggered[0].evidence) & {"drift", "performance"}
+    retrain = [r for r in runs if r.job_name == "retrain"]
+    assert retrain and retrain[0].tags["retrain/trigger"] in ("drift", "performance", "drift+performance")
+    tags = registry.version_tags(m, "2")
+    assert tags["dagster_run_id"] == retrain[0].run_id
+    assert tags["lakefs_commit"] != v1_commit  # trained on the new batches' data, a new lakeFS commit
+    assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
+    order = [e.action for e in events]
+    assert order.index("retrain_triggered") < order.index("registered", 2)
