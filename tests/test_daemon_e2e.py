@@ -93,3 +93,51 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
     assert order.index("retrain_triggered") < order.index("registered", 2)
+
+
+def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
+    spec_path = drill_spec(tmp_path)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("MLP_DATASET", str(spec_path))
+    spec = load_spec(spec_path)
+    instance = dg.DagsterInstance.get()
+    res = resources_for(lakefs, state, spec, mlflow_uri)
+    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
+    train = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
+             "evaluation_report", "model_card"]
+    r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
+    publish_run(instance, lakefs, r.run_id)
+    r = dg.materialize(assets, selection=train, instance=instance, resources=res)
+    publish_run(instance, lakefs, r.run_id)
+    # A deliberately worse model (shuffled labels) is made champion by hand, bypassing the gate.
+    r = dg.materialize(assets, selection=train, instance=instance, resources=res, raise_on_error=False,
+                       run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}})
+    m = res["mlflow"]
+    registry.promote(m, "2")
+    assert registry.aliases(m)["champion"] == "2" and registry.aliases(m)["previous"] == "1"
+
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+                              cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        # The only action: two batches land; the first one's labels arrive with the second.
+        Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2018-11-01")
+        deadline = time.time() + 1500
+        while time.time() < deadline and registry.aliases(m).get("champion") != "1":
+            time.sleep(10)
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+        runs = [(r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs()]
+        assert registry.aliases(m).get("champion") == "1", f"no rollback; runs: {runs}"
+    finally:
+        os.killpg(daemon.pid, 15)
+        daemon.wait(30)
+    last = [e for e in AuditTrail().history(m.model_name) if e.action == "rolled_back"][-1]
+    assert last.actor == "sensor:rollback_on_regression"
+    assert last.evidence["from_version"] == "2" and last.evidence["to_version"] == "1"
+    assert last.evidence["partition"] == "2018-11-01"
+    evidence_run = instance.get_run_by_id(last.evidence["dagster_run_id"])
+    assert evidence_run is not None  # the run whose realized performance caused it is linked
