@@ -39,8 +39,8 @@ def drill_spec(tmp_path):
     return path
 
 
-def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, mlflow_uri, state, tmp_path,
-                                                                       monkeypatch):
+def drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
+    """A temporary DAGSTER_HOME seeded from platform/dagster.yaml, the drill spec, the real resources."""
     spec_path = drill_spec(tmp_path)
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -48,9 +48,20 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("MLP_DATASET", str(spec_path))
     spec = load_spec(spec_path)
-    instance = dg.DagsterInstance.get()
-    res = resources_for(lakefs, state, spec, mlflow_uri)
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
+    return spec, dg.DagsterInstance.get(), resources_for(lakefs, state, spec, mlflow_uri), assets
+
+
+def start_daemon(tmp_path) -> subprocess.Popen:
+    log = open(tmp_path / "daemon.log", "w")
+    return subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, mlflow_uri, state, tmp_path,
+                                                                       monkeypatch):
+    spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch)
 
     # Precondition: a champion trained on the reference period (set-up, before the daemon starts).
     for selection in (["reference_data"], ["stg_records", "stg_labels", "features", "labelled_examples",
@@ -61,10 +72,7 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     assert registry.aliases(m)["champion"] == "1"
     v1_commit = registry.version_tags(m, "1")["lakefs_commit"]
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = start_daemon(tmp_path)
     try:
         # The only action: drifting production batches land.
         Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2019-04-01")
@@ -96,16 +104,7 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
 
 
 def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
-    spec_path = drill_spec(tmp_path)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("MLP_DATASET", str(spec_path))
-    spec = load_spec(spec_path)
-    instance = dg.DagsterInstance.get()
-    res = resources_for(lakefs, state, spec, mlflow_uri)
-    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
+    spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch)
     train = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
              "evaluation_report", "model_card"]
     r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
@@ -119,10 +118,7 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     registry.promote(m, "2")
     assert registry.aliases(m)["champion"] == "2" and registry.aliases(m)["previous"] == "1"
 
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-                              cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    daemon = start_daemon(tmp_path)
     try:
         # The only action: two batches land; the first one's labels arrive with the second.
         Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2018-11-01")
