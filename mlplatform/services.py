@@ -25,7 +25,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 GO_MODULE = ROOT / "platform" / "lakefs"
 BIN_DIR = ROOT / ".bin"
-ENV_FILE = ROOT / ".env"
+# Not `.env`: Dagster loads a `.env` from the working directory OVER the process environment, which
+# would shadow a LAKEFS_ENDPOINT the caller exported. Ours is loaded under it (`python -m mlplatform.env`).
+ENV_FILE = ROOT / ".mlp.env"
 
 
 class ServiceError(RuntimeError):
