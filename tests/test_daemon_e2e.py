@@ -101,6 +101,30 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
     assert order.index("retrain_triggered") < order.index("registered", 2)
+    report_latency(instance, state / ".landing" / spec.name)
+
+
+def report_latency(instance, landing_root):
+    """Record, for the note, how long a landed batch took to be scored and monitored (not asserted)."""
+    import json
+    import statistics
+
+    out = {}
+    for f in sorted((landing_root / "records").glob("*/*.parquet")):
+        partition, landed = f.parent.name, f.stat().st_mtime
+        done = {}
+        for key in ("batch_predictions", "drift_report", "data_quality_report", "performance_estimate"):
+            recs = instance.fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(key), asset_partitions=[partition]), limit=1).records
+            if recs:
+                done[key] = round(recs[0].timestamp - landed, 1)
+        out[partition] = done
+    medians = {k: statistics.median([v[k] for v in out.values() if k in v]) for k in
+               ("batch_predictions", "drift_report") if any(k in v for v in out.values())}
+    path = ROOT / "bench" / "results" / "lifecycle_latency.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"per_batch_seconds": out, "median_seconds": medians}, indent=1))
+    print("landing -> materialized (s):", json.dumps(out), "median:", medians)
 
 
 def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
