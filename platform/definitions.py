@@ -24,8 +24,10 @@ FOLLOWERS = ["batch_predictions", "drift_report", "data_quality_report", "perfor
 
 
 def follow_inputs() -> dg.AutomationCondition:
+    # `since_last_handled`: an update is remembered until the asset is requested, so a dep that is
+    # in progress at that tick (e.g. a label run rebuilding `features`) delays the run instead of losing it.
     return (
-        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features"))
+        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features")).since_last_handled()
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
