@@ -85,8 +85,12 @@ def build_monitoring(spec: DatasetSpec) -> list:
         deps=["features", dg.AssetDep("raw_records")],
         description="Univariate drift per feature and method (PSI, KS, chi2, JS, Wasserstein, Hellinger, "
                     "L-inf) and multivariate reconstruction drift of one batch against the reference.",
+        check_specs=[dg.AssetCheckSpec("drift_inputs_usable", asset="drift_report", blocking=True,
+                                       description="every monitored column is present and of its type"),
+                     dg.AssetCheckSpec("drift_chunks_informative", asset="drift_report",
+                                       description="chunks large enough, no all-null or constant columns")],
     )
-    def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource) -> dg.Output:
+    def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -129,7 +133,12 @@ def build_monitoring(spec: DatasetSpec) -> list:
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
         table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
                               "alert", "status").sort("alert", "feature", descending=[True, False])
-        return dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
+        problems = summary.get("problems", [])
+        # A missing column or one of the wrong type means the report cannot be trusted: block. Small chunks,
+        # all-null or constant columns are reported and warned about, never silently NaN.
+        blocking = [p for p in problems if "missing" in p or "type" in p]
+        warning = [p for p in problems if p not in blocking]
+        yield dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
             "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
             "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
             "multivariate_error": dg.MetadataValue.float(mv["error"]),
@@ -140,6 +149,11 @@ def build_monitoring(spec: DatasetSpec) -> list:
             "plot_in_lakefs": dg.MetadataValue.url(lakefs.object_url("main", img_path)),
             "rows": batch.height,
         })
+        yield dg.AssetCheckResult(check_name="drift_inputs_usable", passed=not blocking,
+                                  description="; ".join(blocking) or "all monitored columns present and typed")
+        yield dg.AssetCheckResult(check_name="drift_chunks_informative", passed=not warning,
+                                  severity=dg.AssetCheckSeverity.WARN,
+                                  description="; ".join(warning) or "every chunk informative")
 
     @dg.asset(
         group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,

@@ -185,3 +185,20 @@ def test_an_unreachable_mlflow_fails_with_the_uri_after_bounded_retries():
     with pytest.raises(MLflowUnavailable, match=f"{uri}.*after 3 attempts"):
         m.setup()
     assert time.time() - t0 < 15
+
+
+def test_manual_mode_holds_promotion_until_an_approval_names_version_approver_and_reason(spec, base_ts, lakefs,
+                                                                                         state, instance, mlflow_uri):
+    m = mlflow_res(spec, mlflow_uri)
+    held = dg.materialize(pipeline(spec, base_ts), instance=instance,
+                          resources=resources_for(lakefs, state, spec, mlflow_uri),
+                          run_config={"ops": {"evaluation_report": {"config": {"manual_approval": True}}}})
+    assert held.success
+    assert registry.aliases(m) == {"awaiting-approval": "1"}  # nothing is champion yet
+    with pytest.raises(registry.RegistryError, match="not awaiting approval"):
+        registry.approve(m, AuditTrail(), "7", "alice", "wrong version")
+    registry.approve(m, AuditTrail(), "1", "alice", "reviewed the card and slices")
+    assert registry.aliases(m) == {"champion": "1"}
+    last = AuditTrail().history(m.model_name)[-1]
+    assert (last.action, last.version, last.actor, last.reason) == ("approved", "1", "user:alice",
+                                                                    "reviewed the card and slices")
