@@ -93,10 +93,10 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     triggered = [e for e in events if e.action == "retrain_triggered"]
     assert triggered and triggered[0].actor == "sensor:retrain_on_evidence"
     assert set(triggered[0].evidence) & {"drift", "performance"}
-    retrain = [r for r in runs if r.job_name == "retrain"]
-    assert retrain and retrain[0].tags["retrain/trigger"] in ("drift", "performance", "drift+performance")
     tags = registry.version_tags(m, "2")
-    assert tags["dagster_run_id"] == retrain[0].run_id
+    (retrain,) = [r for r in runs if r.run_id == tags["dagster_run_id"]]  # version 2 came from this run
+    assert retrain.job_name == "retrain"
+    assert retrain.tags["retrain/trigger"] in ("drift", "performance", "drift+performance")
     assert tags["lakefs_commit"] != v1_commit  # trained on the new batches' data, a new lakeFS commit
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
