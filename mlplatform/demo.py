@@ -41,7 +41,10 @@ def summary() -> None:
     print(f"  objects:     {lakefs.endpoint}/repositories/{lakefs.repository}/objects?ref=main")
     print(f"MLflow:        {os.environ.get('MLFLOW_TRACKING_URI')}  (UI: `make dev`, then http://127.0.0.1:5000)")
     print("Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME=.dagster_home)")
-    print("Lifecycle:     .venv/bin/mlp status")
+    print("Lifecycle:     .venv/bin/python -m mlplatform.env mlp status   (below)\n")
+    from mlplatform.cli import main as mlp
+
+    mlp(["status"])
 
 
 def main() -> None:
@@ -58,7 +61,8 @@ def main() -> None:
     materialize("stg_records,stg_labels,features,labelled_examples,training_set,candidate_model,"
                 "evaluation_report,model_card")
     for partition in state["released"]:
-        materialize(PER_BATCH, partition)
+        labelled = partition in state["labels_released"]
+        materialize(PER_BATCH + (",realized_performance" if labelled else ""), partition)
 
 
 # Per-batch scoring and monitoring, materialized after the model exists.
