@@ -93,7 +93,10 @@ Performance / memory
 --------------------
 The analysis data is only touched through polars lazy queries selecting the needed columns: one query
 for the chunk metadata and one ``group_by([chunk, value]).len()`` per feature, run together with
-``pl.collect_all`` (streaming engine for LazyFrame input). All metrics are computed with vectorised numpy
+``pl.collect_all`` (streaming engine for LazyFrame input). For in-memory (non-streaming) input the chunked
+frame is materialised once, the timestamp sort is skipped when the data is already in order, and continuous
+features are sorted per chunk with numpy (a padded chunks x rows matrix) and run-length encoded into the same
+(chunk, value, count) table instead of a polars group-by. All metrics are computed with vectorised numpy
 from those (chunk, distinct value, count) tables - never per row in Python. The reference data is
 materialised (only the needed columns), so it must fit in memory.
 """
@@ -419,7 +422,8 @@ class DriftEngine:
         return out
 
     # ------------------------------------------------------------------ chunking
-    def _chunk_frame(self, lf: pl.LazyFrame, schema: pl.Schema, spec: ChunkSpec, data_name: str):
+    def _chunk_frame(self, lf: pl.LazyFrame, schema: pl.Schema, spec: ChunkSpec, data_name: str,
+                     check_sorted: bool = False):
         """Adds ``__chunk`` (Int64 id) and returns (lazyframe, meta aggregations, problem)."""
         ts = spec.timestamp_column
         ts_expr = None
@@ -440,7 +444,10 @@ class DriftEngine:
         meta: list[pl.Expr] = [pl.len().alias("__rows")]
         if spec.kind in ("size", "count"):
             if ts:
-                lf = lf.sort("__ts", maintain_order=True, nulls_last=True)
+                # A stable sort of data already in timestamp order (nulls last) is the identity: for in-memory
+                # data check that cheaply and skip the sort (and the gather of every column) if so.
+                if not (check_sorted and _sorted_nulls_last(lf.select("__ts").collect().to_series())):
+                    lf = lf.sort("__ts", maintain_order=True, nulls_last=True)
                 meta += [pl.col("__ts").min().alias("__start"), pl.col("__ts").max().alias("__end")]
             lf = lf.with_row_index("__row")
             if spec.kind == "size":
@@ -484,7 +491,7 @@ class DriftEngine:
             keep.append(spec.timestamp_column)
         lf = lf.select(keep) if keep else lf.select(pl.lit(0).alias("__dummy"))
         sub_schema = lf.collect_schema()
-        clf, meta_exprs, chunk_problem = self._chunk_frame(lf, sub_schema, spec, data_name)
+        clf, meta_exprs, chunk_problem = self._chunk_frame(lf, sub_schema, spec, data_name, check_sorted=not streaming)
 
         if chunk_problem is not None:
             chunks = _Chunks(np.array([0]), ["all"], [None], [None], np.array([0]), problem=chunk_problem)
@@ -495,26 +502,49 @@ class DriftEngine:
                 meta_exprs.append(pl.col(f).cast(pl.Float64).fill_nan(None).is_not_null().sum().alias(f"__nn{i}"))
             else:
                 meta_exprs.append(pl.col(f).is_not_null().sum().alias(f"__nn{i}"))
-        queries = [clf.group_by("__chunk").agg(meta_exprs).sort("__chunk")]
-        for f in cols:
-            if self._state[f]["kind"] == "continuous":
-                v = pl.col(f).cast(pl.Float64).fill_nan(None)
-            else:
-                v = pl.col(f).cast(pl.String)
-            queries.append(
-                clf.select(pl.col("__chunk"), v.alias("v"))
-                .drop_nulls()
-                .group_by("__chunk", "v")
-                .agg(pl.len().alias("n"))
-                .sort("__chunk", "v")
-            )
+        meta_q = clf.group_by("__chunk").agg(meta_exprs).sort("__chunk")
+        tables: dict[str, Any] = {}
         if streaming:
+            queries = [meta_q]
+            for f in cols:
+                queries.append(self._value_count_query(clf, f))
             # Lazy input: run the per-feature aggregations one at a time so that only one feature's
             # (chunk, value) table is being built at any moment; this bounds peak memory on large scans.
             frames = [q.collect(engine="streaming") for q in queries]
+            meta = frames[0]
+            for i, f in enumerate(cols):
+                tables[f] = frames[1 + i]
         else:
-            frames = pl.collect_all(queries)
-        meta = frames[0]
+            # In-memory input: materialise the chunked frame once; continuous features are then sorted per
+            # chunk with numpy (much cheaper than a (chunk, value) group-by with ~one group per row).
+            cont = [f for f in cols if self._state[f]["kind"] == "continuous"]
+            cat = [f for f in cols if self._state[f]["kind"] != "continuous"]
+            cdf = clf.with_columns(
+                [pl.col(f).cast(pl.Float64).fill_nan(None).alias(f"__cv{i}") for i, f in enumerate(cont)]
+            ).collect()
+            clazy = cdf.lazy()
+            frames = pl.collect_all([clazy.group_by("__chunk").agg(meta_exprs).sort("__chunk")]
+                                    + [self._value_count_query(clazy, f) for f in cat])
+            meta = frames[0]
+            for i, f in enumerate(cat):
+                tables[f] = frames[1 + i]
+            if meta.height and cont:
+                keys0 = meta.get_column("__chunk").to_numpy().astype(np.int64)
+                chunk_ids = cdf.get_column("__chunk").to_numpy().astype(np.int64)
+                if keys0[0] == 0 and keys0[-1] == keys0.size - 1:
+                    pos_rows = chunk_ids
+                else:
+                    pos_rows = np.searchsorted(keys0, chunk_ids)
+                order = None
+                if pos_rows.size > 1 and not bool(np.all(pos_rows[1:] >= pos_rows[:-1])):
+                    order = np.argsort(pos_rows, kind="stable")
+                    pos_rows = pos_rows[order]
+                lengths = np.bincount(pos_rows, minlength=keys0.size)
+                for i, f in enumerate(cont):
+                    v = cdf.get_column(f"__cv{i}").to_numpy().astype(np.float64, copy=False)
+                    if order is not None:
+                        v = v[order]
+                    tables[f] = _sorted_runs(pos_rows, lengths, v)
 
         if meta.height == 0:
             chunks = _Chunks(np.array([0]), ["none"], [None], [None], np.array([0]), problem=f"{data_name} data has no rows")
@@ -549,13 +579,17 @@ class DriftEngine:
                 continue
             i = cols.index(f)
             nn = meta.get_column(f"__nn{i}").to_numpy().astype(np.int64)
-            table = frames[1 + i]
-            pos = np.searchsorted(keys, table.get_column("__chunk").to_numpy().astype(np.int64))
-            cnt = table.get_column("n").to_numpy().astype(np.int64)
+            table = tables[f]
             st = self._state[f]
+            if isinstance(table, tuple):
+                pos, vals, cnt = table
+            else:
+                pos = np.searchsorted(keys, table.get_column("__chunk").to_numpy().astype(np.int64))
+                cnt = table.get_column("n").to_numpy().astype(np.int64)
             try:
                 if st["kind"] == "continuous":
-                    vals = table.get_column("v").to_numpy().astype(np.float64)
+                    if not isinstance(table, tuple):
+                        vals = table.get_column("v").to_numpy().astype(np.float64)
                     computed = self._continuous_metrics(st, methods, pos, vals, cnt, chunks.n)
                 else:
                     cats = table.get_column("v").to_numpy().astype(object)
@@ -587,6 +621,28 @@ class DriftEngine:
                     pval = np.where(bad, np.nan, pval.astype(np.float64))
                 metrics[(f, m)] = {"value": value, "p_value": pval, "status": status}
         return {"chunks": chunks, "metrics": metrics}
+
+    def _value_count_query(self, clf: pl.LazyFrame, f: str) -> pl.LazyFrame:
+        if self._state[f]["kind"] == "continuous":
+            v = pl.col(f).cast(pl.Float64).fill_nan(None)
+        else:
+            # group by the raw value and cast the (small) result: the cast to String is one-to-one for
+            # categorical dtypes (string, categorical, enum, boolean, integer), so the counts are the same.
+            return (
+                clf.select(pl.col("__chunk"), pl.col(f).alias("v"))
+                .drop_nulls()
+                .group_by("__chunk", "v")
+                .agg(pl.len().alias("n"))
+                .with_columns(pl.col("v").cast(pl.String))
+                .sort("__chunk", "v")
+            )
+        return (
+            clf.select(pl.col("__chunk"), v.alias("v"))
+            .drop_nulls()
+            .group_by("__chunk", "v")
+            .agg(pl.len().alias("n"))
+            .sort("__chunk", "v")
+        )
 
     def _empty_metrics(self, chunks: _Chunks, problem_by_feature: dict[str, str]) -> dict:
         metrics = {}
@@ -665,12 +721,15 @@ class DriftEngine:
     def _assemble(self, raw: dict) -> pl.DataFrame:
         chunks: _Chunks = raw["chunks"]
         n = chunks.n
-        parts = []
-        chunk_index = np.arange(n, dtype=np.int64)
-        for (f, m), res in raw["metrics"].items():
+        items = list(raw["metrics"].items())
+        if not items:
+            return pl.DataFrame(schema=RESULT_SCHEMA)
+        values, pvals, alerts, statuses, features, methods, lowers, uppers = [], [], [], [], [], [], [], []
+        nan_block = np.full(n, np.nan)
+        for (f, m), res in items:
             lower, upper = self._thresholds.get((f, m), (None, None))
-            value = res["value"]
-            pval = res["p_value"] if res["p_value"] is not None else np.full(n, np.nan)
+            value = np.asarray(res["value"], dtype=np.float64)
+            pval = res["p_value"] if res["p_value"] is not None else nan_block
             ok = np.array([s == OK for s in res["status"]], dtype=bool)
             if m == "chi2" and not (self.threshold == "constant" and "chi2" in self.constant_thresholds):
                 alert = ok & (pval < self.chi2_alpha)
@@ -680,36 +739,118 @@ class DriftEngine:
                     alert |= ok & (value < lower)
                 if upper is not None:
                     alert |= ok & (value > upper)
-            parts.append(
+            values.append(value)
+            pvals.append(np.asarray(pval, dtype=np.float64) if m in P_VALUE_METHODS else nan_block)
+            alerts.append(alert)
+            statuses.extend(res["status"])
+            features.append(f)
+            methods.append(m)
+            lowers.append(lower)
+            uppers.append(upper)
+        k = len(items)
+        # Per-chunk columns, built once and gathered (result is ordered by chunk, then (feature, method)).
+        chunk_df = pl.DataFrame(
+            {
+                "chunk_index": np.arange(n, dtype=np.int64),
+                "chunk_key": chunks.labels,
+                "chunk_start": chunks.starts,
+                "chunk_end": chunks.ends,
+                "rows": chunks.rows,
+            },
+            schema_overrides={"chunk_start": pl.Datetime("us"), "chunk_end": pl.Datetime("us")},
+            strict=False,
+        )
+        chunk_df = chunk_df.cast({c: RESULT_SCHEMA[c] for c in chunk_df.columns}, strict=False)
+        # metric-major arrays (k, n) -> chunk-major order
+        take = np.arange(k * n, dtype=np.int64).reshape(k, n).T.ravel()
+        per_metric = pl.DataFrame(
+            {
+                "feature": pl.Series(features, dtype=pl.String),
+                "method": pl.Series(methods, dtype=pl.String),
+                "lower_threshold": pl.Series(lowers, dtype=pl.Float64, strict=False),
+                "upper_threshold": pl.Series(uppers, dtype=pl.Float64, strict=False),
+            }
+        )
+        metric_idx = np.tile(np.arange(k, dtype=np.int64), n)
+        chunk_idx = np.repeat(np.arange(n, dtype=np.int64), k)
+        out = pl.concat(
+            [
+                chunk_df[chunk_idx],
+                per_metric[metric_idx].select("feature", "method"),
                 pl.DataFrame(
                     {
-                        "chunk_index": chunk_index,
-                        "chunk_key": chunks.labels,
-                        "chunk_start": chunks.starts,
-                        "chunk_end": chunks.ends,
-                        "rows": chunks.rows,
-                        "feature": [f] * n,
-                        "method": [m] * n,
-                        "value": pl.Series(value).fill_nan(None),
-                        "p_value": pl.Series(pval).fill_nan(None) if m in P_VALUE_METHODS else [None] * n,
-                        "lower_threshold": [lower] * n,
-                        "upper_threshold": [upper] * n,
-                        "alert": alert,
-                        "status": res["status"],
-                    },
-                    schema_overrides={"chunk_start": pl.Datetime("us"), "chunk_end": pl.Datetime("us")},
-                    strict=False,
-                )
-            )
-        if not parts:
-            return pl.DataFrame(schema=RESULT_SCHEMA)
-        out = pl.concat([p.cast(RESULT_SCHEMA, strict=False) for p in parts], how="vertical")
-        return out.sort("chunk_index", maintain_order=True)
+                        "value": pl.Series(np.concatenate(values)[take]).fill_nan(None),
+                        "p_value": pl.Series(np.concatenate(pvals)[take]).fill_nan(None),
+                    }
+                ),
+                per_metric[metric_idx].select("lower_threshold", "upper_threshold"),
+                pl.DataFrame(
+                    {
+                        "alert": np.concatenate(alerts)[take],
+                        "status": pl.Series(statuses, dtype=pl.String)[take],
+                    }
+                ),
+            ],
+            how="horizontal",
+        )
+        return out.select(list(RESULT_SCHEMA)).cast(RESULT_SCHEMA, strict=False)
 
 
 # ---------------------------------------------------------------------- helpers (vectorised numpy)
 def _problem_block(n: int, status: str) -> dict[str, Any]:
     return {"value": np.full(n, np.nan), "p_value": np.full(n, np.nan), "status": [status] * n}
+
+
+def _sorted_nulls_last(ts: pl.Series) -> bool:
+    """True when ``ts`` is non-decreasing with all nulls at the end (so a stable sort would not move rows)."""
+    nulls = ts.null_count()
+    if nulls:
+        if ts.tail(nulls).null_count() != nulls:
+            return False
+        ts = ts.head(ts.len() - nulls)
+    return bool(ts.is_sorted())
+
+
+def _sorted_runs(pos: np.ndarray, lengths: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chunk position, distinct value, count) of the non-NaN values, sorted by (chunk, value).
+
+    ``pos`` is non-decreasing (one entry per row), ``lengths`` the rows per chunk, ``v`` the values (NaN = null).
+    Gives the same table as ``group_by(chunk, value).len().sort(chunk, value)``.
+    """
+    n = v.size
+    c = lengths.size
+    width = int(lengths.max(initial=0))
+    if n == 0 or width == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
+    if c * width <= 2 * n + 4096:
+        # Padded (chunks x width) matrix, NaN-filled: a row-wise sort puts every chunk's nulls/padding last.
+        mat = np.full(c * width, np.nan)
+        if c == 1 or bool(np.all(lengths[:-1] == width)):
+            mat[:n] = v
+        else:
+            starts = np.cumsum(lengths) - lengths
+            mat[pos * width + (np.arange(n) - np.repeat(starts, lengths))] = v
+        mat = mat.reshape(c, width)
+        mat.sort(axis=1)
+        valid = ~np.isnan(mat)
+        n_valid = valid.sum(axis=1)
+        sv = mat[valid]
+        sp = np.repeat(np.arange(c, dtype=np.int64), n_valid)
+    else:
+        keep = ~np.isnan(v)
+        sv, sp = v[keep], pos[keep]
+        o = np.lexsort((sv, sp))
+        sv, sp = sv[o], sp[o]
+    m = sv.size
+    if m == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
+    new = np.empty(m, dtype=bool)
+    new[0] = True
+    np.not_equal(sv[1:], sv[:-1], out=new[1:])
+    new[1:] |= sp[1:] != sp[:-1]
+    idx = np.flatnonzero(new)
+    cnt = np.diff(np.append(idx, m))
+    return sp[idx], sv[idx], cnt.astype(np.int64)
 
 
 def _hist2d(pos: np.ndarray, bins: np.ndarray, cnt: np.ndarray, n_chunks: int, n_bins: int) -> np.ndarray:
@@ -975,17 +1116,26 @@ def _wasserstein(st, pos, vals, cnt, n2: np.ndarray, n_chunks: int) -> np.ndarra
     term_big = np.bincount(pos[big], weights=cnt[big] * (vals[big] - ref_max), minlength=n_chunks) / n2
     amount_small = np.where(n_small > 0, (n_small + 1) / n2, 0.0)
     nb = edges.size - 1
-    block = max(1, 2_000_000 // nb)  # bound the (chunks x bins) matrices to ~16 MB
+    block = max(1, 131_072 // nb)  # bound the (chunks x bins) work matrix to ~1 MB (cache resident)
     bounds = np.r_[starts, vals.size]
+    # bin of every value as np.histogram does it (left-closed, last bin closed, outside ignored)
+    inside = (vals >= edges[0]) & (vals <= edges[-1])
+    bin_all = np.minimum(np.searchsorted(edges, vals, side="right") - 1, nb - 1)
     for b0 in range(0, present.size, block):
         b1 = min(present.size, b0 + block)
         s, e = bounds[b0], bounds[b1]
         cs = present[b0:b1]
-        local = np.searchsorted(cs, pos[s:e])
-        hist = _np_histogram2d(edges, local, vals[s:e], cnt[s:e], cs.size) / n2[cs][:, None]
-        data_cdf = np.cumsum(hist, axis=1) + amount_small[cs][:, None]
-        within = np.sum(np.abs(ref_cdf - data_cdf) * width, axis=1)
-        out[cs] = within + term_small[cs] + term_big[cs]
+        ins = inside[s:e]
+        local = np.searchsorted(cs, pos[s:e][ins])
+        h = np.bincount(local * nb + bin_all[s:e][ins], weights=cnt[s:e][ins], minlength=cs.size * nb)
+        h = h.reshape(cs.size, nb)
+        h /= n2[cs][:, None]
+        np.cumsum(h, axis=1, out=h)
+        h += amount_small[cs][:, None]
+        np.subtract(ref_cdf, h, out=h)
+        np.abs(h, out=h)
+        h *= width
+        out[cs] = h.sum(axis=1) + term_small[cs] + term_big[cs]
     return out
 
 
