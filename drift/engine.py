@@ -523,11 +523,19 @@ class DriftEngine:
                 [pl.col(f).cast(pl.Float64).fill_nan(None).alias(f"__cv{i}") for i, f in enumerate(cont)]
             ).collect()
             clazy = cdf.lazy()
-            frames = pl.collect_all([clazy.group_by("__chunk").agg(meta_exprs).sort("__chunk")]
-                                    + [self._value_count_query(clazy, f) for f in cat])
-            meta = frames[0]
-            for i, f in enumerate(cat):
-                tables[f] = frames[1 + i]
+            fast = self._numpy_meta(cdf, cols, cont, cat, spec) if spec.kind in ("size", "count") else None
+            if fast is not None:
+                meta, fast_tables = fast
+                tables.update(fast_tables)
+                slow_cat = [f for f in cat if f not in fast_tables]
+                frames = pl.collect_all([self._value_count_query(clazy, f) for f in slow_cat]) if slow_cat else []
+            else:
+                slow_cat = cat
+                frames = pl.collect_all([clazy.group_by("__chunk").agg(meta_exprs).sort("__chunk")]
+                                        + [self._value_count_query(clazy, f) for f in cat])
+                meta, frames = frames[0], frames[1:]
+            for i, f in enumerate(slow_cat):
+                tables[f] = frames[i]
             if meta.height and cont:
                 keys0 = meta.get_column("__chunk").to_numpy().astype(np.int64)
                 chunk_ids = cdf.get_column("__chunk").to_numpy().astype(np.int64)
@@ -592,7 +600,7 @@ class DriftEngine:
                         vals = table.get_column("v").to_numpy().astype(np.float64)
                     computed = self._continuous_metrics(st, methods, pos, vals, cnt, chunks.n)
                 else:
-                    cats = table.get_column("v").to_numpy().astype(object)
+                    cats = vals if isinstance(table, tuple) else table.get_column("v").to_numpy().astype(object)
                     computed = self._categorical_metrics(st, methods, pos, cats, cnt, chunks.n)
             except Exception as exc:  # never surface a stack trace to the caller
                 computed = {
@@ -621,6 +629,59 @@ class DriftEngine:
                     pval = np.where(bad, np.nan, pval.astype(np.float64))
                 metrics[(f, m)] = {"value": value, "p_value": pval, "status": status}
         return {"chunks": chunks, "metrics": metrics}
+
+    def _numpy_meta(self, cdf: pl.DataFrame, cols: list[str], cont: list[str], cat: list[str], spec: ChunkSpec):
+        """Chunk metadata of an in-memory size/count-chunked frame computed with numpy from the chunk boundaries
+        (``__chunk`` is non-decreasing along the rows), the same table as ``group_by("__chunk").agg(meta)``.
+        Also returns the (chunk, value, count) tables of Boolean categorical features. None = use polars."""
+        n = cdf.height
+        if n == 0:
+            return None
+        ts = cdf.get_column("__ts") if spec.timestamp_column else None
+        if ts is not None and ts.null_count():
+            return None
+        chunk_ids = cdf.get_column("__chunk").to_numpy().astype(np.int64, copy=False)
+        bounds = np.flatnonzero(chunk_ids[1:] != chunk_ids[:-1]) + 1
+        if bounds.size and bool(np.any(chunk_ids[bounds] < chunk_ids[bounds - 1])):
+            return None
+        starts = np.r_[0, bounds].astype(np.int64)
+        ends = np.r_[bounds, n].astype(np.int64)
+        rows = ends - starts
+        c = starts.size
+        data: dict[str, Any] = {"__chunk": chunk_ids[starts], "__rows": rows}
+        if ts is not None:
+            data["__start"] = ts.gather(starts)
+            data["__end"] = ts.gather(ends - 1)
+        data["__rmin"] = starts
+        data["__rmax"] = ends - 1
+        tables: dict[str, Any] = {}
+        cont_idx = {f: i for i, f in enumerate(cont)}
+        for i, f in enumerate(cols):
+            if f in cont_idx:
+                col = cdf.get_column(f"__cv{cont_idx[f]}")
+                if col.null_count() == 0:
+                    nn = rows
+                else:
+                    nn = np.add.reduceat(col.is_not_null().to_numpy().astype(np.int64), starts)
+            else:
+                col = cdf.get_column(f)
+                has_null = col.null_count() > 0
+                if has_null:
+                    nn = np.add.reduceat(col.is_not_null().to_numpy().astype(np.int64), starts)
+                else:
+                    nn = rows
+                if col.dtype == pl.Boolean:
+                    labels = pl.Series([False, True]).cast(pl.String).to_numpy().astype(object)
+                    b = col.fill_null(False).to_numpy().astype(np.int64)
+                    seg = np.repeat(np.arange(c, dtype=np.int64), rows)
+                    key = seg * 2 + b
+                    if has_null:
+                        key = key[col.is_not_null().to_numpy()]
+                    counts = np.bincount(key, minlength=2 * c)
+                    nz = np.flatnonzero(counts)
+                    tables[f] = (nz // 2, labels[nz % 2], counts[nz].astype(np.int64))
+            data[f"__nn{i}"] = nn
+        return pl.DataFrame(data), tables
 
     def _value_count_query(self, clf: pl.LazyFrame, f: str) -> pl.LazyFrame:
         if self._state[f]["kind"] == "continuous":
@@ -671,23 +732,24 @@ class DriftEngine:
     def _continuous_metrics(self, st, methods, pos, vals, cnt, n_chunks) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
         n2 = np.bincount(pos, weights=cnt, minlength=n_chunks)
+        keys = _Keys(vals)
         with np.errstate(divide="ignore", invalid="ignore"):
             if "psi" in methods:
                 inner = st["psi_inner"]
-                counts = _hist2d(pos, np.searchsorted(inner, vals, side="left"), cnt, n_chunks, inner.size + 1)
+                counts = _hist2d(pos, keys.searchsorted(inner, "left"), cnt, n_chunks, inner.size + 1)
                 out["psi"] = {"value": _psi(st["psi_ref_p"], counts / n2[:, None], self.psi_smoothing)}
             if "jensen_shannon" in methods or "hellinger" in methods:
-                counts = _np_histogram2d(st["doane_edges"], pos, vals, cnt, n_chunks)
+                counts = _np_histogram2d(st["doane_edges"], pos, vals, cnt, n_chunks, keys)
                 p_ext, q_ext = _with_leftover(st["doane_p"], counts / n2[:, None])
                 if "jensen_shannon" in methods:
                     out["jensen_shannon"] = {"value": _jensen_shannon(p_ext, q_ext)}
                 if "hellinger" in methods:
                     out["hellinger"] = {"value": _hellinger(p_ext, q_ext)}
             if "ks" in methods:
-                d, p = _ks(st["sorted"], pos, vals, cnt, n_chunks, self.ks_p_value)
+                d, p = _ks(st["sorted"], pos, vals, cnt, n_chunks, self.ks_p_value, keys)
                 out["ks"] = {"value": d, "p_value": p}
             if "wasserstein" in methods:
-                out["wasserstein"] = {"value": _wasserstein(st, pos, vals, cnt, n2, n_chunks)}
+                out["wasserstein"] = {"value": _wasserstein(st, pos, vals, cnt, n2, n_chunks, keys)}
         return out
 
     def _categorical_metrics(self, st, methods, pos, cats, cnt, n_chunks) -> dict[str, dict[str, np.ndarray]]:
@@ -853,17 +915,49 @@ def _sorted_runs(pos: np.ndarray, lengths: np.ndarray, v: np.ndarray) -> tuple[n
     return sp[idx], sv[idx], cnt.astype(np.int64)
 
 
+class _Keys:
+    """Search keys (e.g. the distinct values of every chunk) with a lazily built sorted unique copy, so that
+    ``searchsorted(a, keys)`` becomes a linear merge of two sorted arrays plus a gather (same integers)."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = keys
+        self._u = None
+        self._inv = None
+
+    def searchsorted(self, a: np.ndarray, side: str) -> np.ndarray:
+        if self.keys.size < 2048 or a.size < 64:
+            return np.searchsorted(a, self.keys, side=side)
+        if self._u is None:
+            self._u, self._inv = np.unique(self.keys, return_inverse=True)
+        return _merge_searchsorted(a, self._u, side)[self._inv]
+
+
+def _merge_searchsorted(a: np.ndarray, u: np.ndarray, side: str) -> np.ndarray:
+    """``np.searchsorted(a, u, side)`` for sorted ``a`` and sorted ``u`` (no NaN) by a stable merge sort."""
+    k = u.size
+    if side == "right":  # on ties the elements of ``a`` come first: count of a <= u
+        m = np.argsort(np.concatenate([a, u]), kind="stable")
+        at = np.flatnonzero(m >= a.size)
+    else:  # ties: ``u`` first, count of a < u
+        m = np.argsort(np.concatenate([u, a]), kind="stable")
+        at = np.flatnonzero(m < k)
+    return at - np.arange(k)
+
+
 def _hist2d(pos: np.ndarray, bins: np.ndarray, cnt: np.ndarray, n_chunks: int, n_bins: int) -> np.ndarray:
     """(n_chunks, n_bins) weighted counts."""
     flat = np.bincount(pos * n_bins + bins, weights=cnt, minlength=n_chunks * n_bins)
     return flat.reshape(n_chunks, n_bins)
 
 
-def _np_histogram2d(edges: np.ndarray, pos, vals, cnt, n_chunks: int) -> np.ndarray:
+def _np_histogram2d(edges: np.ndarray, pos, vals, cnt, n_chunks: int, keys: _Keys | None = None) -> np.ndarray:
     """Per-chunk ``np.histogram(chunk, bins=edges)[0]``: left-closed bins, last bin closed, outside ignored."""
     nb = edges.size - 1
     inside = (vals >= edges[0]) & (vals <= edges[-1])
-    b = np.minimum(np.searchsorted(edges, vals[inside], side="right") - 1, nb - 1)
+    if keys is None:
+        b = np.minimum(np.searchsorted(edges, vals[inside], side="right") - 1, nb - 1)
+    else:
+        b = np.minimum(keys.searchsorted(edges, "right")[inside] - 1, nb - 1)
     return _hist2d(pos[inside], b, cnt[inside], n_chunks, nb)
 
 
@@ -905,7 +999,8 @@ def _segments(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, pos[starts]
 
 
-def _ks(ref_sorted: np.ndarray, pos, vals, cnt, n_chunks: int, p_mode: str = "scipy") -> tuple[np.ndarray, np.ndarray]:
+def _ks(ref_sorted: np.ndarray, pos, vals, cnt, n_chunks: int, p_mode: str = "scipy",
+        keys: _Keys | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact two-sample KS statistic and p-value per chunk, identical to ``scipy.stats.ks_2samp``.
 
     ``vals`` are the distinct values of every chunk, sorted within the chunk, with multiplicities ``cnt``.
@@ -919,8 +1014,9 @@ def _ks(ref_sorted: np.ndarray, pos, vals, cnt, n_chunks: int, p_mode: str = "sc
     starts, present = _segments(pos)
     if starts.size == 0:
         return d_out, p_out
-    r = np.searchsorted(ref_sorted, vals, side="right")
-    l = np.searchsorted(ref_sorted, vals, side="left")
+    keys = keys if keys is not None else _Keys(vals)
+    r = keys.searchsorted(ref_sorted, "right")
+    l = keys.searchsorted(ref_sorted, "left")
     cum = np.cumsum(cnt)
     seg_len = np.diff(np.r_[starts, vals.size])
     offset = np.repeat(cum[starts] - cnt[starts], seg_len)
@@ -1093,7 +1189,7 @@ def _pelz_good_cdf(n: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.where(tiny, 0.0, cdf)
 
 
-def _wasserstein(st, pos, vals, cnt, n2: np.ndarray, n_chunks: int) -> np.ndarray:
+def _wasserstein(st, pos, vals, cnt, n2: np.ndarray, n_chunks: int, keys: _Keys | None = None) -> np.ndarray:
     out = np.full(n_chunks, np.nan)
     starts, present = _segments(pos)
     if starts.size == 0:
@@ -1120,7 +1216,8 @@ def _wasserstein(st, pos, vals, cnt, n2: np.ndarray, n_chunks: int) -> np.ndarra
     bounds = np.r_[starts, vals.size]
     # bin of every value as np.histogram does it (left-closed, last bin closed, outside ignored)
     inside = (vals >= edges[0]) & (vals <= edges[-1])
-    bin_all = np.minimum(np.searchsorted(edges, vals, side="right") - 1, nb - 1)
+    keys = keys if keys is not None else _Keys(vals)
+    bin_all = np.minimum(keys.searchsorted(edges, "right") - 1, nb - 1)
     for b0 in range(0, present.size, block):
         b1 = min(present.size, b0 + block)
         s, e = bounds[b0], bounds[b1]
