@@ -113,6 +113,7 @@ def build_features(spec: DatasetSpec) -> list:
             if isinstance(ev, (dg.AssetMaterialization, dg.Output)) and getattr(ev, "asset_key", None) is not None:
                 built.append(ev.asset_key)
         results = []
+        dbt_hash = manifest_hash(spec)  # one manifest, hashed once for every model of this build
         con = duckdb.connect()
         try:
             for key in built:
@@ -123,14 +124,14 @@ def build_features(spec: DatasetSpec) -> list:
                 commit = lakefs.commit(branch, f"{name} (dbt)", {
                     "asset_key": name, "partition": "", "dagster_run_id": context.run_id,
                     "code_version": models[f"model.mlplatform.{name}"]["checksum"]["checksum"][:12],
-                    "dbt_manifest_hash": manifest_hash(spec), "upstream_ref": branch,
+                    "dbt_manifest_hash": dbt_hash, "upstream_ref": branch,
                 })
                 results.append(dg.MaterializeResult(asset_key=key, metadata={
                     "dagster/row_count": dg.MetadataValue.int(rows),
                     "lakefs_commit": dg.MetadataValue.text(commit),
                     "lakefs_path": dg.MetadataValue.path(lakefs.uri(commit, path)),
                     "lakefs_link": dg.MetadataValue.url(lakefs.commit_url(commit)),
-                    "dbt_manifest_hash": dg.MetadataValue.text(manifest_hash(spec)),
+                    "dbt_manifest_hash": dg.MetadataValue.text(dbt_hash),
                 }))
         finally:
             con.close()

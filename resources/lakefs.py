@@ -1,11 +1,9 @@
 """lakeFS: the repository every data asset is versioned in, with a branch per run (write-audit-publish)."""
 
 
-import io
 import json
-import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import dagster as dg
 import requests
