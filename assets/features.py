@@ -103,7 +103,7 @@ def build_features(spec: DatasetSpec) -> list:
         os.environ.update({k: v for k, v in env.items() if k.startswith("MLP_")})
         dbt = DbtCliResource(project_dir=str(DBT_DIR), profiles_dir=str(DBT_DIR),
                              dbt_executable=str(Path(sys.executable).parent / "dbt"))
-        target = state_dir() / ".duckdb" / "dbt-target" / context.run_id
+        target = state_dir() / "duckdb" / "dbt-target" / context.run_id
         invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars(spec, tables))], manifest=manifest,
                              dagster_dbt_translator=DagsterDbtTranslator(), raise_on_error=False,
                              target_path=target)

@@ -141,7 +141,7 @@ def child(args) -> None:
 
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         t0 = time.perf_counter()
-        sim = Simulator(spec, Landing(state / ".landing" / spec.name), scale=args.scale)
+        sim = Simulator(spec, Landing(state / "landing" / spec.name), scale=args.scale)
         rel = sim.release(10_000)
         stage("release", t0, batches=len(rel.records), label_batches=len(rel.labels))
         prod_rows = sim.production().height

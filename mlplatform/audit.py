@@ -52,7 +52,7 @@ class AuditEvent:
 
 
 def default_path() -> Path:
-    return Path(os.environ.get("MLP_AUDIT_DB", str(state_dir() / ".audit" / "audit.db")))
+    return Path(os.environ.get("MLP_AUDIT_DB", str(state_dir() / "audit" / "audit.db")))
 
 
 def default_actor() -> str:

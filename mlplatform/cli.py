@@ -36,7 +36,7 @@ def _simulator(scale: int = 1):
     from resources.settings import dataset_spec, state_dir
 
     spec = dataset_spec()
-    return Simulator(spec, Landing(state_dir() / ".landing" / spec.name), scale=scale)
+    return Simulator(spec, Landing(state_dir() / "landing" / spec.name), scale=scale)
 
 
 def cmd_simulate(args) -> int:

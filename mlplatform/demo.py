@@ -40,7 +40,7 @@ def summary() -> None:
     print(f"lakeFS main:   {head}  {lakefs.commit_url(head)}")
     print(f"  objects:     {lakefs.endpoint}/repositories/{lakefs.repository}/objects?ref=main")
     print(f"MLflow:        {os.environ.get('MLFLOW_TRACKING_URI')}  (UI: `make dev`, then http://127.0.0.1:5000)")
-    print("Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME=.dagster_home)")
+    print("Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME=.state/dagster_home)")
     print("Lifecycle:     .venv/bin/python -m mlplatform.env mlp status   (below)\n")
     from mlplatform.cli import main as mlp
 

@@ -25,9 +25,18 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 GO_MODULE = ROOT / "platform" / "lakefs"
 BIN_DIR = ROOT / ".bin"
-# Not `.env`: Dagster loads a `.env` from the working directory OVER the process environment, which
-# would shadow a LAKEFS_ENDPOINT the caller exported. Ours is loaded under it (`python -m mlplatform.env`).
-ENV_FILE = ROOT / ".mlp.env"
+
+
+def state() -> Path:
+    from resources.settings import state_dir
+
+    return state_dir()
+
+
+def env_file() -> Path:
+    # Not `.env`: Dagster loads a `.env` from the working directory OVER the process environment, which
+    # would shadow a LAKEFS_ENDPOINT the caller exported. Ours is loaded under it (`python -m mlplatform.env`).
+    return state() / "mlp.env"
 
 
 class ServiceError(RuntimeError):
@@ -70,6 +79,19 @@ def build_lakefs(verbose: bool = True) -> Path:
     return binary
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file that is 0600 from the moment it exists (never world-readable, not even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask cannot widen it, and an older file's mode is not inherited
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,8 +131,7 @@ class LakeFSServer:
         # The KV store's secrets are encrypted with this key: it must survive restarts.
         path = self.data_dir / "encrypt.key"
         if not path.exists():
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
+            write_private(path, secrets.token_hex(32))
         return path.read_text().strip()
 
     def start(self, wait: float = 60.0) -> "LakeFSServer":
@@ -170,8 +191,7 @@ class LakeFSServer:
                 f"lakeFS setup at {self.endpoint} failed ({resp.status_code}): {resp.text[:300]}. "
                 f"If this server was set up before, its keys are lost: remove {self.data_dir} and start again."
             )
-        self.credentials_file.write_text(json.dumps(creds))
-        self.credentials_file.chmod(0o600)
+        write_private(self.credentials_file, json.dumps(creds))
         return creds
 
     @property
@@ -202,7 +222,7 @@ class LakeFSServer:
 
 
 def _mlflow_pid_file() -> Path:
-    return ROOT / ".mlflow" / "server.pid"
+    return state() / "mlflow" / "server.pid"
 
 
 def start_mlflow_ui(port: int = 5000) -> str:
@@ -213,8 +233,8 @@ def start_mlflow_ui(port: int = 5000) -> str:
             return url
     except requests.RequestException:
         pass
-    store = ROOT / ".mlflow"
-    store.mkdir(exist_ok=True)
+    store = state() / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
     log = open(store / "server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -237,14 +257,14 @@ def stop_mlflow_ui() -> None:
 
 
 def local_lakefs() -> LakeFSServer:
-    return LakeFSServer(ROOT / ".lakefs", port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")))
+    return LakeFSServer(state() / "lakefs", port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")))
 
 
 def read_env_file() -> dict[str, str]:
-    if not ENV_FILE.exists():
+    if not env_file().exists():
         return {}
     out = {}
-    for line in ENV_FILE.read_text().splitlines():
+    for line in env_file().read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             k, v = line.split("=", 1)
             out[k.strip()] = v.strip()
@@ -262,16 +282,15 @@ def up(with_ui: bool = False) -> None:
     else:
         server = local_lakefs().start()
         env.update(server.env())
-        print(f"lakeFS: {server.endpoint} (UI and API; generated keys in .env, data in .lakefs/)")
+        print(f"lakeFS: {server.endpoint} (UI and API; generated keys in {env_file()}, data in {server.data_dir})")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
         print(f"MLflow: using {os.environ['MLFLOW_TRACKING_URI']} from MLFLOW_TRACKING_URI")
     else:
-        (ROOT / ".mlflow").mkdir(exist_ok=True)
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ROOT / '.mlflow' / 'mlflow.db'}"
+        (state() / "mlflow").mkdir(parents=True, exist_ok=True)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{state() / 'mlflow' / 'mlflow.db'}"
         print(f"MLflow: local store {env['MLFLOW_TRACKING_URI']}")
-    ENV_FILE.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
-    ENV_FILE.chmod(0o600)
+    write_private(env_file(), "".join(f"{k}={v}\n" for k, v in sorted(env.items())))
     if with_ui:
         print(f"MLflow UI: {start_mlflow_ui()}")
 

@@ -24,7 +24,7 @@ def extension_dir(state: Path) -> Path:
     """A project-local extension directory with httpfs installed from the pinned PyPI package."""
     import duckdb
 
-    ext_dir = state / ".duckdb" / "extensions"
+    ext_dir = state / "duckdb" / "extensions"
     marker = ext_dir / f"httpfs-{duckdb.__version__}.installed"
     if not marker.exists():
         ext_dir.mkdir(parents=True, exist_ok=True)

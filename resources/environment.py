@@ -35,7 +35,7 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
         ui_url=dg.EnvVar("MLFLOW_UI_URL") if env == "prod" else "http://127.0.0.1:5000",
     )
     duckdb = DuckDBResource(
-        database=str(state / ".duckdb" / f"{dataset_name()}.duckdb"),
+        database=str(state / "duckdb" / f"{dataset_name()}.duckdb"),
         state_dir=str(state),
         lakefs_endpoint=dg.EnvVar("LAKEFS_ENDPOINT"),
         lakefs_access_key_id=dg.EnvVar("LAKEFS_ACCESS_KEY_ID"),
@@ -45,7 +45,7 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
         "lakefs": lakefs,
         "mlflow": mlflow,
         "duckdb": duckdb,
-        "landing": LandingZoneResource(root=str(state / ".landing" / dataset_name())),
+        "landing": LandingZoneResource(root=str(state / "landing" / dataset_name())),
         "io_manager": LakeFSIOManager(lakefs=lakefs),
     }
 

@@ -46,6 +46,7 @@ class LakeFSResource(dg.ConfigurableResource):
 
     _client: Any = PrivateAttr(default=None)
     _checked: bool = PrivateAttr(default=False)
+    _repo_ready: bool = PrivateAttr(default=False)
 
     # --- connection -------------------------------------------------------------------------
     def check(self) -> None:
@@ -82,13 +83,21 @@ class LakeFSResource(dg.ConfigurableResource):
         return self._client
 
     def repo(self):
+        """The repository, created on first use: a fresh lakeFS (no repository yet) just works."""
         import lakefs
 
-        return lakefs.Repository(self.repository, client=self.client)
+        repo = lakefs.Repository(self.repository, client=self.client)
+        if not self._repo_ready:
+            self.ensure_repository(repo)
+        return repo
 
-    def ensure_repository(self) -> None:
+    def ensure_repository(self, repo=None) -> None:
+        import lakefs
+
+        repo = repo or lakefs.Repository(self.repository, client=self.client)
         namespace = self.storage_namespace or f"local://{self.repository}"
-        self.repo().create(storage_namespace=namespace, default_branch=self.main_branch, exist_ok=True)
+        repo.create(storage_namespace=namespace, default_branch=self.main_branch, exist_ok=True)
+        self._repo_ready = True
 
     # --- links ---------------------------------------------------------------------------------
     def uri(self, ref: str, path: str) -> str:

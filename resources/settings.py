@@ -103,7 +103,8 @@ class DatasetSpec:
         """
         import pandas as pd
 
-        cache = Path(os.environ.get("MLP_CACHE_DIR", str(ROOT / ".cache"))) / "sources" / self.loader.replace(":", "__")
+        cache = Path(os.environ.get("MLP_CACHE_DIR", str(ROOT / ".state" / "cache"))) / "sources" \
+            / self.loader.replace(":", "__")
         parts = ("reference", "production", "labels")
         if all((cache / f"{p}.parquet").exists() for p in parts):
             frames = [pd.read_parquet(cache / f"{p}.parquet") for p in parts]
@@ -253,5 +254,6 @@ def dataset_spec() -> "DatasetSpec":
 
 
 def state_dir() -> Path:
-    """Where local state lives (landing zone, DuckDB file, MLflow store): MLP_STATE_DIR or the repo."""
-    return Path(os.environ.get("MLP_STATE_DIR", str(ROOT)))
+    """The one folder of local runtime state (lakeFS data, MLflow store, Dagster home, landing zone, DuckDB,
+    audit trail, generated settings): MLP_STATE_DIR, default `.state/` in the repo (git-ignored; `make clean`)."""
+    return Path(os.environ.get("MLP_STATE_DIR", str(ROOT / ".state")))

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlplatform.batches import Landing, partitions_def
-from resources.landing import LandingZoneResource
+from sensors.arrivals import build_arrivals
 from resources.mlflow import MLflowResource
 from resources.settings import DatasetSpec
 
-INGEST_ASSETS = ["raw_records", "stg_records", "stg_labels", "features"]
-LABEL_ASSETS = ["raw_labels", "stg_records", "stg_labels", "features"]
 RETRAIN_ASSETS = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
                   "evaluation_report", "model_card"]
 
@@ -98,33 +95,10 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
 
 def build_lifecycle(spec: DatasetSpec) -> dict:
-    parts = partitions_def(spec)
-    ingest_job = dg.define_asset_job("ingest_batch", selection=INGEST_ASSETS, partitions_def=parts,
-                                     description="A landed batch: raw records of the partition, then the dbt models.")
-    labels_job = dg.define_asset_job("ingest_labels", selection=LABEL_ASSETS, partitions_def=parts,
-                                     description="Delayed labels of a partition, then the dbt models.")
+    arrivals = build_arrivals(spec)
     retrain_job = dg.define_asset_job("retrain", selection=RETRAIN_ASSETS,
                                       description="Rebuild features and the training set, train, evaluate, gate.")
     auto = spec.automation
-
-    @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=15,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description="New files in the landing zone -> ingest their partition (records or labels).")
-    def landing_arrivals(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
-        zone = landing.zone()
-        seen = json.loads(context.cursor) if context.cursor else {}
-        requests = []
-        for kind, job in (("records", "ingest_batch"), ("labels", "ingest_labels")):
-            for partition in zone.partitions_with_files(kind):
-                files = zone.files(kind, partition)
-                stamp = ",".join(f"{p.name}:{int(p.stat().st_mtime)}" for p in files)
-                key = f"{kind}/{partition}"
-                if not files or seen.get(key) == stamp:
-                    continue
-                seen[key] = stamp
-                requests.append(dg.RunRequest(run_key=f"{key}/{stamp}", partition_key=partition, job_name=job,
-                                              tags={"arrival/kind": kind, "arrival/files": stamp[:200]}))
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen))
 
     @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Retrain when labelled volume, drift or estimated performance says so (once per event, "
@@ -194,5 +168,5 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto["retrain_schedule"],
                                                job=retrain_job, tags={"retrain/trigger": "schedule"},
                                                default_status=dg.DefaultScheduleStatus.RUNNING))
-    return {"jobs": [ingest_job, labels_job, retrain_job],
-            "sensors": [landing_arrivals, retrain_on_evidence, rollback_on_regression], "schedules": schedules}
+    return {"jobs": [*arrivals["jobs"], retrain_job],
+            "sensors": [*arrivals["sensors"], retrain_on_evidence, rollback_on_regression], "schedules": schedules}

@@ -40,21 +40,20 @@ def state(tmp_path, monkeypatch):
 
 @pytest.fixture
 def lakefs(lakefs_env, monkeypatch) -> LakeFSResource:
-    """A fresh lakeFS repository on the real server, and the env vars the definitions read."""
+    """A new repository name on the real server, and the env vars the definitions read. The repository is
+    NOT created here: the platform must create it itself, as it does for a new user."""
     for k, v in lakefs_env.items():
         monkeypatch.setenv(k, v)
     repo = f"t-{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv("LAKEFS_REPOSITORY", repo)
     res = LakeFSResource(endpoint=lakefs_env["LAKEFS_ENDPOINT"], access_key_id=lakefs_env["LAKEFS_ACCESS_KEY_ID"],
                          secret_access_key=lakefs_env["LAKEFS_SECRET_ACCESS_KEY"], repository=repo)
-    res.ensure_repository()
     return res
 
 
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    (tmp_path / "mlflow").mkdir(exist_ok=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"  # the folder is made by the platform, not here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

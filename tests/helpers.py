@@ -22,8 +22,8 @@ def resources_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow
     res = {
         "lakefs": lakefs,
         "io_manager": LakeFSIOManager(lakefs=lakefs),
-        "landing": LandingZoneResource(root=str(state / ".landing" / spec.name)),
-        "duckdb": DuckDBResource(database=str(state / ".duckdb" / f"{spec.name}.duckdb"), state_dir=str(state),
+        "landing": LandingZoneResource(root=str(state / "landing" / spec.name)),
+        "duckdb": DuckDBResource(database=str(state / "duckdb" / f"{spec.name}.duckdb"), state_dir=str(state),
                                  lakefs_endpoint=lakefs.endpoint, lakefs_access_key_id=lakefs.access_key_id,
                                  lakefs_secret_access_key=lakefs.secret_access_key),
     }

@@ -78,7 +78,7 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     daemon = start_daemon(tmp_path)
     try:
         # The only action: drifting production batches land.
-        Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2019-04-01")
+        Simulator(spec, Landing(state / "landing" / spec.name)).release(2, start="2019-04-01")
         deadline = time.time() + 1500
         gated = None
         while time.time() < deadline and gated is None:
@@ -104,7 +104,7 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
     assert order.index("retrain_triggered") < order.index("registered", 2)
-    report_latency(instance, state / ".landing" / spec.name)
+    report_latency(instance, state / "landing" / spec.name)
 
 
 def report_latency(instance, landing_root):
@@ -148,7 +148,7 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     daemon = start_daemon(tmp_path)
     try:
         # The only action: two batches land; the first one's labels arrive with the second.
-        Simulator(spec, Landing(state / ".landing" / spec.name)).release(2, start="2018-11-01")
+        Simulator(spec, Landing(state / "landing" / spec.name)).release(2, start="2018-11-01")
         deadline = time.time() + 1500
         while time.time() < deadline and registry.aliases(m).get("champion") != "1":
             time.sleep(10)

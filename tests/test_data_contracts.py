@@ -30,7 +30,7 @@ def good(spec):
 
 
 def land(state, spec, name: str, content) -> None:
-    d = state / ".landing" / spec.name / "records" / PARTITION
+    d = state / "landing" / spec.name / "records" / PARTITION
     d.mkdir(parents=True, exist_ok=True)
     path = d / name
     if isinstance(content, pl.DataFrame):
@@ -99,18 +99,18 @@ def test_bad_landing_file_is_rejected_and_main_keeps_its_commit(case, spec, good
     assert check in failures, failures
     assert text in failures[check], failures[check]
     assert lakefs.head() == before  # main untouched
-    q = state / ".landing" / spec.name / "quarantine" / "records" / PARTITION
+    q = state / "landing" / spec.name / "quarantine" / "records" / PARTITION
     assert (q / name).exists(), "the bad file is kept in quarantine"
     reason = json.loads((q / f"{name}.reason.json").read_text())
     assert reason["file"].endswith(name) and reason["reason"]
-    assert (state / ".landing" / spec.name / "records" / PARTITION / "a.parquet").exists(), "good file kept"
+    assert (state / "landing" / spec.name / "records" / PARTITION / "a.parquet").exists(), "good file kept"
     # The good file's rows are on the run's kept branch for inspection.
     kept = load_asset(lakefs, "raw_records", ref=run_branch(result.run_id), partition=PARTITION)
     assert "a.parquet" in set(kept["_source_file"].to_list())
 
 
 def test_an_empty_batch_blocks(spec, lakefs, state, instance):
-    (state / ".landing" / spec.name / "records" / PARTITION).mkdir(parents=True)
+    (state / "landing" / spec.name / "records" / PARTITION).mkdir(parents=True)
     before = lakefs.head()
     result = ingest(spec, lakefs, state, instance)
     assert not result.success
@@ -135,7 +135,7 @@ def test_a_label_for_an_unknown_id_blocks(spec, good, lakefs, state, instance):
     land(state, spec, "a.parquet", good)
     ok = ingest(spec, lakefs, state, instance)
     assert ok.success and publish_run(instance, lakefs, ok.run_id).status == "published"
-    d = state / ".landing" / spec.name / "labels" / PARTITION
+    d = state / "landing" / spec.name / "labels" / PARTITION
     d.mkdir(parents=True)
     pl.DataFrame({"id": [good["id"][0], 987654321], "repaid": [1.0, 0.0]}).write_parquet(d / "labels.parquet")
     before = lakefs.head()

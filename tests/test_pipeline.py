@@ -31,7 +31,7 @@ def test_a_data_set_runs_through_the_whole_graph_by_configuration_alone(dataset,
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
               *build_serving(spec), *build_monitoring(spec)]
     res = resources_for(lakefs, state, spec, mlflow_uri)
-    sim = Simulator(spec, Landing(state / ".landing" / spec.name))
+    sim = Simulator(spec, Landing(state / "landing" / spec.name))
     released = sim.release(3)
     assert released.labels, "the label delay lets the first batch's labels arrive"
 
