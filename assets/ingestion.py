@@ -107,7 +107,7 @@ def _quarantine(context, zone: Landing, kind: str, partition: str, path: Path,
                 violations: list[contracts.Violation]) -> dict:
     reason = _reason(violations)
     try:
-        target = str(zone.quarantine(kind, partition, path, reason, context.run_id))
+        target = str(zone.quarantine(kind, partition, path, reason, context.run.run_id))
     except FileNotFoundError:
         target = "(the file was gone from the landing zone before it could be moved)"
     context.log.error(f"quarantined {kind}/{partition}/{path.name}: {reason}")
@@ -129,7 +129,7 @@ def _previous_version(context, lakefs: LakeFSResource, key: dg.AssetKey,
     """The batch's latest checked version and the ledger of landing files it holds (name -> sha256)."""
     from resources.io import _meta_text, deserialize, latest_checked_materialization
 
-    found = latest_checked_materialization(context.instance, key, partition, context.run_id)
+    found = latest_checked_materialization(context.instance, key, partition, context.run.run_id)
     if found is None:
         return None, {}
     commit, path, run_id = found
@@ -155,7 +155,7 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
     every finished, passing run) holds them: the ids a new record must not reuse."""
     from resources.publish import open_run_branch
 
-    branch = open_run_branch(context.instance, lakefs, context.run_id)
+    branch = open_run_branch(context.instance, lakefs, context.run.run_id)
     ref = lakefs.repo().ref(branch)
     out: dict[str, pl.Series] = {}
     for prefix in ("assets/reference_data/", "assets/raw_records/"):
@@ -365,7 +365,7 @@ def _known_ids(context: dg.AssetExecutionContext, lakefs: LakeFSResource, spec: 
     None if the batch's records have no checked version yet."""
     from resources.io import deserialize, latest_checked_materialization
 
-    found = latest_checked_materialization(context.instance, dg.AssetKey("raw_records"), partition, context.run_id)
+    found = latest_checked_materialization(context.instance, dg.AssetKey("raw_records"), partition, context.run.run_id)
     if found is None:
         return None
     df = deserialize(lakefs.get(found[0], found[1]), found[1])
