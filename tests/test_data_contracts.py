@@ -1,8 +1,12 @@
-"""The bad-input catalogue: each bad landing file gives a clear error, main keeps its commit, the bad file
-goes to quarantine with a reason, and the good files of the same batch are not lost."""
+"""Landing-zone integrity against the real lakeFS: a batch grows from its previous checked version, so rows
+on main never vanish; bad files are quarantined and the good ones publish in the same run; a re-delivery
+follows the spec's policy; labels wait for their records; ids cannot be reused across batches.
+(The catalogue of bad file kinds is tests/test_bad_inputs.py.)"""
 
-import datetime as dt
+import dataclasses
 import json
+import os
+import time
 
 import dagster as dg
 import polars as pl
@@ -10,10 +14,12 @@ import pytest
 
 from assets.ingestion import build_ingestion
 from mlplatform.batches import window
-from resources.lakefs import run_branch
 from resources.io import load_asset
+from resources.publish import publish_run
 
 from .helpers import car_loan, production_rows, resources_for
+
+pytestmark = pytest.mark.services
 
 PARTITION = "2018-11-01"
 
@@ -29,84 +35,126 @@ def good(spec):
     return production_rows(spec, start, end, n=300)
 
 
-def land(state, spec, name: str, content) -> None:
-    d = state / "landing" / spec.name / "records" / PARTITION
+def land(state, spec, name: str, content, kind: str = "records", partition: str = PARTITION, age_s: float = 300):
+    """A complete landing file that arrived `age_s` seconds ago (later files get smaller ages)."""
+    d = state / "landing" / spec.name / kind / partition
     d.mkdir(parents=True, exist_ok=True)
     path = d / name
     if isinstance(content, pl.DataFrame):
-        if name.endswith(".csv"):
-            content.write_csv(path)
-        else:
-            content.write_parquet(path)
+        content.write_csv(path) if name.endswith(".csv") else content.write_parquet(path)
     else:
         path.write_bytes(content)
+    os.utime(path, (time.time() - age_s,) * 2)
+    return path
 
 
-def ingest(spec, lakefs, state, instance):
-    assets = build_ingestion(spec)
-    return dg.materialize(assets, selection=["raw_records"], partition_key=PARTITION, instance=instance,
+def ingest(spec, lakefs, state, instance, asset="raw_records", partition=PARTITION):
+    return dg.materialize(build_ingestion(spec), selection=[asset], partition_key=partition, instance=instance,
                           resources=resources_for(lakefs, state, spec), raise_on_error=False)
+
+
+def published(spec, lakefs, state, instance, asset="raw_records", partition=PARTITION):
+    result = ingest(spec, lakefs, state, instance, asset, partition)
+    assert result.success, failed_checks(result)
+    assert publish_run(instance, lakefs, result.run_id).status == "published"
+    return result
 
 
 def failed_checks(result) -> dict[str, str]:
     return {e.check_name: e.description for e in result.get_asset_check_evaluations() if not e.passed}
 
 
-def later(df, spec, col, value):
-    return df.with_columns(pl.lit(value).alias(col))
+def main_ids(lakefs, asset="raw_records", partition=PARTITION) -> list[int]:
+    return sorted(load_asset(lakefs, asset, partition=partition)["id"].to_list())
 
 
-CASES = {
-    # name: (bad file name, make bad frame/bytes, check that fails, text the error names)
-    "missing_column": ("b.parquet", lambda g, s: g.drop("car_value"), "files_readable", "missing column(s) ['car_value']"),
-    "extra_column": ("b.parquet", lambda g, s: g.with_columns(pl.lit(1).alias("surprise")), "files_readable",
-                     "unexpected column(s) ['surprise']"),
-    "wrong_type": ("b.parquet", lambda g, s: g.with_columns(pl.lit("lots").alias("car_value")), "files_readable",
-                   "column 'car_value' should be Float64"),
-    "null_id": ("b.parquet", lambda g, s: g.with_columns(pl.when(pl.int_range(pl.len()) < 3).then(None)
-                                                        .otherwise(pl.col("id")).alias("id")),
-                "ids_and_times_present", "3 row(s) have no 'id' in ['b.parquet']"),
-    "null_time": ("b.parquet", lambda g, s: g.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("timestamp")),
-                  "ids_and_times_present", "no 'timestamp'"),
-    "duplicate_ids": ("b.parquet", lambda g, s: pl.concat([g.head(5), g.head(5)]), "unique_ids", "share an id"),
-    "out_of_range": ("b.parquet", lambda g, s: g.with_columns(pl.lit(7.5).alias("debt_to_income_ratio")),
-                     "values_in_range", "'debt_to_income_ratio' outside [0, 1]"),
-    "outside_partition": ("b.parquet", lambda g, s: g.with_columns(
-        pl.lit(dt.datetime(2019, 3, 1)).cast(pl.Datetime("us")).alias("timestamp")),
-        "event_time_in_partition", "outside the partition"),
-    "future_event_time": ("b.parquet", lambda g, s: g.with_columns(
-        pl.lit(dt.datetime(2099, 1, 1)).cast(pl.Datetime("us")).alias("timestamp")),
-        "event_time_in_partition", "in the future"),
-    "corrupt_file": ("b.parquet", lambda g, s: b"PAR1\x00\x01garbage-not-parquet", "files_readable",
-                     "cannot be read as parquet"),
-    "wrong_format": ("b.json", lambda g, s: b'{"id": 1}', "files_readable", "unsupported file format '.json'"),
-    "header_only": ("b.csv", lambda g, s: g.head(0), "files_readable", "has no rows"),
-    "schema_change_mid_stream": ("b.parquet", lambda g, s: g.rename({"loan_length": "loan_term"}),
-                                 "files_readable", "missing column(s) ['loan_length']"),
-}
+def reason_of(state, spec, name, kind="records", partition=PARTITION) -> str:
+    q = state / "landing" / spec.name / "quarantine" / kind / partition
+    assert (q / name).exists(), f"{name} is not in quarantine"
+    return json.loads((q / f"{name}.reason.json").read_text())["reason"]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_landing_file_is_rejected_and_main_keeps_its_commit(case, spec, good, lakefs, state, instance):
-    name, make, check, text = CASES[case]
-    land(state, spec, "a.parquet", good.slice(150, 150))   # a good file of the same batch
-    bad = make(good.slice(0, 150), spec)
-    land(state, spec, name, bad)
-    before = lakefs.head()
+def test_a_bad_file_is_quarantined_and_the_good_file_beside_it_publishes_in_the_same_run(spec, good, lakefs, state,
+                                                                                          instance):
+    land(state, spec, "a.parquet", good.slice(0, 150), age_s=300)
+    land(state, spec, "b.parquet", good.slice(150).with_columns(pl.lit(7.5).alias("debt_to_income_ratio")), age_s=200)
+    result = ingest(spec, lakefs, state, instance)
+    assert result.success, failed_checks(result)
+    assert set(failed_checks(result)) == {"files_quarantined"}
+    assert "b.parquet quarantined: 150 value(s) of 'debt_to_income_ratio' outside [0, 1]" in \
+        failed_checks(result)["files_quarantined"]
+    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    table = meta["rejected"].value
+    assert [r.data["file"] for r in table.records] == ["b.parquet"]
+    assert table.records[0].data["column"] == "debt_to_income_ratio" and table.records[0].data["rows"] == 150
+    assert publish_run(instance, lakefs, result.run_id).status == "published"
+    assert main_ids(lakefs) == sorted(good.slice(0, 150)["id"].to_list())
+    assert "outside [0, 1]" in reason_of(state, spec, "b.parquet")
+
+
+def test_rows_on_main_never_disappear_when_a_later_file_is_bad_or_a_landing_file_is_gone(spec, good, lakefs, state,
+                                                                                          instance):
+    a = land(state, spec, "a.parquet", good.slice(0, 100), age_s=500)
+    published(spec, lakefs, state, instance)
+    # A later bad file alone: the run still succeeds, the batch keeps its rows, the file is quarantined.
+    land(state, spec, "b.parquet", good.slice(100, 100).with_columns(pl.lit(None).alias("id")), age_s=400)
+    result = published(spec, lakefs, state, instance)
+    assert "b.parquet" in failed_checks(result)["files_quarantined"]
+    assert main_ids(lakefs) == sorted(good.slice(0, 100)["id"].to_list())
+    # The first file leaves the landing zone (archived, cleaned up): its rows stay; a new file adds to them.
+    a.unlink()
+    land(state, spec, "c.parquet", good.slice(200, 100), age_s=300)
+    result = published(spec, lakefs, state, instance)
+    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    assert meta["files_accepted"].value == ["c.parquet"] and meta["rows_before"].value == 100
+    assert main_ids(lakefs) == sorted(good.slice(0, 100)["id"].to_list() + good.slice(200, 100)["id"].to_list())
+    # Re-running with nothing new changes nothing (every file still landed is already in the batch).
+    result = published(spec, lakefs, state, instance)
+    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    assert meta["files_already_ingested"].value == ["c.parquet"] and meta["files_accepted"].value == []
+    assert len(main_ids(lakefs)) == 200
+
+
+def test_a_later_file_repeating_published_ids_never_gets_the_earlier_file_quarantined(spec, good, lakefs, state,
+                                                                                        instance):
+    a = land(state, spec, "a.parquet", good, age_s=500)
+    published(spec, lakefs, state, instance)
+    land(state, spec, "a-copy.parquet", good.head(10), age_s=100)
+    result = published(spec, lakefs, state, instance)
+    assert a.exists(), "the earlier file is never judged again"
+    reason = reason_of(state, spec, "a-copy.parquet")
+    assert "a-copy.parquet: 10 'id' value(s) are already in batch 2018-11-01 from ['a.parquet']" in reason
+    assert "landing.redelivery: reject" in reason
+    assert "a-copy.parquet" in failed_checks(result)["files_quarantined"]
+    held = load_asset(lakefs, "raw_records", partition=PARTITION)
+    assert held.height == good.height and set(held["_source_file"]) == {"a.parquet"}
+
+
+def test_replace_by_id_lets_a_corrected_redelivery_replace_its_rows(spec, good, lakefs, state, instance):
+    replace = dataclasses.replace(spec, redelivery="replace_by_id")
+    land(state, spec, "a.parquet", good.head(100), age_s=500)
+    published(replace, lakefs, state, instance)
+    land(state, spec, "a.parquet", good.head(100).with_columns(pl.lit(1.0).alias("car_value")), age_s=100)
+    result = published(replace, lakefs, state, instance)
+    assert result.asset_materializations_for_node("raw_records")[0].metadata["rows_replaced"].value == {"a.parquet": 100}
+    held = load_asset(lakefs, "raw_records", partition=PARTITION)
+    assert held.height == 100 and held["car_value"].unique().to_list() == [1.0]
+
+
+def test_records_reusing_ids_of_another_batch_are_rejected(spec, lakefs, state, instance):
+    """An id names one entity: a record reusing an id published in another batch would be joined to that
+    entity's label, so it is rejected (blocking check `ids_unique_across_batches`)."""
+    oct_rows = production_rows(spec, *window(spec, "2018-10-01"))
+    land(state, spec, "oct.parquet", oct_rows, partition="2018-10-01")
+    published(spec, lakefs, state, instance, partition="2018-10-01")
+    nov = production_rows(spec, *window(spec, PARTITION), n=50)
+    reused = nov.with_columns(pl.Series("id", oct_rows["id"].head(50).to_list()))
+    land(state, spec, "nov.parquet", reused)
     result = ingest(spec, lakefs, state, instance)
     assert not result.success
     failures = failed_checks(result)
-    assert check in failures, failures
-    assert text in failures[check], failures[check]
-    assert lakefs.head() == before  # main untouched
-    q = state / "landing" / spec.name / "quarantine" / "records" / PARTITION
-    assert (q / name).exists(), "the bad file is kept in quarantine"
-    reason = json.loads((q / f"{name}.reason.json").read_text())
-    assert reason["file"].endswith(name) and reason["reason"]
-    assert (state / "landing" / spec.name / "records" / PARTITION / "a.parquet").exists(), "good file kept"
-    # The good file's rows are on the run's kept branch for inspection.
-    kept = load_asset(lakefs, "raw_records", ref=run_branch(result.run_id), partition=PARTITION)
-    assert "a.parquet" in set(kept["_source_file"].to_list())
+    assert "values already published in batch 2018-10-01" in failures["ids_unique_across_batches"]
+    assert "nov.parquet" in reason_of(state, spec, "nov.parquet")
 
 
 def test_an_empty_batch_blocks(spec, lakefs, state, instance):
@@ -114,11 +162,12 @@ def test_an_empty_batch_blocks(spec, lakefs, state, instance):
     before = lakefs.head()
     result = ingest(spec, lakefs, state, instance)
     assert not result.success
-    assert "no readable file landed" in failed_checks(result)["not_empty"]
+    assert "no file of batch 2018-11-01 was accepted (0 file(s) found" in failed_checks(result)["not_empty"]
+    assert publish_run(instance, lakefs, result.run_id).status == "kept"
     assert lakefs.head() == before
 
 
-def test_unseen_categories_warn_but_do_not_block(spec, good, lakefs, state, instance):
+def test_unseen_categories_warn_below_the_limit(spec, good, lakefs, state, instance):
     land(state, spec, "a.parquet", good.with_columns(
         pl.when(pl.int_range(pl.len()) < 4).then(pl.lit("1M+ €")).otherwise(pl.col("salary_range"))
         .alias("salary_range")))
@@ -126,21 +175,33 @@ def test_unseen_categories_warn_but_do_not_block(spec, good, lakefs, state, inst
     assert result.success
     warn = [e for e in result.get_asset_check_evaluations() if e.check_name == "known_categories"][0]
     assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN
-    assert "'1M+ €'" in warn.description and "4 row(s)" in warn.description
+    assert "'1M+ €'" in warn.description and "4 row(s) (1.3%)" in warn.description
 
 
-def test_a_label_for_an_unknown_id_blocks(spec, good, lakefs, state, instance):
-    from resources.publish import publish_run
-
+def test_labels_for_unknown_ids_quarantine_their_file_and_good_labels_publish(spec, good, lakefs, state, instance):
     land(state, spec, "a.parquet", good)
-    ok = ingest(spec, lakefs, state, instance)
-    assert ok.success and publish_run(instance, lakefs, ok.run_id).status == "published"
-    d = state / "landing" / spec.name / "labels" / PARTITION
-    d.mkdir(parents=True)
-    pl.DataFrame({"id": [good["id"][0], 987654321], "repaid": [1.0, 0.0]}).write_parquet(d / "labels.parquet")
-    before = lakefs.head()
-    result = dg.materialize(build_ingestion(spec), selection=["raw_labels"], partition_key=PARTITION,
-                            instance=instance, resources=resources_for(lakefs, state, spec), raise_on_error=False)
+    published(spec, lakefs, state, instance)
+    ids = good["id"].to_list()
+    land(state, spec, "good.parquet", pl.DataFrame({"id": ids[:100], "repaid": [1.0] * 100}), "labels", age_s=200)
+    land(state, spec, "bad.parquet", pl.DataFrame({"id": [ids[100], 987654321], "repaid": [1.0, 0.0]}), "labels",
+         age_s=100)
+    result = published(spec, lakefs, state, instance, "raw_labels")
+    assert "bad.parquet" in failed_checks(result)["files_quarantined"]
+    assert "1 label(s) are for ids not in the records of batch 2018-11-01, in ['bad.parquet']" in \
+        reason_of(state, spec, "bad.parquet", "labels")
+    assert main_ids(lakefs, "raw_labels") == sorted(ids[:100])
+
+
+def test_labels_that_arrive_before_their_records_are_held_not_quarantined(spec, good, lakefs, state, instance):
+    labels = land(state, spec, "early.parquet", pl.DataFrame({"id": good["id"].head(20), "repaid": [1.0] * 20}),
+                  "labels")
+    result = ingest(spec, lakefs, state, instance, "raw_labels")
     assert not result.success
-    assert "1 label(s) are for ids never seen" in failed_checks(result)["labels_for_known_ids"]
-    assert lakefs.head() == before
+    assert "have no checked version yet: label file(s) ['early.parquet'] are held" in \
+        failed_checks(result)["labels_for_known_ids"]
+    assert labels.exists(), "held in the landing zone, not quarantined"
+    # Once the records are ingested, the same labels are taken.
+    land(state, spec, "a.parquet", good)
+    published(spec, lakefs, state, instance)
+    published(spec, lakefs, state, instance, "raw_labels")
+    assert main_ids(lakefs, "raw_labels") == sorted(good["id"].head(20).to_list())
