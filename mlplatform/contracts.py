@@ -105,12 +105,20 @@ def _check_csv_shape(data: bytes, name: str) -> None:
     if not header:
         raise FileRejected(f"{name}: has no header line (empty CSV)", "empty")
     width = len(header)
-    for line, row in enumerate(reader, start=2):
-        if row and len(row) != width:
-            last = line == reader.line_num and not text.endswith(("\n", "\r"))
-            what = "truncated: its last row is cut off" if last or len(row) < width else "ragged"
-            raise FileRejected(f"{name}: CSV is {what} (line {line} has {len(row)} field(s), the header has "
-                               f"{width}): {','.join(row)[:80]!r}")
+    bad = None
+    rows = 0
+    for row in reader:
+        rows += 1
+        if bad is None and row and len(row) != width:
+            bad = (reader.line_num, rows, row)
+    if bad is not None:
+        line, index, row = bad
+        if index == rows and len(row) < width:
+            what = "truncated: its last row is cut off"
+        else:
+            what = "ragged"
+        raise FileRejected(f"{name}: CSV is {what} (line {line} has {len(row)} field(s), the header has "
+                           f"{width}): {','.join(row)[:80]!r}")
 
 
 def read_landing_file(path: Path) -> pl.DataFrame:

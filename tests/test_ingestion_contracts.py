@@ -259,3 +259,10 @@ def test_a_source_time_column_of_integers_or_outside_every_batch_is_an_error(spe
         spec.check_time_column(late, "production")
     spec.check_time_column(late, "reference")  # the history may lie anywhere
     spec.check_time_column(pd.DataFrame({"timestamp": ["2018-11-02 10:00:00"]}), "production")
+
+
+def test_a_csv_row_with_a_missing_field_in_the_middle_is_ragged(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("id,timestamp\n1,2018-11-01\n2\n3,2018-11-02\n")
+    with pytest.raises(contracts.FileRejected, match=r"r\.csv: CSV is ragged \(line 3 has 1 field\(s\), the header has 2\)"):
+        contracts.read_landing_file(path)
