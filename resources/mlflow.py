@@ -62,6 +62,11 @@ class MLflowResource(dg.ConfigurableResource):
     def _secrets(self) -> tuple[str, ...]:
         return tuple(uri_secrets(self.tracking_uri))
 
+    def redacting(self):
+        """`with mlflow.redacting(): mlflow_lib.start_run(...)`: MLflow errors leaving the block (the fluent API
+        quotes the full tracking URI) have the URI's credentials and known secrets replaced by ***."""
+        return redacting(self._secrets())
+
     def _check(self) -> None:
         uri = self.tracking_uri
         shown = self.display_uri

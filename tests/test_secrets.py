@@ -77,6 +77,28 @@ def test_redacting_block_scrubs_what_leaves_it():
     assert "hunter22" not in str(info.value)
 
 
+def test_mlflow_log_lines_are_scrubbed_once_the_filter_is_installed():
+    import logging
+
+    from mlplatform.redact import install_log_filter
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(self.format(record))
+
+    handler = Collect()
+    logger = logging.getLogger("mlflow")
+    logger.addHandler(handler)
+    try:
+        install_log_filter()
+        logging.getLogger("mlflow.store.db.utils").warning("engine for %s failed", "postgresql://u:hunter22@db/m")
+    finally:
+        logger.removeHandler(handler)
+    assert seen and "hunter22" not in seen[0] and "db/m" in seen[0]
+
+
 class _FakeMLflow(http.server.BaseHTTPRequestHandler):
     """Answers MLflow's health check and experiment lookup, then drops every other request (a dying server)."""
 
@@ -155,6 +177,10 @@ def test_mlflow_client_errors_keep_their_type_without_credentials(fake_mlflow):
         m.client().get_registered_model("m")
     assert "S3cr3tT0ken" not in str(info.value)
     assert "S3cr3tT0ken" not in m.run_url("abc") + m.model_version_url(1)
+    with pytest.raises(RuntimeError) as fluent:  # what the fluent API raises, through the resource's guard
+        with m.redacting():
+            raise RuntimeError(f"API request to {uri}/api/2.0/mlflow/runs/create failed")
+    assert "S3cr3tT0ken" not in str(fluent.value)
 
 
 # --- secret files -------------------------------------------------------------------------------------------
