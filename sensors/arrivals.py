@@ -9,6 +9,8 @@ What the sensor promises (it only returns run requests and its cursor; it writes
   job (or its Dagster retry) was handed a set of files containing every current file with the same
   (name, size, mtime): a file quarantined by a later run leaves a set that is still ingested, a new or
   rewritten file makes a set that is not.
+  A successful materialization of raw_<kind> made without this sensor (`make demo`, the UI) counts too
+  when its metadata `files` shows it read the current files (see `materialized_from`).
 - Not ingested, and no run of the job for the partition queued, running or about to be retried by Dagster:
   request it. The run key is `<kind>/<partition>/<files stamp>/attempt-<N>`, N the number of finished
   failed (or canceled) attempts on that stamp, so the same files give the same key on every tick (Dagster
@@ -103,6 +105,40 @@ def records_published(instance: dg.DagsterInstance, partition: str) -> str | Non
     return found[2] if found else None
 
 
+def materialized_from(instance: dg.DagsterInstance, kind: str, partition: str,
+                      files: list[LandedFile]) -> str | None:
+    """Run id of the latest checked raw_<kind> materialization of the partition if it read every current
+    file as it is now (for runs not made by this sensor: `mlp`/`make demo` materializations, the UI).
+
+    Its metadata `files` lists what it read: entries `name|size|mtime_ns` prove it directly; bare names
+    prove it when every current file was last modified before that run started."""
+    from resources.io import latest_checked_materialization
+
+    key = dg.AssetKey(f"raw_{kind}")
+    found = latest_checked_materialization(instance, key, partition)
+    if found is None:
+        return None
+    run_id = found[2]
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                              limit=50).records
+    rec = next((r for r in records if r.run_id == run_id), None)
+    meta = rec.asset_materialization.metadata if rec and rec.asset_materialization else {}
+    listed = meta.get("files")
+    listed = getattr(listed, "value", getattr(listed, "data", listed))
+    if not isinstance(listed, list) or not listed:
+        return None
+    listed = {str(x) for x in listed}
+    if {f.entry for f in files} <= listed:
+        return run_id
+    if not {f.name for f in files} <= listed:
+        return None
+    (run,) = instance.get_run_records(dg.RunsFilter(run_ids=[run_id]), limit=1) or [None]
+    started = run.start_time if run else None
+    if started is not None and max(f.mtime_ns for f in files) / 1e9 < started:
+        return run_id
+    return None
+
+
 @dataclass
 class Plan:
     requests: list[dg.RunRequest] = field(default_factory=list)
@@ -167,6 +203,9 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
     if history.in_progress:
         plan.waiting.append(f"{key}: a {job} run for this partition is queued or running "
                             f"({', '.join(history.in_progress[:3])}); waiting for it")
+        return
+    if materialized_from(instance, kind, partition, files):
+        plan.done[key] = stamp  # ingested by a run this sensor did not make
         return
     if kind == "labels" and generation is None:
         plan.waiting.append(f"{key}: labels held until raw_records [{partition}] is published "

@@ -405,3 +405,24 @@ def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, 
     Tick(sensor, instance, zone, t.cursor)
     warm = time.perf_counter() - t0
     assert t.requests == [] and cold < 2.0 and warm < 0.5, (cold, warm)
+
+
+def test_files_ingested_by_a_run_the_sensor_did_not_make_are_not_requested_again(sensor, instance, root):
+    """`make demo` materializes raw_records from the CLI; a daemon started afterwards must not ingest twice."""
+    zone = LandingZoneResource(root=str(root))
+    path = land(root, "records", NOV, "batch.parquet")
+    time.sleep(0.05)
+    run = queue(instance, dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()),
+                                        status=dg.DagsterRunStatus.NOT_STARTED, tags={"dagster/partition": NOV}))
+    start(instance, run)
+    mat = dg.AssetMaterialization(asset_key="raw_records", partition=NOV, metadata={
+        "lakefs_commit": "c0ffee", "lakefs_path": "lakefs://repo/c0ffee/assets/raw_records/data.parquet",
+        "files": dg.MetadataValue.json(["batch.parquet"])})
+    event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
+    event(instance, run, DagsterEventType.RUN_SUCCESS)
+    t = Tick(sensor, instance, zone)
+    assert t.requests == []
+    with path.open("ab") as fh:  # rewritten after that run started: a new delivery
+        fh.write(b"x")
+    (root / "records" / NOV / "batch.parquet.done").touch()
+    assert Tick(sensor, instance, zone, t.cursor).keys() == [("ingest_batch", NOV)]
