@@ -187,7 +187,11 @@ class Landing:
             if p.name not in valid:
                 strays.append(Stray(p, _not_a_partition(p.name, partition_keys)))
                 continue
-            files = self.landed(kind, p.name, now)
+            try:
+                files = self.landed(kind, p.name, now)
+            except OSError as exc:  # unreadable folder: reported, the others are still taken
+                strays.append(Stray(p, f"cannot be read ({exc})"))
+                continue
             if files:
                 partitions[p.name] = files
         return Scan(kind, partitions, strays)

@@ -158,7 +158,7 @@ class Plan:
 
 
 def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: list[str], cursor: str | None,
-                  max_attempts: int = 3, backoff_seconds: float = 60.0, now: float | None = None) -> Plan:
+                  max_attempts: int = 5, backoff_seconds: float = 60.0, now: float | None = None) -> Plan:
     """The run requests for the landing zone as it is now, given the run history. No side effects."""
     now = time.time() if now is None else now
     try:
