@@ -93,6 +93,15 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def tighten(path: Path) -> None:
+    """A secret file left group/world-readable by an older version of this project becomes 0600."""
+    try:
+        if path.exists() and path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
 def make_private_dir(path: Path) -> Path:
     """A directory only its owner can enter (0700), created so from the start."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -290,6 +299,8 @@ class LakeFSServer:
                                f"lakeFS: stop it, or choose another port with MLP_LAKEFS_PORT=<free port>")
         binary = build_lakefs()
         make_private_dir(self.data_dir)  # KV store, blockstore, keys: only their owner may read them
+        for secret_file in (self.credentials_file, self.data_dir / "encrypt.key"):
+            tighten(secret_file)
         env = {
             **os.environ,
             "LAKEFS_LISTEN_ADDRESS": f"127.0.0.1:{self.port}",
@@ -434,6 +445,7 @@ def local_lakefs() -> LakeFSServer:
 def read_env_file() -> dict[str, str]:
     if not env_file().exists():
         return {}
+    tighten(env_file())
     out = {}
     for line in env_file().read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):

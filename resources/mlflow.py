@@ -97,10 +97,10 @@ class MLflowResource(dg.ConfigurableResource):
             return self._setup()
 
     def _setup(self) -> str:
+        install_log_filter()  # MLflow's and SQLAlchemy's own log lines never show the URI's credentials
+        self._check()  # before importing mlflow (seconds on a busy machine): an unreachable store fails fast
         import mlflow
 
-        install_log_filter()  # MLflow's and SQLAlchemy's own log lines never show the URI's credentials
-        self._check()
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         exp = self.with_retries(lambda: mlflow.get_experiment_by_name(self.experiment))

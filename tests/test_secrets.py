@@ -200,6 +200,16 @@ def test_write_private_is_0600_even_with_open_umask_and_an_older_open_file(tmp_p
     assert [p.name for p in path.parent.iterdir()] == ["mlp.env"]  # no temporary file left behind
 
 
+def test_settings_file_left_readable_by_an_older_version_is_narrowed_on_first_read(tmp_path, monkeypatch):
+    from mlplatform.services import env_file, read_env_file
+
+    monkeypatch.setenv("MLP_STATE_DIR", str(tmp_path))
+    env_file().write_text("LAKEFS_SECRET_ACCESS_KEY=old\n")
+    os.chmod(env_file(), 0o644)
+    assert read_env_file() == {"LAKEFS_SECRET_ACCESS_KEY": "old"}
+    assert mode(env_file()) == 0o600
+
+
 # --- the local lakeFS proves it is ours ---------------------------------------------------------------------
 
 class _Impostor(http.server.BaseHTTPRequestHandler):
