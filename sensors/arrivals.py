@@ -201,7 +201,7 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
         plan.done[key] = stamp
         return
     if history.in_progress:
-        plan.waiting.append(f"{key}: a {job} run for this partition is queued or running "
+        plan.waiting.append(f"{key}: a run of {job} for this partition is queued or running "
                             f"({', '.join(history.in_progress[:3])}); waiting for it")
         return
     if materialized_from(instance, kind, partition, files):
@@ -255,8 +255,8 @@ def build_arrivals(spec: DatasetSpec) -> dict:
                              backoff_seconds=landing.retry_backoff_seconds)
         for message in plan.warnings:
             context.log.warning(message)
-        for message in plan.waiting:
-            context.log.info(message)
+        for message in plan.waiting:  # also the skip reason when nothing is requested
+            context.log.debug(message)
         for req in plan.requests:
             context.log.info(f"requesting {req.job_name} [{req.partition_key}] as {req.run_key}")
         if plan.requests:
