@@ -3,6 +3,13 @@
 Reads take the upstream at the exact commit its materialization recorded, and only from runs that
 passed their blocking checks (status SUCCESS) or from the current run, so unchecked data never
 flows on. Publishing (merging the run branch into main) is done by `resources.publish`.
+
+Faults: writes are idempotent (a retried step overwrites the same path and commits again; a retried
+commit is recognised by its write id), a lakeFS outage is waited out for `outage_patience_seconds`
+with backoff, and a run that fails on a transient fault is marked for Dagster's run retries. A retry
+is a new run with its own branch; a retry that resumes from the failure (skipping the steps that
+succeeded) branches from its parent's branch, so the outputs it does not rebuild are on it, and the
+failed run's branch is kept for inspection.
 """
 
 
@@ -10,6 +17,7 @@ import functools
 import io
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +25,24 @@ import dagster as dg
 import polars as pl
 from pydantic import PrivateAttr
 
-from resources.lakefs import LakeFSError, LakeFSResource, run_branch
+from resources.lakefs import LakeFSError, LakeFSResource, LakeFSUnavailable, run_branch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Dagster's run tag: retry this run (instance `run_retries`) although it failed in a step. The instance
+# default is false (dagster.yaml): deterministic failures (bad data, a rejected model) are not retried;
+# a run whose step failed on a transient fault gets the tag, with TRANSIENT_TAG saying why.
+RETRY_ON_STEP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"
+TRANSIENT_TAG = "mlp/transient_failure"
+RESUME_TAGS = ("dagster/is_resume_retry", "dagster/is_asset_resume_retry")
+# Error classes, and message fragments, of faults that another attempt may not meet.
+TRANSIENT_ERRORS = {"LakeFSUnavailable", "MLflowUnavailable", "ConnectionError", "ConnectionRefusedError",
+                    "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "TimeoutError",
+                    "MaxRetryError", "NewConnectionError", "ProtocolError", "ReadTimeoutError",
+                    "ConnectTimeoutError", "ConnectTimeout", "ReadTimeout", "RemoteDisconnected"}
+TRANSIENT_TEXT = ("Connection refused", "Max retries exceeded", "Connection reset", "Connection aborted",
+                  "Read timed out", "Remote end closed connection", "503 Service Unavailable",
+                  "502 Bad Gateway", "504 Gateway Timeout")
 
 # (run_id, step_key) -> {upstream asset key: commit id}: lineage recorded on load, written on commit.
 _LOADED_COMMITS: dict[tuple[str, str], dict[str, str]] = {}
@@ -77,23 +100,74 @@ def _meta_text(value: Any) -> str | None:
     return str(getattr(value, "value", getattr(value, "text", value)))
 
 
+def parent_of(run: dg.DagsterRun | None) -> str | None:
+    return (run.parent_run_id or run.tags.get("dagster/parent_run_id")) if run is not None else None
+
+
+def is_resumed(run: dg.DagsterRun | None) -> bool:
+    """A re-execution that skips the steps its parent finished (Dagster's FROM_FAILURE retry)."""
+    return bool(parent_of(run) and any(run.tags.get(t) == "true" for t in RESUME_TAGS))
+
+
+def resumed_lineage(instance: dg.DagsterInstance, run_id: str | None) -> list[str]:
+    """The run and, if it resumes a failed run, the runs it resumes (parent first): their outputs are its own."""
+    chain: list[str] = []
+    run = instance.get_run_by_id(run_id) if run_id else None
+    while run is not None and run.run_id not in chain:
+        chain.append(run.run_id)
+        if not is_resumed(run):
+            break
+        run = instance.get_run_by_id(parent_of(run))
+    return chain or ([run_id] if run_id else [])
+
+
 def latest_checked_materialization(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None,
                                    current_run_id: str | None = None) -> tuple[str, str, str] | None:
-    """(commit, path, run_id) of the newest materialization from the current run or a successful run."""
+    """(commit, path, run_id) of the newest materialization from the current run or a successful run.
+
+    A run that resumes a failed run reads the outputs it did not rebuild from the runs it resumes (they are
+    on its branch, made from theirs): those steps succeeded, with their checks, in the parent run."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=50
     ).records
+    own = resumed_lineage(instance, current_run_id) if current_run_id else []
+    fallback = None
     for rec in records:
         meta = rec.asset_materialization.metadata if rec.asset_materialization else {}
         commit, path = _meta_text(meta.get("lakefs_commit")), _meta_text(meta.get("lakefs_path"))
         if not commit or not path:
             continue
-        if rec.run_id != current_run_id:
+        found = (commit, path.split("/", 4)[-1] if path.startswith("lakefs://") else path, rec.run_id)
+        if rec.run_id in own:
+            return found
+        if fallback is None:
             run = instance.get_run_by_id(rec.run_id)
-            if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
-                continue  # a failed run's data never passed its blocking checks
-        return commit, path.split("/", 4)[-1] if path.startswith("lakefs://") else path, rec.run_id
+            if run is not None and run.status == dg.DagsterRunStatus.SUCCESS:
+                fallback = found  # a failed run's data never passed its blocking checks
+                if len(own) <= 1:
+                    break  # not a resumed run: the newest checked version is the answer
+    return fallback
+
+
+def transient_cause(error) -> str | None:
+    """The first transient fault (connection refused, timeout, service unavailable) in a Dagster error chain."""
+    seen = 0
+    stack = [error]
+    while stack and seen < 50:
+        err = stack.pop()
+        if err is None:
+            continue
+        seen += 1
+        message = err.message or ""
+        if err.cls_name in TRANSIENT_ERRORS or any(t in message for t in TRANSIENT_TEXT):
+            return f"{err.cls_name}: {message.strip()[:300]}"
+        stack.extend([err.cause, err.context])
     return None
+
+
+def mark_transient_failure(instance: dg.DagsterInstance, run_id: str, reason: str) -> None:
+    """Let Dagster's run retries re-execute this run: it failed on a fault that may be gone next time."""
+    instance.add_run_tags(run_id, {RETRY_ON_STEP_FAILURE_TAG: "true", TRANSIENT_TAG: reason[:500]})
 
 
 class LakeFSIOManager(dg.ConfigurableIOManager):
@@ -104,16 +178,74 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
     # Publish finished, passing runs before making this run's branch, so that with one writer at a time
     # (the run queue's limit) a run always starts from its predecessors' data.
     publish_before_branching: bool = True
+    # How long a step waits out a lakeFS outage (beyond the resource's own quick retries), with backoff,
+    # before it fails and leaves the run to Dagster's run retries. Bounded: a dead server never hangs a run.
+    outage_patience_seconds: float = 120.0
 
     _branches: set = PrivateAttr(default_factory=set)
 
+    # --- run life ---------------------------------------------------------------------------------
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # A retry inherits its parent's tags: the parent's transient fault says nothing about this run.
+        run, instance = context.run, context.instance
+        if run is not None and instance is not None and parent_of(run) and run.tags.get(TRANSIENT_TAG):
+            instance.add_run_tags(run.run_id, {RETRY_ON_STEP_FAILURE_TAG: "false", TRANSIENT_TAG: ""})
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Before the run's outcome is recorded: if a step failed on a transient fault (lakeFS, MLflow or
+        a connection), mark the run for Dagster's run retries."""
+        run, instance = context.run, context.instance
+        if run is None or instance is None:
+            return
+        try:
+            failures = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+            for rec in failures:
+                data = rec.event_log_entry.dagster_event.step_failure_data
+                cause = transient_cause(data.error) if data else None
+                if cause:
+                    mark_transient_failure(instance, run.run_id,
+                                           f"{rec.event_log_entry.dagster_event.step_key}: {cause}")
+                    return
+        except Exception as exc:  # noqa: BLE001 - never turn a run's teardown into a new failure
+            context.log.warning(f"could not classify the run's failures for retry: {exc}")
+
+    def _patiently(self, context, what: str, fn):
+        """fn(), retried with backoff while lakeFS is unavailable, for up to outage_patience_seconds."""
+        start, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return fn()
+            except LakeFSUnavailable as exc:
+                waited = time.monotonic() - start
+                pause = min(2.0 * 2 ** attempt, 20.0)
+                if waited + pause > self.outage_patience_seconds:
+                    run_id = getattr(context, "run_id", None)
+                    instance = _instance_of(context)
+                    if instance is not None and run_id:
+                        mark_transient_failure(instance, run_id, f"{what}: {exc}")
+                    raise LakeFSUnavailable(f"{exc} (gave up on {what} after waiting {waited:.0f}s; "
+                                            f"the run is marked for an automatic retry)") from exc
+                attempt += 1
+                context.log.warning(f"{exc}; retrying {what} in {pause:.0f}s "
+                                    f"(waited {waited:.0f}s of {self.outage_patience_seconds:.0f}s)")
+                time.sleep(pause)
+
     def _branch_for(self, run_id: str, instance: dg.DagsterInstance | None = None) -> str:
+        """The run's branch, made once (idempotent: a retried step finds it). A run resuming a failed one
+        starts from the failed run's branch, which holds the outputs it will not rebuild; that branch is
+        left as it was, for inspection."""
         from resources.publish import open_run_branch
 
         name = run_branch(run_id)
-        if name not in self._branches:
+        if name in self._branches:
+            return name
+        run = instance.get_run_by_id(run_id) if instance is not None else None
+        parent = run_branch(parent_of(run)) if is_resumed(run) else None
+        if parent and not self.lakefs.branch_exists(name) and self.lakefs.branch_exists(parent):
+            self.lakefs.ensure_branch(name, source=parent)
+        else:
             open_run_branch(instance if self.publish_before_branching else None, self.lakefs, run_id)
-            self._branches.add(name)
+        self._branches.add(name)
         return name
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
@@ -123,15 +255,17 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         partition = context.asset_partition_key if context.has_asset_partitions else None
         data, suffix, content_type = serialize(obj)
         path = asset_path(key, partition, suffix)
-        try:
-            instance = context.step_context.instance
-        except Exception:  # noqa: BLE001 - direct IO-manager calls have no step
-            instance = None
+        instance = _instance_of(context)
+        what = f"storing {key.to_user_string()}{f' [{partition}]' if partition else ''}"
+        self._patiently(context, what, lambda: self._write(context, key, partition, obj, data, suffix,
+                                                           content_type, path, instance))
+
+    def _write(self, context, key, partition, obj, data, suffix, content_type, path, instance) -> None:
         branch = self._branch_for(context.run_id, instance)
         self.lakefs.put(branch, path, data, content_type)
 
         step_key = context.step_key if hasattr(context, "step_key") else ""
-        upstream = dict(_LOADED_COMMITS.pop((context.run_id, step_key), {}))
+        upstream = dict(_LOADED_COMMITS.get((context.run_id, step_key), {}))
         extra = context.output_metadata.get("upstream_commits") if context.output_metadata else None
         if extra is not None:
             value = getattr(extra, "value", getattr(extra, "data", extra))
@@ -154,6 +288,7 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
                 "upstream_commits": upstream,
             },
         )
+        _LOADED_COMMITS.pop((context.run_id, step_key), None)  # only once written: a retry still has them
         meta: dict[str, Any] = {
             "lakefs_commit": dg.MetadataValue.text(commit),
             "lakefs_path": dg.MetadataValue.path(self.lakefs.uri(commit, path)),
@@ -193,7 +328,9 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
                 missing.append(partition)
                 continue
             ref, path = resolved
-            loaded.append((partition, deserialize(self.lakefs.get(ref, path), path)))
+            data = self._patiently(context, f"loading {key.to_user_string()} at {ref[:12]}",
+                                   lambda: self.lakefs.get(ref, path))
+            loaded.append((partition, deserialize(data, path)))
             commits[key.to_user_string() + (f"[{partition}]" if partition else "")] = ref
         if not loaded:
             where = f"at ref {self.read_ref!r}" if self.read_ref else "from a successful run"
@@ -214,6 +351,13 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         if all(isinstance(v, pl.DataFrame) for v in values):
             return pl.concat(values, how="diagonal_relaxed")
         return {p: v for p, v in loaded}
+
+
+def _instance_of(context) -> dg.DagsterInstance | None:
+    try:
+        return context.step_context.instance
+    except Exception:  # noqa: BLE001 - direct IO-manager calls have no step
+        return None
 
 
 def load_asset(lakefs: LakeFSResource, key: str | dg.AssetKey, ref: str = "main",
