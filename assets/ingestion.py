@@ -103,6 +103,20 @@ def _arrival_order(paths: list[Path]) -> list[Path]:
     return [p for _, _, p in sorted(stamped)]
 
 
+def _entries(paths: list[Path], names: list[str]) -> list[str]:
+    """`name|size|mtime_ns` of the landing files the batch now holds (the arrival sensor's proof that this
+    materialization read the files as they are)."""
+    out = []
+    for p in paths:
+        if p.name in names:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append(f"{p.name}|{st.st_size}|{st.st_mtime_ns}")
+    return out
+
+
 def _quarantine(context, zone: Landing, kind: str, partition: str, path: Path,
                 violations: list[contracts.Violation]) -> dict:
     reason = _reason(violations)
@@ -269,6 +283,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
         yield dg.Output(df, metadata={
             "rows": df.height,
             "rows_before": previous.height if previous is not None else 0,
+            "files": dg.MetadataValue.json(_entries(files, merged.accepted + skipped)),
             "files_accepted": dg.MetadataValue.json(merged.accepted),
             "files_already_ingested": dg.MetadataValue.json(skipped),
             "files_rejected": len(quarantined),
@@ -344,6 +359,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
             violations += [v for _, vs in rejected for v in vs]
         yield dg.Output(df, metadata={
             "rows": df.height, "rows_before": previous.height if previous is not None else 0,
+            "files": dg.MetadataValue.json(_entries(files, merged.accepted + skipped)),
             "files_accepted": dg.MetadataValue.json(merged.accepted),
             "files_already_ingested": dg.MetadataValue.json(skipped),
             "files_held": dg.MetadataValue.json(held),
