@@ -232,7 +232,10 @@ def test_the_definitions_hold_one_group_per_asset_and_the_publish_sensor(lakefs,
         node = graph.get(key)
         assert node.group_name and node.group_name != "default", key
         assert node.description, key
-    assert {s.name for s in defs.sensors} >= {"publish_successful_runs", "keep_failed_run_branches"}
+    assert {s.name for s in defs.sensors} >= {"publish_successful_runs", "keep_failed_run_branches",
+                                              "rollback_on_regression"}
+    # The rollback sensor only requests runs: the job that acts is part of the definitions.
+    assert defs.get_job_def("rollback_champion").graph.node_names() == ["roll_back_champion"]
 
 
 def _load_defs() -> dg.Definitions:
