@@ -136,3 +136,25 @@ def test_a_failed_audit_write_leaves_no_model_version_and_names_the_store(spec, 
     assert "audit entry" in message and mlflow_uri in message and "no version left behind" in message
     assert versions(m) == []
     assert registry.aliases(m) == {}
+
+
+def test_an_unreachable_mlflow_registers_nothing_and_the_error_names_the_store_without_credentials(
+        spec, base_ts, lakefs, state, instance, mlflow_uri):
+    import dagster as dg
+
+    from mlplatform.services import free_port
+
+    from .helpers import resources_for
+    from .test_models import pipeline
+
+    uri = f"http://ops:hunter2@127.0.0.1:{free_port()}"
+    res = {**resources_for(lakefs, state, spec, mlflow_uri),
+           "mlflow": MLflowResource(tracking_uri=uri, model_name=f"{spec.name}-model", experiment=spec.name,
+                                    retries=2, timeout_seconds=1)}
+    result = dg.materialize(pipeline(spec, base_ts), instance=instance, resources=res, raise_on_error=False)
+    assert not result.success
+    err = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert err.step_key == "candidate_model"
+    message = str(err.event_specific_data.error.message) + str(err.event_specific_data.error.cause)
+    assert "127.0.0.1" in message and "hunter2" not in message and "no model is registered" in message
+    assert versions(mlflow_res(spec, mlflow_uri)) == [] and AuditTrail().history() == []
