@@ -158,3 +158,46 @@ def test_an_unreachable_mlflow_registers_nothing_and_the_error_names_the_store_w
     message = str(err.event_specific_data.error.message) + str(err.event_specific_data.error.cause)
     assert "127.0.0.1" in message and "hunter2" not in message and "no model is registered" in message
     assert versions(mlflow_res(spec, mlflow_uri)) == [] and AuditTrail().history() == []
+
+
+def test_a_promotion_cut_short_is_finished_by_the_next_publish_exactly_once(spec, base_ts, lakefs, state, instance,
+                                                                              mlflow_uri):
+    from mlplatform.cli import doctor
+    from mlplatform.services import free_port
+    from resources.lakefs import run_branch
+
+    m = mlflow_res(spec, mlflow_uri)
+    result = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
+    down = MLflowResource(tracking_uri=f"http://127.0.0.1:{free_port()}", model_name=m.model_name, retries=1,
+                          timeout_seconds=1)
+    outcome = publish_run(instance, lakefs, result.run_id, down)  # data merged; MLflow down for the alias move
+    assert outcome.status == "published" and outcome.promotion_pending and "127.0.0.1" in outcome.detail
+    assert commit_on_main(lakefs, registry.version_tags(m, "1")["lakefs_commit"])
+    assert registry.aliases(m) == {}
+    assert lakefs.branch_exists(run_branch(result.run_id))  # kept as the marker of unfinished work
+    assert any(result.run_id in p for p in doctor(m, lakefs, instance))
+    # A publisher killed after writing its intent, before moving anything.
+    intent = AuditTrail().record("promotion_intent", m.model_name, "1", "killed mid-move",
+                                 {"dagster_run_id": result.run_id, "aliases_before": {},
+                                  "aliases_after": {"champion": "1"}}, actor="platform:publish",
+                                 once=f"promotion_intent:{result.run_id}")
+    assert any("has no outcome" in p for p in doctor(m, lakefs, instance))
+
+    publish_pending(instance, lakefs, m)  # what the next run (or `mlp publish`) does
+    assert registry.aliases(m) == {"champion": "1"}
+    assert not lakefs.branch_exists(run_branch(result.run_id))
+    publish_run(instance, lakefs, result.run_id, m)
+    moves = [e for e in AuditTrail().history(m.model_name) if e.action in ("promotion_intent", "promoted")]
+    assert [(e.action, e.seq) for e in moves][0] == ("promotion_intent", intent.seq)
+    assert [e.action for e in moves] == ["promotion_intent", "promoted"]
+    assert moves[1].evidence["intent_seq"] == intent.seq
+    assert doctor(m, lakefs, instance) == []
+
+
+def test_an_audit_entry_with_a_once_key_is_written_once(state):
+    trail = AuditTrail()
+    a = trail.record("promotion_intent", "m", "1", "first", {"x": 1}, actor="user:a", once="k")
+    b = trail.record("promotion_intent", "m", "1", "second", {"x": 2}, actor="user:b", once="k")
+    assert a.seq == b.seq and b.reason == "first" and len(trail.history("m")) == 1
+    trail.record("promotion_intent", "m", "1", "other key", {}, actor="user:a", once="k2")
+    assert len(trail.history("m")) == 2 and trail.verify() == []
