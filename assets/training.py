@@ -218,7 +218,11 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
         ts = ts.with_columns(pl.Series(spec.target, rng.permutation(ts[spec.target].to_numpy())))
     params = modeling.lgb_params(spec, {"learning_rate": config.learning_rate, "num_leaves": config.num_leaves},
                                  config.seed)
-    mlflow.setup()
+    try:
+        mlflow.setup()
+    except Exception as exc:  # noqa: BLE001 - nothing is registered yet; name the store, never its credentials
+        raise RegistryError(f"MLflow at {store_name(mlflow)} is not usable, so no model is registered: "
+                            f"{_redact(str(exc))[:500]}") from None
     fp = fingerprint(ts, git_commit(), params, config)
     reused = _reusable(spec, mlflow, lakefs, fp, params)
     if reused is not None:

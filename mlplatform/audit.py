@@ -81,16 +81,27 @@ class AuditTrail:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def record(self, action: str, model: str, version: str | int | None, reason: str,
-               evidence: dict[str, Any] | None = None, actor: str | None = None) -> AuditEvent:
+               evidence: dict[str, Any] | None = None, actor: str | None = None, once: str | None = None) -> AuditEvent:
+        """Append an entry. With `once`, an entry of `model` already carrying that key is returned instead
+        (checked in the same write transaction, so two writers racing append it once)."""
         if action not in ACTIONS:
             raise AuditError(f"unknown audit action {action!r}; one of {sorted(ACTIONS)}")
         at = dt.datetime.now(dt.timezone.utc).isoformat()
         actor = actor or default_actor()
         ver = None if version is None else str(version)
+        if once is not None:
+            evidence = {**(evidence or {}), "once": once}
         ev = json.dumps(evidence or {}, default=str, sort_keys=True)
         con = self._conn()
         try:
             con.execute("BEGIN IMMEDIATE")  # serialise writers so the hash chain stays linear
+            if once is not None:
+                hit = con.execute("SELECT seq, at, actor, action, model, version, reason, evidence FROM audit_events "
+                                  "WHERE model = ? AND json_extract(evidence, '$.once') = ? ORDER BY seq LIMIT 1",
+                                  (model, once)).fetchone()
+                if hit:
+                    con.execute("COMMIT")
+                    return AuditEvent(hit[0], hit[1], hit[2], hit[3], hit[4], hit[5], hit[6], json.loads(hit[7]))
             row = con.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
             prev = row[0] if row else "genesis"
             digest = self._digest(prev, at, actor, action, model, ver, reason, ev)

@@ -144,19 +144,21 @@ def apply_aliases(mlflow: MLflowResource, before: dict[str, str], after: dict[st
 
 
 def _move(mlflow: MLflowResource, audit: AuditTrail, intent: str, version: str, reason: str, evidence: dict,
-          actor: str, before: dict[str, str], after: dict[str, str], pending: Any = None):
-    """intent -> alias moves -> outcome. `pending`: an earlier intent of the same move that has no outcome."""
-    if pending is not None:
-        entry = pending
-        before = dict(pending.evidence.get("aliases_before", before))
-        after = dict(pending.evidence.get("aliases_after", after))
-    else:
-        entry = audit.record(intent, mlflow.model_name, version, reason,
-                             {**evidence, "aliases_before": before, "aliases_after": after}, actor)
+          actor: str, before: dict[str, str], after: dict[str, str], once: str | None = None):
+    """intent -> alias moves -> outcome naming its intent.
+
+    With `once` (e.g. the publishing run's id), the intent is written once: a second publisher, or a retry
+    after a crash between intent and outcome, finds it, applies the same planned aliases, and the outcome
+    is written once too."""
+    entry = audit.record(intent, mlflow.model_name, version, reason,
+                         {**evidence, "aliases_before": before, "aliases_after": after}, actor,
+                         once=f"{intent}:{once}" if once else None)
+    before = dict(entry.evidence.get("aliases_before", before))
+    after = dict(entry.evidence.get("aliases_after", after))
     apply_aliases(mlflow, aliases(mlflow), after)
     return audit.record(INTENTS[intent], mlflow.model_name, version, reason,
                         {**evidence, "intent_seq": entry.seq, "aliases_before": before, "aliases_after": after},
-                        actor)
+                        actor, once=f"outcome:{entry.seq}")
 
 
 def pending_intents(audit: AuditTrail, model: str) -> list:
@@ -175,15 +177,13 @@ def promote_published(mlflow: MLflowResource, audit: AuditTrail, version: str, d
     events = audit.history(mlflow.model_name, version)
     if any(e.action == INTENTS[intent] and e.evidence.get("dagster_run_id") == run_id for e in events):
         return f"v{version}: already {INTENTS[intent]} for run {run_id}"
-    pending = next((e for e in pending_intents(audit, mlflow.model_name)
-                    if e.action == intent and e.evidence.get("dagster_run_id") == run_id), None)
     current = aliases(mlflow)
     after = plan_promotion(current, version) if decision == PROMOTE else plan_hold(current, version)
     evidence = {"dagster_run_id": run_id, "published_commit": published_commit,
                 "previous_champion": current.get(CHAMPION)}
     reason = (f"run {run_id} published to main at {published_commit[:12]}" if decision == PROMOTE else
               f"run {run_id} published to main at {published_commit[:12]}; awaiting `mlp approve {version}`")
-    _move(mlflow, audit, intent, version, reason, evidence, actor, current, after, pending)
+    _move(mlflow, audit, intent, version, reason, evidence, actor, current, after, once=run_id)
     return f"v{version}: {INTENTS[intent]}"
 
 

@@ -87,8 +87,43 @@ def test_failed_blocking_check_leaves_main_unchanged_and_keeps_the_branch(lakefs
     later = run([numbers, doubled], lakefs, instance, selection=["doubled"])
     assert load_asset(lakefs, "doubled", ref=run_branch(later.run_id))["x"][0] == 2
     # The kept branch is listed and can be pruned.
-    assert prune_branches(instance, lakefs, older_than_days=0, dry_run=False) == [run_branch(result.run_id)]
+    assert prune_branches(instance, lakefs, older_than_days=0, dry_run=False).pruned == [run_branch(result.run_id)]
     assert not lakefs.branch_exists(run_branch(result.run_id))
+
+
+def test_pruning_never_touches_a_queued_running_or_unknown_runs_branch(lakefs, instance):
+    import uuid
+
+    failed = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)
+    assert not failed.success
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    # A queued run needs an origin (where the daemon would launch it from); this file stands in for one.
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(python_file=__file__)), "__repository__"), "ingest_batch")
+    live = {}
+    for status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+                   dg.DagsterRunStatus.NOT_STARTED):
+        run_id = str(uuid.uuid4())
+        instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id=run_id, status=status,
+                                       remote_job_origin=origin))
+        live[run_branch(run_id)] = status
+        lakefs.ensure_branch(run_branch(run_id))
+    unknown = run_branch(str(uuid.uuid4()))  # e.g. a run of another Dagster instance sharing this repository
+    lakefs.ensure_branch(unknown)
+    dry = prune_branches(instance, lakefs, older_than_days=0, dry_run=True)
+    assert dry.pruned == [run_branch(failed.run_id)] and lakefs.branch_exists(run_branch(failed.run_id))
+    result = prune_branches(instance, lakefs, older_than_days=0, dry_run=False)
+    assert result.pruned == [run_branch(failed.run_id)]
+    assert not lakefs.branch_exists(run_branch(failed.run_id))
+    for name, status in live.items():
+        assert lakefs.branch_exists(name) and status.value in result.kept[name]
+    assert lakefs.branch_exists(unknown) and "unknown run" in result.kept[unknown]
+    # A failed run's branch younger than the limit is kept too.
+    young = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)
+    assert run_branch(young.run_id) not in prune_branches(instance, lakefs, older_than_days=1, dry_run=False).pruned
+    assert lakefs.branch_exists(run_branch(young.run_id))
 
 
 def test_loading_at_an_older_commit_returns_the_older_content(lakefs, instance):
@@ -197,7 +232,10 @@ def test_the_definitions_hold_one_group_per_asset_and_the_publish_sensor(lakefs,
         node = graph.get(key)
         assert node.group_name and node.group_name != "default", key
         assert node.description, key
-    assert {s.name for s in defs.sensors} >= {"publish_successful_runs", "keep_failed_run_branches"}
+    assert {s.name for s in defs.sensors} >= {"publish_successful_runs", "keep_failed_run_branches",
+                                              "rollback_on_regression"}
+    # The rollback sensor only requests runs: the job that acts is part of the definitions.
+    assert defs.get_job_def("rollback_champion").graph.node_names() == ["roll_back_champion"]
 
 
 def _load_defs() -> dg.Definitions:

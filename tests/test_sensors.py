@@ -1,5 +1,6 @@
 """Sensors on a real Dagster instance: they fire on the right evidence, stay quiet otherwise, fire once
-per event, make one run out of a storm, honour the minimum interval, and roll back a worse champion."""
+per event, make one run out of a storm, honour the minimum interval, and request (never perform) the
+rollback of a worse champion; run keys come from the evidence."""
 
 import json
 import time
@@ -65,7 +66,7 @@ def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors
     assert req.tags["retrain/trigger"] == "drift"
     evidence = json.loads(req.tags["retrain/evidence"])
     assert evidence["drift"]["partition"] == "2019-05-01" and len(evidence["drift"]["features"]) == 5
-    assert AuditTrail().history()[-1].action == "retrain_triggered"
+    assert AuditTrail().history() == []  # the sensor only requests the run; the run writes the audit entry
     result, cursor = tick(s, instance, cursor=cursor)
     assert requests(result) == []  # the same event fires once
 
@@ -121,22 +122,108 @@ def two_versions(spec, mlflow_uri):
     return m
 
 
-def test_rollback_restores_the_previous_champion_when_the_champion_does_worse(sensors, instance, state,
-                                                                              two_versions):
+def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors, instance, state, two_versions,
+                                                                          spec):
+    from sensors.lifecycle import rollback_champion
+
     s = sensors["rollback_on_regression"]
     report(instance, "realized_performance", "2019-05-01", realized_roc_auc=0.96, previous_roc_auc=0.965,
            model_version="2")
     result, cursor = tick(s, instance, mlflow=two_versions)
-    assert registry.aliases(two_versions)["champion"] == "2"  # within the margin: quiet
+    assert requests(result) == []  # within the margin: quiet
     report(instance, "realized_performance", "2019-06-01", realized_roc_auc=0.80, previous_roc_auc=0.95,
            model_version="2")
     result, cursor = tick(s, instance, cursor=cursor, mlflow=two_versions)
-    assert registry.aliases(two_versions)["champion"] == "1"
-    last = AuditTrail().history()[-1]
+    (req,) = requests(result)
+    # Evaluating the sensor (as a UI "test sensor" does) changes nothing: no alias, no audit entry.
+    assert registry.aliases(two_versions) == {"champion": "2", "previous": "1"}
+    assert AuditTrail().history() == []
+    evidence_id = instance.fetch_materializations(dg.AssetKey("realized_performance"), limit=1).records[0].storage_id
+    assert req.run_key == f"rollback-2-{evidence_id}" and req.job_name in (None, "rollback_champion")
+    again, _ = tick(s, instance, mlflow=two_versions)  # the same evidence from scratch: the same run key
+    assert [r.run_key for r in requests(again)] == [req.run_key]
+    again_result, _ = tick(s, instance, cursor=cursor, mlflow=two_versions)
+    assert requests(again_result) == []  # fires once
+
+    run = rollback_champion.execute_in_process(run_config=req.run_config, instance=instance, tags=req.tags,
+                                               resources={"mlflow": two_versions})
+    assert run.success
+    assert registry.aliases(two_versions) == {"champion": "1", "challenger": "2"}
+    intent, last = AuditTrail().history()[-2:]
+    assert intent.action == "rollback_intent" and last.evidence["intent_seq"] == intent.seq
     assert last.action == "rolled_back" and last.actor == "sensor:rollback_on_regression"
     assert last.evidence["partition"] == "2019-06-01" and last.evidence["from_version"] == "2"
-    result, cursor = tick(s, instance, cursor=cursor, mlflow=two_versions)
-    assert registry.aliases(two_versions)["champion"] == "1"  # fires once: no second rollback
+    assert last.evidence["rollback_run_id"] == run.run_id
+    # Requested twice (a re-executed run): the champion is no longer v2, so nothing more moves.
+    assert rollback_champion.execute_in_process(run_config=req.run_config, instance=instance,
+                                                resources={"mlflow": two_versions}).success
+    assert registry.aliases(two_versions) == {"champion": "1", "challenger": "2"}
+    assert [e.action for e in AuditTrail().history()] == ["rollback_intent", "rolled_back"]
+
+
+def test_retrain_run_keys_come_from_the_evidence_and_the_run_writes_the_audit_entry_once(sensors, instance, state,
+                                                                                        spec):
+    from assets.training import record_retrain_trigger
+
+    s = sensors["retrain_on_evidence"]
+    report(instance, "drift_report", "2019-05-01", summary=drift_evidence(5, "2019-05-01"))
+    (first,) = requests(tick(s, instance)[0])
+    (second,) = requests(tick(s, instance)[0])  # a fresh cursor sees the same evidence: the same key
+    evidence_id = instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1).records[0].storage_id
+    assert first.run_key == second.run_key == f"retrain-drift{evidence_id}"
+    report(instance, "drift_report", "2019-06-01", summary=drift_evidence(5, "2019-06-01"))
+    (third,) = requests(tick(s, instance)[0])
+    assert third.run_key != first.run_key
+
+    @dg.asset
+    def marker() -> None:
+        return None
+
+    run = dg.materialize([marker], instance=instance, tags={**first.tags, "dagster/sensor_name": s.name})
+    model = f"{spec.name}-model"
+    assert record_retrain_trigger(instance.get_run_by_id(run.run_id), model)
+    assert not record_retrain_trigger(instance.get_run_by_id(run.run_id), model)  # once per run
+    (entry,) = AuditTrail().history(model)
+    assert entry.action == "retrain_triggered" and entry.actor == "sensor:retrain_on_evidence"
+    assert entry.evidence["dagster_run_id"] == run.run_id and entry.evidence["drift"]["partition"] == "2019-05-01"
+
+
+def test_volume_counts_labels_from_successful_runs_once_per_partition(sensors, instance, state):
+    s = sensors["retrain_on_evidence"]
+    report(instance, "training_set", None, rows_train=60000)
+    parts = dg.StaticPartitionsDefinition(["2019-01-01", "2019-02-01"])
+
+    class Rows(dg.Config):
+        rows: int
+        fail_after: bool = False
+
+    @dg.asset(name="raw_labels", partitions_def=parts)
+    def raw_labels(config: Rows):
+        return dg.MaterializeResult(metadata={"rows": config.rows})
+
+    @dg.asset(deps=[raw_labels], partitions_def=parts)
+    def later_step(config: Rows):
+        if config.fail_after:
+            raise RuntimeError("the run fails after raw_labels materialized")
+
+    def land(partition, rows, fail=False):
+        return dg.materialize([raw_labels, later_step], instance=instance, partition_key=partition,
+                              raise_on_error=False,
+                              run_config={"ops": {"raw_labels": {"config": {"rows": rows}},
+                                                  "later_step": {"config": {"rows": rows, "fail_after": fail}}}})
+
+    assert not land("2019-01-01", 50000, fail=True).success  # a failed run's labels are no evidence
+    result, cursor = tick(s, instance)
+    assert requests(result) == []
+    assert land("2019-01-01", 9000).success
+    assert land("2019-01-01", 9000).success  # the same partition again: counted once, not twice
+    result, cursor = tick(s, instance, cursor=cursor)
+    assert requests(result) == []  # 9000 < the 15000 new labelled rows the spec asks for
+    assert land("2019-02-01", 7000).success
+    result, cursor = tick(s, instance, cursor=cursor)
+    (req,) = requests(result)
+    ev = json.loads(req.tags["retrain/evidence"])["volume"]
+    assert ev["new_labelled_rows"] == 16000 and ev["partitions"] == ["2019-01-01", "2019-02-01"]
 
 
 def test_each_sensor_tick_is_fast(sensors, instance, state, two_versions):
