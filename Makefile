@@ -38,7 +38,7 @@ $(UV):
 	@touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: platform/dagster.yaml
-	@mkdir -p $(DAGSTER_HOME)
+	@mkdir -p -m 700 $(MLP_STATE_DIR) && mkdir -p $(DAGSTER_HOME)
 	cp platform/dagster.yaml $@
 
 setup: .venv/.synced $(DAGSTER_HOME)/dagster.yaml lakefs

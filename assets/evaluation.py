@@ -1,4 +1,5 @@
-"""Evaluation: candidate vs champion on the same test rows, the promotion gate, and the model card."""
+"""Evaluation: candidate vs champion on the same test rows, the promotion gate (a decision, applied when the
+run is published), and the model card."""
 
 import base64
 import datetime as dt
@@ -14,6 +15,7 @@ from mlplatform import modeling, registry
 from mlplatform.audit import AuditTrail
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.publish import EXPERIMENT_TAG, GATE_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
 from resources.settings import DatasetSpec
 
 
@@ -117,12 +119,20 @@ def build_evaluation(spec: DatasetSpec) -> list:
             "mlflow_run_id": run_id, "training_set_commit": candidate_model["training_set_commit"],
         }
         passed, reason = registry.decide(spec, m_new[spec.metric], comparison)
+        if champ_version == version:  # a retrain on unchanged data, code and params reused the champion
+            reason = f"v{version} is already the champion (same training data, code and parameters); {reason}"
+        # The gate only decides. Aliases move when this run is published (its data merged into main),
+        # so a run that fails after this point moves nothing.
         outcome = registry.apply_gate(
             mlflow, AuditTrail(), spec, version, passed, reason,
             {"metrics": m_new, "champion_metrics": m_old, "comparison": comparison, "dagster_run_id": context.run_id,
-             "lakefs_commit": candidate_model["training_set_commit"]},
+             "lakefs_commit": candidate_model["training_set_commit"], "champion_version": champ_version},
             manual=config.manual_approval, actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
-        report["gate"] = {"passed": passed, "action": outcome.action, "reason": outcome.reason}
+        context.instance.add_run_tags(context.run_id, {
+            GATE_TAG: outcome.action, MODEL_VERSION_TAG: version, MODEL_NAME_TAG: mlflow.model_name,
+            EXPERIMENT_TAG: mlflow.experiment})
+        report["gate"] = {"passed": passed, "action": outcome.action, "reason": outcome.reason,
+                          "applied": "when this run is published to lakeFS main" if passed else "never"}
         client.set_model_version_tag(mlflow.model_name, version, "gate", outcome.action)
         rows = [dg.TableRecord({"metric": k, "candidate": round(v, 5),
                                 "champion": round(m_old[k], 5) if m_old else None}) for k, v in m_new.items()]
@@ -134,11 +144,15 @@ def build_evaluation(spec: DatasetSpec) -> list:
             "improvement_vs_champion": dg.MetadataValue.float(comparison["diff"] if comparison else 0.0),
             "ci_low": dg.MetadataValue.float(comparison["ci_low"] if comparison else 0.0),
             "gate": dg.MetadataValue.text(outcome.action),
+            "gate_reason": dg.MetadataValue.text(outcome.reason),
+            "aliases_move": dg.MetadataValue.text(
+                "at publication of this run (when its lakeFS branch is merged into main)" if passed else
+                "never: the candidate is rejected"),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
             "plots": dg.MetadataValue.md(md_imgs),
         })
         yield dg.AssetCheckResult(check_name="promotion_gate", passed=passed, description=outcome.reason,
-                                  metadata={"action": outcome.action, "model_version": version})
+                                  metadata={"decision": outcome.action, "model_version": version})
 
     @dg.asset(
         group_name="evaluation", kinds={"mlflow", "lakefs"}, code_version="1",
@@ -176,7 +190,7 @@ def make_card(spec, cand, report, ts, lakefs, events) -> dict:
         "metrics": report["candidate"], "champion_metrics": report["champion"], "comparison": report["comparison"],
         "slices": report["slices"], "gate": report["gate"],
         "approvals": [{"at": e.at, "by": e.actor, "action": e.action, "reason": e.reason} for e in events
-                      if e.action in ("approved", "promoted", "rejected", "awaiting_approval")],
+                      if e.action in ("gate_decision", "promoted", "awaiting_approval", "approved", "rolled_back")],
         "limitations": ["Trained on the reference period and labelled production batches only; drift beyond "
                         "them is watched by the monitoring assets, not handled by the model.",
                         "Slices with fewer than 30 test rows are not reported."],

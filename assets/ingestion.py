@@ -1,39 +1,61 @@
-"""Ingestion: the labelled history and the production batches and delayed labels from the landing zone."""
+"""Ingestion: the labelled history and the production batches and delayed labels from the landing zone.
+
+A batch (partition) grows by files. Each run of `raw_records[p]` / `raw_labels[p]` starts from the batch's
+previous checked version in lakeFS and adds the landing files it has not taken yet:
+1. files already taken (same name and sha256, kept in the materialization's `ingested_files` ledger) are
+   skipped, so a rerun, or a landing file that is gone, never drops a published row;
+2. every new file is checked on its own (`contracts`); a bad one is quarantined with its reason and never
+   takes a good file with it;
+3. the surviving files are added in arrival order under the spec's re-delivery policy
+   (`landing.redelivery`): a later file repeating ids already in the batch is quarantined (`reject`) or
+   replaces those rows (`replace_by_id`); the earlier file is never judged again;
+4. the blocking checks judge the batch as it will be published; quarantined files are reported in the
+   metadata and by the WARN check `files_quarantined`. The run fails only if the batch ends up empty.
+"""
 
 
 import datetime as dt
-import json
+import io
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from mlplatform import contracts
-from mlplatform.batches import partitions_def, window
+from mlplatform.batches import Landing, partitions_def, window
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
 from resources.settings import DatasetSpec
 
-CONTRACT_CHECKS = ["files_readable", "schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
-                   "event_time_in_partition", "not_empty"]
-VIOLATION_TO_CHECK = {"nulls": "ids_and_times_present", "duplicates": "unique_ids", "range": "values_in_range",
-                      "time_window": "event_time_in_partition", "future": "event_time_in_partition",
-                      "empty": "not_empty", "schema": "schema_and_types", "types": "schema_and_types"}
+RECORD_CHECKS = ["files_readable", "schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
+                 "event_time_in_partition", "unseen_categories_within_limit", "ids_unique_across_batches",
+                 "not_empty"]
+CONTRACT_CHECKS = RECORD_CHECKS  # the blocking checks of raw_records (older name)
+RECORD_CHECK_OF = {"unreadable": "files_readable", "schema": "schema_and_types", "types": "schema_and_types",
+                   "nulls": "ids_and_times_present", "duplicates": "unique_ids", "redelivery": "unique_ids",
+                   "range": "values_in_range", "time_window": "event_time_in_partition",
+                   "future": "event_time_in_partition", "unseen_categories": "unseen_categories_within_limit",
+                   "ids_elsewhere": "ids_unique_across_batches", "empty": "not_empty"}
+LABEL_CHECKS = ["files_readable", "schema_and_types", "labels_valid", "labels_for_known_ids", "not_empty"]
+LABEL_CHECK_OF = {"unreadable": "files_readable", "schema": "schema_and_types", "types": "schema_and_types",
+                  "nulls": "labels_valid", "range": "labels_valid", "duplicates": "labels_valid",
+                  "redelivery": "labels_valid", "unknown_id": "labels_for_known_ids", "empty": "not_empty"}
+REFERENCE_CHECKS = ["schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
+                    "unseen_categories_within_limit", "not_empty"]
+QUARANTINE_CHECK = "files_quarantined"
+
+# (repository, path, lakeFS checksum) -> ids of a published batch: objects are immutable per checksum.
+_IDS_CACHE: dict[tuple[str, str, str], pl.Series] = {}
 
 
 def check_results(asset_key: dg.AssetKey, names: list[str], violations: list[contracts.Violation],
-                  rejected: list[dict] | None = None, warn_check: str | None = None):
-    """One AssetCheckResult per contract check, failing with file/column/rows/examples where violated."""
+                  check_of: dict[str, str], warnings: list[contracts.Violation] | None = None,
+                  warn_check: str | None = None, quarantined: list[dict] | None = None):
+    """One AssetCheckResult per contract check, failing with file/column/rows/examples where violated; then
+    the WARN checks: unseen categories below the limit, and the files sent to quarantine."""
     by_check: dict[str, list[contracts.Violation]] = {n: [] for n in names}
-    warnings = []
     for v in violations:
-        if not v.blocking:
-            warnings.append(v)
-            continue
-        by_check.setdefault(VIOLATION_TO_CHECK.get(v.check, v.check), []).append(v)
-    if rejected:
-        by_check.setdefault("files_readable", []).extend(
-            contracts.Violation("files_readable", r["reason"], file=r["file"]) for r in rejected
-            if not r.get("row_level"))
+        by_check.setdefault(check_of.get(v.check, v.check), []).append(v)
     for name in names:
         found = by_check.get(name, [])
         yield dg.AssetCheckResult(
@@ -43,22 +65,123 @@ def check_results(asset_key: dg.AssetKey, names: list[str], violations: list[con
             metadata={"violations": dg.MetadataValue.json([v.as_dict() for v in found])} if found else {},
         )
     if warn_check:
+        warnings = warnings or []
         yield dg.AssetCheckResult(
             asset_key=asset_key, check_name=warn_check, passed=not warnings,
             severity=dg.AssetCheckSeverity.WARN,
             description="; ".join(v.message for v in warnings)[:2000] if warnings else "no unseen categories",
             metadata={"violations": dg.MetadataValue.json([v.as_dict() for v in warnings])} if warnings else {},
         )
+    if quarantined is not None:
+        yield dg.AssetCheckResult(
+            asset_key=asset_key, check_name=QUARANTINE_CHECK, passed=not quarantined,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=("; ".join(f"{q['file']} quarantined: {q['reason']}" for q in quarantined)[:2000]
+                         if quarantined else "no file quarantined"),
+            metadata={"quarantined": dg.MetadataValue.json(quarantined)} if quarantined else {},
+        )
+
+
+def _reason(violations: list[contracts.Violation]) -> str:
+    parts = []
+    for v in violations:
+        text = v.message
+        if v.examples and "e.g." not in text:
+            text += f", e.g. {[str(e) for e in v.examples[:3]]}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _arrival_order(paths: list[Path]) -> list[Path]:
+    """Files by arrival (mtime, then name): a later file is judged against the earlier ones, never the reverse."""
+    stamped = []
+    for p in paths:
+        try:
+            stamped.append((p.stat().st_mtime, p.name, p))
+        except FileNotFoundError:  # taken away between listing and now
+            continue
+    return [p for _, _, p in sorted(stamped)]
+
+
+def _quarantine(context, zone: Landing, kind: str, partition: str, path: Path,
+                violations: list[contracts.Violation]) -> dict:
+    reason = _reason(violations)
+    try:
+        target = str(zone.quarantine(kind, partition, path, reason, context.run_id))
+    except FileNotFoundError:
+        target = "(the file was gone from the landing zone before it could be moved)"
+    context.log.error(f"quarantined {kind}/{partition}/{path.name}: {reason}")
+    first = violations[0]
+    return {"file": path.name, "check": first.check, "column": first.column or "", "rows": first.rows,
+            "reason": reason, "quarantined_to": target}
+
+
+def _rejected_table(quarantined: list[dict]) -> dg.MetadataValue:
+    cols = ["file", "check", "column", "rows", "reason", "quarantined_to"]
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({c: (q[c] if c == "rows" else str(q[c])[:1000]) for c in cols}) for q in quarantined],
+        schema=dg.TableSchema(columns=[dg.TableColumn(c, "int" if c == "rows" else "string") for c in cols]),
+    )
+
+
+def _previous_version(context, lakefs: LakeFSResource, key: dg.AssetKey,
+                      partition: str) -> tuple[pl.DataFrame | None, dict[str, str | None]]:
+    """The batch's latest checked version and the ledger of landing files it holds (name -> sha256)."""
+    from resources.io import _meta_text, deserialize, latest_checked_materialization
+
+    found = latest_checked_materialization(context.instance, key, partition, context.run_id)
+    if found is None:
+        return None, {}
+    commit, path, run_id = found
+    df = deserialize(lakefs.get(commit, path), path)
+    ledger = None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=50).records
+    for rec in records:
+        meta = rec.asset_materialization.metadata if rec.asset_materialization else {}
+        if rec.run_id == run_id and _meta_text(meta.get("lakefs_commit")) == commit:
+            value = meta.get("ingested_files")
+            if value is not None:
+                ledger = dict(getattr(value, "data", value))
+            break
+    if ledger is None:  # a version written before ledgers were kept: its file names are the record
+        ledger = {n: None for n in df[contracts.SOURCE_FILE].unique().to_list()} \
+            if contracts.SOURCE_FILE in df.columns else {}
+    return df, ledger
+
+
+def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition: str) -> dict[str, pl.Series]:
+    """Ids published in the other batches and in the reference history, as the run's branch (main plus
+    every finished, passing run) holds them: the ids a new record must not reuse."""
+    from resources.publish import open_run_branch
+
+    branch = open_run_branch(context.instance, lakefs, context.run_id)
+    ref = lakefs.repo().ref(branch)
+    out: dict[str, pl.Series] = {}
+    for prefix in ("assets/reference_data/", "assets/raw_records/"):
+        for obj in ref.objects(prefix=prefix):
+            if not obj.path.endswith(".parquet"):
+                continue
+            where = obj.path.split("partition=", 1)[1].split("/", 1)[0] if "partition=" in obj.path else "reference"
+            if where == partition:
+                continue
+            key = (lakefs.repository, obj.path, obj.checksum)
+            if key not in _IDS_CACHE:
+                data = lakefs.get(branch, obj.path)
+                _IDS_CACHE[key] = pl.read_parquet(io.BytesIO(data), columns=[spec.id_column])[spec.id_column]
+                if len(_IDS_CACHE) > 4096:
+                    _IDS_CACHE.pop(next(iter(_IDS_CACHE)))
+            out[where] = _IDS_CACHE[key]
+    return out
 
 
 def build_ingestion(spec: DatasetSpec) -> list:
     partitions = partitions_def(spec)
-    ref_checks = ["schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range", "not_empty"]
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="1",
+        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2",
         description=f"Labelled history of {spec.name} (the reference period), versioned in lakeFS.",
-        check_specs=[dg.AssetCheckSpec(n, asset="reference_data", blocking=True) for n in ref_checks]
+        check_specs=[dg.AssetCheckSpec(n, asset="reference_data", blocking=True) for n in REFERENCE_CHECKS]
         + [dg.AssetCheckSpec("known_categories", asset="reference_data")],
     )
     def reference_data(context: dg.AssetExecutionContext):
@@ -69,7 +192,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
         try:
             df = contracts.conform(raw, spec, source, with_target=True)
         except contracts.FileRejected as exc:
-            violations.append(contracts.Violation("schema", str(exc), file=source))
+            violations.append(exc.violation(source))
             df = raw
         else:
             df = df.with_columns(pl.lit(source).alias(contracts.SOURCE_FILE))
@@ -77,115 +200,173 @@ def build_ingestion(spec: DatasetSpec) -> list:
             df = df.drop(contracts.SOURCE_FILE)
         tmin, tmax = (df[spec.time_column].min(), df[spec.time_column].max()) if df.height else (None, None)
         yield dg.Output(df, metadata={
-            "rows": df.height, "time_from": str(tmin), "time_to": str(tmax),
+            "rows": df.height, "time_from": str(tmin), "time_to": str(tmax), "timezone": spec.timezone,
             "target_mean": float(df[spec.target].mean()) if spec.target in df.columns and df.height else 0.0,
         })
-        yield from check_results(reference_data.key, ref_checks, violations, warn_check="known_categories")
+        yield from check_results(reference_data.key, REFERENCE_CHECKS, [v for v in violations if v.blocking],
+                                 RECORD_CHECK_OF, [v for v in violations if not v.blocking], "known_categories")
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="1", partitions_def=partitions,
-        description="Production records of one batch period, read from the landing zone and contract-checked.",
-        check_specs=[dg.AssetCheckSpec(n, asset="raw_records", blocking=True) for n in CONTRACT_CHECKS]
-        + [dg.AssetCheckSpec("known_categories", asset="raw_records")],
+        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
+        description="Production records of one batch period: its previous checked version plus the landing "
+                    "files that pass the contract; bad files go to quarantine, the good ones still publish.",
+        check_specs=[dg.AssetCheckSpec(n, asset="raw_records", blocking=True) for n in RECORD_CHECKS]
+        + [dg.AssetCheckSpec("known_categories", asset="raw_records"),
+           dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_records")],
     )
-    def raw_records(context: dg.AssetExecutionContext, landing: LandingZoneResource):
+    def raw_records(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
         partition = context.partition_key
         zone = landing.zone()
-        files = zone.files("records", partition)
-        frames, rejected = [], []
-        for path in files:
+        win = window(spec, partition)
+        schema = {**contracts.expected_dtypes(spec), contracts.SOURCE_FILE: pl.String}
+        previous, ledger = _previous_version(context, lakefs, raw_records.key, partition)
+        elsewhere = _ids_elsewhere(context, lakefs, spec, partition)
+        files = _arrival_order(zone.files("records", partition))
+        by_name = {p.name: p for p in files}
+
+        skipped, deliveries, warnings = [], [], []
+        rejected: list[tuple[Path, list[contracts.Violation]]] = []
+        for path in files:  # 1. per file
+            try:
+                digest = contracts.file_digest(path)
+            except FileNotFoundError:
+                continue
+            if contracts.already_ingested(path.name, digest, ledger):
+                skipped.append(path.name)
+                continue
             try:
                 frame = contracts.conform(contracts.read_landing_file(path), spec, path.name)
             except contracts.FileRejected as exc:
-                target = zone.quarantine("records", partition, path, str(exc), context.run_id)
-                rejected.append({"file": path.name, "reason": str(exc), "quarantined_to": str(target)})
-                context.log.error(f"quarantined {path.name}: {exc}")
+                rejected.append((path, [exc.violation(path.name)]))
                 continue
-            frames.append(frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE)))
-        schema = {**contracts.expected_dtypes(spec), contracts.SOURCE_FILE: pl.String}
-        df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
-        violations = contracts.check_records(df, spec, window(spec, partition)) if frames else \
-            [contracts.Violation("empty", f"no readable file landed for batch {partition} "
-                                          f"({len(files)} file(s) found in {zone.records_dir(partition)})")]
-        # A file whose rows break the contract goes to quarantine too; the batch's good files stay.
-        by_file: dict[str, list[str]] = {}
-        for v in violations:
-            if v.blocking and v.file:
-                for name in v.file.split(", "):
-                    by_file.setdefault(name, []).append(v.message)
-        for path in files:
-            if path.name in by_file and path.exists():
-                reason = "; ".join(by_file[path.name])
-                target = zone.quarantine("records", partition, path, reason, context.run_id)
-                rejected.append({"file": path.name, "reason": reason, "quarantined_to": str(target),
-                                 "row_level": True})
-                context.log.error(f"quarantined {path.name}: {reason}")
-        yield dg.Output(df, metadata={
-            "rows": df.height, "files": dg.MetadataValue.json([p.name for p in files]),
-            "files_rejected": len(rejected),
-            **({"rejected": dg.MetadataValue.json(rejected)} if rejected else {}),
-        })
-        yield from check_results(raw_records.key, CONTRACT_CHECKS, violations, rejected, "known_categories")
+            frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE))
+            found = contracts.check_records(frame, spec, win) + contracts.check_ids_elsewhere(frame, spec, elsewhere)
+            blocking = [v for v in found if v.blocking]
+            if blocking:
+                rejected.append((path, blocking))
+                continue
+            warnings += [v for v in found if not v.blocking]
+            deliveries.append(contracts.Delivery(path.name, digest, frame))
+        # 2. across the survivors and the rows already in the batch
+        merged = contracts.merge_deliveries(previous, deliveries, ledger, spec, schema, partition)
+        rejected += [(by_name[name], [v]) for name, v in merged.rejected]
+        warnings = [v for v in warnings if v.file in merged.accepted]
+        quarantined = [_quarantine(context, zone, "records", partition, p, vs) for p, vs in rejected]
 
-    label_checks = ["files_readable", "labels_valid", "labels_for_known_ids", "not_empty"]
+        df = merged.frame
+        if df.height:  # 3. the blocking checks judge the batch as it will be published
+            violations = [v for v in contracts.check_records(df, spec, win)
+                          + contracts.check_ids_elsewhere(df, spec, elsewhere) if v.blocking]
+        else:
+            violations = [contracts.Violation(
+                "empty", f"no file of batch {partition} was accepted ({len(files)} file(s) found in "
+                         f"{zone.records_dir(partition)}" + (f", {len(rejected)} quarantined" if rejected else "")
+                         + ")")]
+            violations += [v for _, vs in rejected for v in vs]
+        context.log.info(f"batch {partition}: {len(previous) if previous is not None else 0} row(s) before, "
+                         f"accepted {merged.accepted}, already ingested {skipped}, quarantined "
+                         f"{[q['file'] for q in quarantined]}, {df.height} row(s) now")
+        yield dg.Output(df, metadata={
+            "rows": df.height,
+            "rows_before": previous.height if previous is not None else 0,
+            "files_accepted": dg.MetadataValue.json(merged.accepted),
+            "files_already_ingested": dg.MetadataValue.json(skipped),
+            "files_rejected": len(quarantined),
+            "rows_replaced": dg.MetadataValue.json(merged.replaced),
+            "ingested_files": dg.MetadataValue.json(merged.ledger),
+            "redelivery_policy": spec.redelivery,
+            **({"rejected": _rejected_table(quarantined)} if quarantined else {}),
+        })
+        yield from check_results(raw_records.key, RECORD_CHECKS, violations, RECORD_CHECK_OF, warnings,
+                                 "known_categories", quarantined)
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="1", partitions_def=partitions,
-        description="Delayed labels for one batch period, as they arrive in the landing zone.",
-        check_specs=[dg.AssetCheckSpec(n, asset="raw_labels", blocking=True) for n in label_checks],
+        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
+        description="Delayed labels of one batch period: its previous checked version plus the label files "
+                    "that pass the contract (only for ids in the batch's records); bad files go to quarantine.",
+        check_specs=[dg.AssetCheckSpec(n, asset="raw_labels", blocking=True) for n in LABEL_CHECKS]
+        + [dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_labels")],
         deps=[dg.AssetDep("raw_records")],
     )
     def raw_labels(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
         partition = context.partition_key
         zone = landing.zone()
-        files = zone.files("labels", partition)
-        frames, rejected = [], []
-        schema = {spec.id_column: pl.Int64, spec.target: pl.Float64}
+        schema = {spec.id_column: pl.Int64, spec.target: pl.Float64, contracts.SOURCE_FILE: pl.String,
+                  contracts.ARRIVED_AT: pl.Datetime("us")}
+        previous, ledger = _previous_version(context, lakefs, raw_labels.key, partition)
+        known = _known_ids(context, lakefs, spec, partition)
+        files = _arrival_order(zone.files("labels", partition))
+        by_name = {p.name: p for p in files}
+
+        skipped, held, deliveries = [], [], []
+        rejected: list[tuple[Path, list[contracts.Violation]]] = []
         for path in files:
             try:
-                frame = contracts.read_landing_file(path)
-                missing = [c for c in schema if c not in frame.columns]
-                if missing or frame.height == 0:
-                    raise contracts.FileRejected(
-                        f"{path.name}: " + (f"missing column(s) {missing}" if missing else "has no rows"))
-                frame = frame.select([pl.col(c).cast(t, strict=True) for c, t in schema.items()])
-            except contracts.FileRejected as exc:
-                reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 - a cast failure is a contract failure of the file
-                reason = f"{path.name}: labels do not match the contract ({type(exc).__name__}: {str(exc)[:200]})"
-            else:
-                frames.append(frame.with_columns(
-                    pl.lit(path.name).alias(contracts.SOURCE_FILE),
-                    pl.lit(dt.datetime.fromtimestamp(path.stat().st_mtime)).alias("_arrived_at")))
+                digest = contracts.file_digest(path)
+                arrived = dt.datetime.fromtimestamp(path.stat().st_mtime)
+            except FileNotFoundError:
                 continue
-            target = zone.quarantine("labels", partition, path, reason, context.run_id)
-            rejected.append({"file": path.name, "reason": reason, "quarantined_to": str(target)})
-        df = pl.concat(frames) if frames else pl.DataFrame(
-            schema={**schema, contracts.SOURCE_FILE: pl.String, "_arrived_at": pl.Datetime("us")})
-        known = _known_ids(context, lakefs, spec, partition)
-        violations = contracts.check_labels(df, spec, known) if frames else \
-            [contracts.Violation("empty", f"no readable label file for batch {partition}")]
-        remap = {"nulls": "labels_valid", "range": "labels_valid", "duplicates": "labels_valid",
-                 "unknown_id": "labels_for_known_ids", "empty": "not_empty"}
-        for v in violations:
-            v.check = remap.get(v.check, v.check)
-        # Labels become available when the batch period ends plus the label delay (the point-in-time rule).
+            if contracts.already_ingested(path.name, digest, ledger):
+                skipped.append(path.name)
+                continue
+            try:
+                frame = contracts.conform_labels(contracts.read_landing_file(path), spec, path.name)
+            except contracts.FileRejected as exc:
+                rejected.append((path, [exc.violation(path.name)]))
+                continue
+            frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE),
+                                       pl.lit(arrived).cast(pl.Datetime("us")).alias(contracts.ARRIVED_AT))
+            found = contracts.check_labels(frame, spec, known, partition)
+            if found:
+                rejected.append((path, found))
+            elif known is None:
+                held.append(path.name)  # records not ingested yet: judged (and taken) once they are
+            else:
+                deliveries.append(contracts.Delivery(path.name, digest, frame))
+        merged = contracts.merge_deliveries(previous, deliveries, ledger, spec, schema, partition)
+        rejected += [(by_name[name], [v]) for name, v in merged.rejected]
+        quarantined = [_quarantine(context, zone, "labels", partition, p, vs) for p, vs in rejected]
+
         _, end = window(spec, partition)
-        df = df.with_columns(pl.lit(end + dt.timedelta(days=spec.label_delay_days)).alias("label_available_at"))
-        yield dg.Output(df, metadata={"rows": df.height, "files_rejected": len(rejected),
-                                      "label_available_at": str(end + dt.timedelta(days=spec.label_delay_days))})
-        yield from check_results(raw_labels.key, label_checks, violations, rejected)
+        available = end + dt.timedelta(days=spec.label_delay_days)
+        df = merged.frame.with_columns(pl.lit(available).cast(pl.Datetime("us")).alias("label_available_at"))
+        violations = [v for v in contracts.check_labels(df, spec, known, partition) if v.check != "empty"]
+        if held:
+            violations.append(contracts.Violation(
+                "unknown_id", f"the records of batch {partition} have no checked version yet: label file(s) "
+                              f"{held} are held in {zone.labels_dir(partition)} and taken once the records are "
+                              f"ingested", spec.id_column, ", ".join(held)))
+        elif df.height == 0:
+            violations.append(contracts.Violation(
+                "empty", f"no label file of batch {partition} was accepted ({len(files)} file(s) found in "
+                         f"{zone.labels_dir(partition)}" + (f", {len(rejected)} quarantined" if rejected else "")
+                         + ")"))
+            violations += [v for _, vs in rejected for v in vs]
+        yield dg.Output(df, metadata={
+            "rows": df.height, "rows_before": previous.height if previous is not None else 0,
+            "files_accepted": dg.MetadataValue.json(merged.accepted),
+            "files_already_ingested": dg.MetadataValue.json(skipped),
+            "files_held": dg.MetadataValue.json(held),
+            "files_rejected": len(quarantined),
+            "rows_replaced": dg.MetadataValue.json(merged.replaced),
+            "ingested_files": dg.MetadataValue.json(merged.ledger),
+            "label_available_at": str(available),
+            **({"rejected": _rejected_table(quarantined)} if quarantined else {}),
+        })
+        yield from check_results(raw_labels.key, LABEL_CHECKS, violations, LABEL_CHECK_OF,
+                                 quarantined=quarantined)
 
     return [reference_data, raw_records, raw_labels]
 
 
 def _known_ids(context: dg.AssetExecutionContext, lakefs: LakeFSResource, spec: DatasetSpec,
                partition: str) -> pl.Series | None:
-    """Ids of the records batch these labels belong to, from its latest checked version in lakeFS."""
+    """Ids of the records batch these labels belong to, from its latest checked version in lakeFS;
+    None if the batch's records have no checked version yet."""
     from resources.io import deserialize, latest_checked_materialization
 
     found = latest_checked_materialization(context.instance, dg.AssetKey("raw_records"), partition, context.run_id)
     if found is None:
-        return pl.Series(spec.id_column, [], dtype=pl.Int64)
+        return None
     df = deserialize(lakefs.get(found[0], found[1]), found[1])
     return df[spec.id_column]

@@ -47,7 +47,7 @@ def build_serving(spec: DatasetSpec) -> list:
         al = registry.aliases(mlflow)
         champ_v = al.get(registry.CHAMPION)
         if not champ_v:
-            raise ValueError(f"model {mlflow.model_name} has no `champion` alias in MLflow {mlflow.tracking_uri}: "
+            raise ValueError(f"model {mlflow.model_name} has no `champion` alias in MLflow {mlflow.display_uri}: "
                              f"train and promote a model first")
         champion = registry.load_booster(mlflow, champ_v)
         chall_v = al.get(registry.CHALLENGER)

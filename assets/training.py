@@ -1,6 +1,7 @@
 """Training: point-in-time labelled examples, the time-split training set, and the LightGBM candidate."""
 
 import datetime as dt
+import hashlib
 import json
 import os
 
@@ -91,16 +92,22 @@ def build_training(spec: DatasetSpec) -> list:
     )
     def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
                         mlflow: MLflowResource, lakefs: LakeFSResource) -> dg.Output:
+        record_retrain_trigger(context.run, mlflow.model_name)
         found = latest_checked_materialization(context.instance, dg.AssetKey("training_set"), None, context.run_id)
         ts_commit = found[0] if found else "unknown"
         result = train_and_register(spec, training_set, config, mlflow, lakefs, ts_commit, context.run_id,
                                     actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
+        if result.get("reused"):
+            context.log.info(f"v{result['version']} has the same fingerprint (training data, code, params) and its "
+                             f"training data is on main: reused, no new version registered")
         return dg.Output(result, metadata={
             "model_version": dg.MetadataValue.int(int(result["version"])),
+            "reused_existing_version": dg.MetadataValue.bool(bool(result.get("reused"))),
+            "fingerprint": dg.MetadataValue.text(result["fingerprint"]),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(result["run_id"])),
             "mlflow_model_version": dg.MetadataValue.url(mlflow.model_version_url(result["version"])),
-            "training_set_commit": dg.MetadataValue.text(ts_commit),
-            "training_set_link": dg.MetadataValue.url(lakefs.commit_url(ts_commit)),
+            "training_set_commit": dg.MetadataValue.text(result["training_set_commit"]),
+            "training_set_link": dg.MetadataValue.url(lakefs.commit_url(result["training_set_commit"])),
             f"validation_{result['params']['metric']}": dg.MetadataValue.float(result["validation_score"]),
             "best_iteration": dg.MetadataValue.int(result["best_iteration"]),
             "train_seconds": dg.MetadataValue.float(result["train_seconds"]),
@@ -109,25 +116,116 @@ def build_training(spec: DatasetSpec) -> list:
     return [labelled_examples, training_set, candidate_model]
 
 
+def record_retrain_trigger(run: dg.DagsterRun, model: str, audit: AuditTrail | None = None) -> bool:
+    """Write the `retrain_triggered` audit entry of a run requested by a trigger, from its `retrain/*` tags,
+    once per run (the sensor only requests the run; it writes nothing). True if written now."""
+    trigger = run.tags.get("retrain/trigger")
+    if not trigger:
+        return False
+    audit = audit or AuditTrail()
+    if any(e.action == "retrain_triggered" and e.evidence.get("dagster_run_id") == run.run_id
+           for e in audit.history(model)):
+        return False
+    raw = run.tags.get("retrain/evidence", "{}")
+    try:
+        evidence = json.loads(raw)
+    except ValueError:  # truncated in the tag
+        evidence = {"evidence_truncated": raw}
+    if run.tags.get("dagster/sensor_name"):
+        actor = f"sensor:{run.tags['dagster/sensor_name']}"
+    elif run.tags.get("dagster/schedule_name"):
+        actor = f"schedule:{run.tags['dagster/schedule_name']}"
+    else:
+        actor = f"dagster:{trigger}"
+    reason = run.tags.get("retrain/reason") or f"retrain requested by {trigger}"
+    audit.record("retrain_triggered", model, None, reason,
+                 {**evidence, "dagster_run_id": run.run_id, "trigger": trigger}, actor=actor)
+    return True
+
+
+def content_digest(ts: pl.DataFrame) -> str:
+    """A digest of the training set's content (schema, rows and their order)."""
+    h = hashlib.sha256(json.dumps([[n, str(t)] for n, t in ts.schema.items()]).encode())
+    h.update(pl.__version__.encode())
+    h.update(str(ts.height).encode())
+    if ts.height:
+        h.update(ts.hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(ts: pl.DataFrame, code_version: str, params: dict, config: TrainConfig) -> str:
+    """Same fingerprint = same model: training-set content, code version, training parameters."""
+    payload = {"data": content_digest(ts), "code": code_version, "params": params,
+               "config": config.model_dump() if hasattr(config, "model_dump") else dict(config)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable(spec: DatasetSpec, mlflow: MLflowResource, lakefs: LakeFSResource, fp: str, params: dict) -> dict | None:
+    """A registered version with this fingerprint whose training data is on main, as a candidate result."""
+    from mlplatform import registry
+    from resources.publish import commit_on_main
+
+    for mv in registry.find_by_fingerprint(mlflow, fp):
+        tags = dict(mv.tags or {})
+        commit = tags.get("lakefs_commit", "")
+        if not commit_on_main(lakefs, commit):
+            continue  # its data never reached main: train and register afresh
+        metrics = mlflow.client().get_run(mv.run_id).data.metrics if mv.run_id else {}
+        return {"version": str(mv.version), "run_id": mv.run_id, "model_uri": f"models:/{mlflow.model_name}/{mv.version}",
+                "training_set_commit": commit, "params": json.loads(tags.get("lgb_params", "null")) or params,
+                "validation_score": float(metrics.get(f"validation_{params['metric']}", float("nan"))),
+                "best_iteration": int(metrics.get("best_iteration", 0)), "train_seconds": 0.0, "tags": tags,
+                "fingerprint": fp, "reused": True}
+    return None
+
+
+def _discard_versions(mlflow: MLflowResource, mlflow_run_id: str, version: str | None) -> list[str]:
+    """Delete the versions this registration attempt created; returns those that could not be deleted."""
+    from mlplatform.registry import _is_missing
+
+    client = mlflow.client()
+    found = {version} if version else set()
+    try:
+        found |= {str(mv.version) for mv in client.search_model_versions(
+            f"name='{mlflow.model_name}' and run_id='{mlflow_run_id}'")}
+    except Exception:  # noqa: BLE001 - the store is down: only the version we know of can be tried
+        pass
+    left = []
+    for v in sorted(found):
+        try:
+            mlflow.with_retries(lambda v=v: client.delete_model_version(mlflow.model_name, v))
+        except Exception as exc:  # noqa: BLE001
+            if not _is_missing(exc):
+                left.append(v)
+    return left
+
+
 def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig, mlflow: MLflowResource,
                        lakefs: LakeFSResource, ts_commit: str, run_id: str, actor: str) -> dict:
-    """Train, log and register one model version; on any failure no version is left behind."""
+    """Train, log and register one model version; on any failure no version is left behind.
+
+    A version with the same fingerprint (data, code, params) whose data is on main is reused instead."""
     import time
 
     import mlflow as mlf
     from mlflow.models import infer_signature
 
     from assets.features import manifest_hash
+    from mlplatform.registry import RegistryError, store_name, _redact
 
     if config.shuffle_labels:
         rng = np.random.default_rng(config.seed)
         ts = ts.with_columns(pl.Series(spec.target, rng.permutation(ts[spec.target].to_numpy())))
     params = modeling.lgb_params(spec, {"learning_rate": config.learning_rate, "num_leaves": config.num_leaves},
                                  config.seed)
+    mlflow.setup()
+    fp = fingerprint(ts, git_commit(), params, config)
+    reused = _reusable(spec, mlflow, lakefs, fp, params)
+    if reused is not None:
+        return reused
     t0 = time.perf_counter()
     trained = modeling.train(ts, spec, params, config.num_boost_round, config.early_stopping_rounds)
     train_seconds = time.perf_counter() - t0
-    mlflow.setup()
     try:
         dbt_hash = manifest_hash(spec)
     except OSError:
@@ -140,9 +238,10 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
             "dbt_manifest_hash": dbt_hash, "dataset": spec.name, "shuffled_labels": str(config.shuffle_labels),
             # Exactly what `mlp reproduce` needs to retrain bit for bit.
             "lgb_params": json.dumps(params, sort_keys=True), "num_boost_round": str(config.num_boost_round),
-            "early_stopping_rounds": str(config.early_stopping_rounds)}
+            "early_stopping_rounds": str(config.early_stopping_rounds),
+            # A retrain with the same fingerprint reuses this version instead of registering another.
+            "fingerprint": fp}
     test = ts.filter(pl.col("split") == "test")
-    client = mlflow.client()
     version = None
     with mlf.start_run(run_name=f"candidate-{run_id[:8]}") as run:
         try:
@@ -172,17 +271,31 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
                                    pip_requirements=[f"lightgbm=={lightgbm.__version__}",
                                                      f"pandas=={__import__('pandas').__version__}",
                                                      f"numpy=={np.__version__}"])
+        except Exception as exc:  # noqa: BLE001 - nothing is registered yet
+            raise RegistryError(f"logging the candidate to MLflow at {store_name(mlflow)} failed: "
+                                f"{type(exc).__name__}: {_redact(str(exc))[:500]}") from None
+        stage = "registering"
+        try:
             mv = mlflow.with_retries(lambda: mlf.register_model(f"runs:/{run.info.run_id}/model", mlflow.model_name,
                                                                 tags=tags))
             version = str(mv.version)
+            stage = "writing the audit entry of"
             AuditTrail().record("registered", mlflow.model_name, version,
                                 f"trained on lakeFS commit {ts_commit[:12]}",
                                 {"run_id": run.info.run_id, "dagster_run_id": run_id, "lakefs_commit": ts_commit,
-                                 f"validation_{params['metric']}": trained.validation_score}, actor)
-        except BaseException:
-            if version is not None:  # never leave a half-registered version behind
-                client.delete_model_version(mlflow.model_name, version)
-            raise
+                                 "fingerprint": fp, f"validation_{params['metric']}": trained.validation_score}, actor)
+        except BaseException as exc:
+            # Never leave a half-registered version behind: delete what this attempt created.
+            left = _discard_versions(mlflow, run.info.run_id, version)
+            detail = (f"; version(s) {left} could not be deleted and have no audit entry: delete them by hand"
+                      if left else "; no version left behind")
+            if not isinstance(exc, Exception):
+                raise
+            raise RegistryError(f"{stage} {mlflow.model_name} "
+                                f"{('v' + version + ' ') if version and stage != 'registering' else ''}"
+                                f"in MLflow at {store_name(mlflow)} failed: {type(exc).__name__}: "
+                                f"{_redact(str(exc))[:500]}{detail}") from None
     return {"version": version, "run_id": run.info.run_id, "model_uri": f"models:/{mlflow.model_name}/{version}",
             "training_set_commit": ts_commit, "params": params, "validation_score": trained.validation_score,
-            "best_iteration": trained.best_iteration, "train_seconds": train_seconds, "tags": tags}
+            "best_iteration": trained.best_iteration, "train_seconds": train_seconds, "tags": tags,
+            "fingerprint": fp, "reused": False}

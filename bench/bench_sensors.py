@@ -45,6 +45,7 @@ def main() -> None:
                 d = tmp / "landing" / "records" / p
                 d.mkdir(parents=True)
                 pl.DataFrame({"id": [1]}).write_parquet(d / "batch.parquet")
+                (d / "batch.parquet.done").touch()  # complete at once: the tick requests instead of waiting
             mlflow = MLflowResource(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", model_name="car_loan-model")
             resources = {"landing_arrivals": {"landing": LandingZoneResource(root=str(tmp / "landing"))},
                          "retrain_on_evidence": {}, "rollback_on_regression": {"mlflow": mlflow}}

@@ -1,4 +1,4 @@
-"""Append-only audit trail of model decisions: registration, promotion, rejection, approval, rollback.
+"""Append-only audit trail of model decisions: registration, gate decisions, promotion, approval, rollback.
 
 SQLite with triggers that abort any UPDATE or DELETE, and a hash chain over the entries so that a
 change made behind the platform's back is detected by `verify()`. The platform offers only `record`
@@ -19,8 +19,12 @@ from typing import Any
 
 from resources.settings import state_dir
 
-ACTIONS = {"registered", "promoted", "rejected", "awaiting_approval", "approved", "rolled_back", "retrain_triggered",
-           "reproduced"}
+# Decisions (gate_decision, retrain_triggered), facts (registered, reproduced), and alias moves written as an
+# intent before the move and an outcome after it (the outcome's evidence names its intent's `intent_seq`).
+INTENT_OUTCOME = {"promotion_intent": "promoted", "hold_intent": "awaiting_approval", "approval_intent": "approved",
+                  "rollback_intent": "rolled_back"}
+ACTIONS = {"registered", "gate_decision", "rejected", "retrain_triggered", "reproduced",
+           *INTENT_OUTCOME, *INTENT_OUTCOME.values()}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_events (

@@ -58,11 +58,13 @@ def cmd_publish(args) -> int:
     from resources.publish import publish_pending, publish_run
 
     lakefs, instance = _lakefs(), _instance()
-    outcomes = [publish_run(instance, lakefs, args.run_id)] if args.run_id else publish_pending(instance, lakefs)
+    mlflow = _mlflow() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    outcomes = ([publish_run(instance, lakefs, args.run_id, mlflow)] if args.run_id
+                else publish_pending(instance, lakefs, mlflow))
     for o in outcomes:
         print(f"{o.run_id}: {o.status}: {o.detail}" + (f" (commit {o.commit})" if o.commit else ""))
     print(f"main is at {lakefs.head()}  {lakefs.commit_url(lakefs.head())}")
-    return 1 if any(o.status == "conflict" for o in outcomes) else 0
+    return 1 if any(o.status == "conflict" or o.promotion_pending for o in outcomes) else 0
 
 
 def cmd_branches(args) -> int:
@@ -70,8 +72,10 @@ def cmd_branches(args) -> int:
 
     lakefs, instance = _lakefs(), _instance()
     if args.prune is not None:
-        pruned = prune_branches(instance, lakefs, args.prune, dry_run=args.dry_run)
-        print(("would delete: " if args.dry_run else "deleted: ") + (", ".join(pruned) or "nothing"))
+        result = prune_branches(instance, lakefs, args.prune, dry_run=args.dry_run)
+        print(("would delete: " if args.dry_run else "deleted: ") + (", ".join(result.pruned) or "nothing"))
+        for name, why in result.kept.items():
+            print(f"kept {name}: {why}")
         return 0
     for b in lakefs.branches():
         run = instance.get_run_by_id(b.run_id) if b.run_id else None
@@ -159,6 +163,84 @@ def cmd_history(args) -> int:
     return 0 if not broken else 1
 
 
+def doctor(mlflow, lakefs, instance=None, audit=None) -> list[str]:
+    """Divergences between the audit trail, the MLflow aliases and the lakeFS commits (empty: they agree)."""
+    import dagster as dg
+
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail
+    from resources.publish import GATE_TAG, PUBLISHED_TAG, commit_on_main
+
+    trail = audit or AuditTrail()
+    model, store = mlflow.model_name, registry.store_name(mlflow)
+    problems = []
+    broken = trail.verify()
+    if broken:
+        problems.append(f"audit hash chain broken at entries {broken} of {trail.path}: entries were changed "
+                        f"behind the platform's back")
+    events = trail.history(model)
+    try:
+        versions = sorted({str(v.version) for v in mlflow.client().search_model_versions(f"name='{model}'")},
+                          key=int)
+        current = registry.aliases(mlflow)
+    except Exception as exc:  # noqa: BLE001 - the doctor reports; it does not crash
+        return problems + [f"cannot read {model} from MLflow at {store}: {registry._redact(str(exc))[:300]}"]
+    registered = {e.version for e in events if e.action == "registered"}
+    for v in versions:
+        if v not in registered:
+            problems.append(f"{model} v{v} is in MLflow at {store} but has no `registered` entry in the audit trail "
+                            f"(half-registered, or registered behind the platform's back)")
+    for e in registry.pending_intents(trail, model):
+        problems.append(f"audit entry {e.seq} ({e.action} v{e.version}, {e.at[:19]}, {e.actor}) has no outcome: "
+                        f"the alias move was cut short or is in progress (aliases before "
+                        f"{e.evidence.get('aliases_before')}, planned {e.evidence.get('aliases_after')}, now {current})")
+    moves = [e for e in events if e.action in registry.OUTCOMES]
+    champ_moves = [e for e in moves if e.action in ("promoted", "approved", "rolled_back")]
+    expected = None
+    if champ_moves:
+        last = champ_moves[-1]
+        expected = (last.evidence.get("aliases_after") or {}).get(registry.CHAMPION, last.version)
+    if current.get(registry.CHAMPION) != expected:
+        where = (f"the last completed champion decision (audit entry {champ_moves[-1].seq}, "
+                 f"{champ_moves[-1].action}) makes v{expected} champion" if champ_moves
+                 else "the audit trail records no promotion")
+        problems.append(f"alias champion of {model} is {('v' + current[registry.CHAMPION]) if current.get(registry.CHAMPION) else 'unset'} "
+                        f"in MLflow at {store}, but {where}: moved behind the platform's back")
+    if moves and "aliases_after" in moves[-1].evidence:
+        planned = moves[-1].evidence["aliases_after"]
+        for alias in registry.ALIASES:
+            if alias != registry.CHAMPION and planned.get(alias) != current.get(alias):
+                problems.append(f"alias {alias} of {model} is {current.get(alias) or 'unset'} in MLflow, but the last "
+                                f"alias move in the audit trail (entry {moves[-1].seq}, {moves[-1].action}) left it "
+                                f"{planned.get(alias) or 'unset'}")
+    champ = current.get(registry.CHAMPION)
+    if champ:
+        commit = registry.version_tags(mlflow, champ).get("lakefs_commit", "")
+        if not commit_on_main(lakefs, commit):
+            problems.append(f"champion v{champ} was trained on lakeFS commit {commit[:12] or '(none)'}, which is not "
+                            f"reachable from {lakefs.main_branch} of repository {lakefs.repository}: its data was "
+                            f"never published")
+    if instance is not None:
+        done = {e.evidence.get("dagster_run_id") for e in moves if e.action in ("promoted", "awaiting_approval")}
+        for decision in (registry.PROMOTE, registry.AWAIT_APPROVAL):
+            for run in instance.get_runs(filters=dg.RunsFilter(tags={GATE_TAG: decision})):
+                if run.tags.get(PUBLISHED_TAG) and run.run_id not in done:
+                    problems.append(f"run {run.run_id} was published with gate decision {decision} for "
+                                    f"v{run.tags.get('mlp/model_version')}, but its alias move is not recorded: "
+                                    f"run `mlp publish --run-id {run.run_id}`")
+    return problems
+
+
+def cmd_doctor(args) -> int:
+    mlflow, lakefs = _mlflow(), _lakefs()
+    problems = doctor(mlflow, lakefs, _instance())
+    for p in problems:
+        print(f"DIVERGENCE: {p}")
+    if not problems:
+        print(f"ok: the audit trail, the MLflow aliases of {mlflow.model_name} and lakeFS {lakefs.repository} agree")
+    return 1 if problems else 0
+
+
 def _sensor_cursor(instance, name: str) -> str | None:
     for state in instance.all_instigator_state():
         if state.name == name and state.instigator_data is not None:
@@ -181,10 +263,13 @@ def lifecycle_state(instance, mlflow, spec) -> dict:
                                  "dagster_run_id": tags.get("dagster_run_id", "?")}
     trail = AuditTrail().history(mlflow.model_name)
     retrains = [e for e in trail if e.action == "retrain_triggered"]
-    decisions = [e for e in trail if e.action in ("promoted", "rejected", "rolled_back", "approved")]
+    decisions = [e for e in trail if e.action in ("gate_decision", "rejected", "promoted", "awaiting_approval",
+                                                  "rolled_back", "approved")]
     out["last_retrain"] = ({"at": retrains[-1].at, "why": retrains[-1].reason, "by": retrains[-1].actor}
                            if retrains else None)
-    out["last_decision"] = ({"at": decisions[-1].at, "action": decisions[-1].action, "version": decisions[-1].version,
+    out["last_decision"] = ({"at": decisions[-1].at, "version": decisions[-1].version,
+                             "action": (f"gate:{decisions[-1].evidence.get('decision')}"
+                                        if decisions[-1].action == "gate_decision" else decisions[-1].action),
                              "why": decisions[-1].reason} if decisions else None)
     drift = _latest(instance, "drift_report")
     if drift:
@@ -246,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("publish", help="merge finished, passing runs' lakeFS branches into main")
     s.add_argument("--run-id")
     s.set_defaults(fn=cmd_publish)
-    s = sub.add_parser("branches", help="list run branches; --prune DAYS deletes failed runs' branches")
+    s = sub.add_parser("branches", help="list run branches; --prune DAYS deletes failed runs' branches (never "
+                                        "those of queued, running or unknown runs)")
     s.add_argument("--prune", type=float, metavar="DAYS")
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(fn=cmd_branches)
@@ -264,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the lifecycle at a glance: models, retrains, drift, estimates, freshness")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("doctor", help="check that the audit trail, the MLflow aliases and lakeFS agree; "
+                                      "names each divergence (exit 1 if any)")
+    s.set_defaults(fn=cmd_doctor)
     s = sub.add_parser("history", help="the audit trail of the model (every decision, in order)")
     s.add_argument("--version")
     s.set_defaults(fn=cmd_history)

@@ -1,4 +1,9 @@
-"""`make demo`: materialize the pipeline from the CLI, batch by batch, then print where to look."""
+"""`make demo`: materialize the pipeline from the CLI, batch by batch, then print where to look.
+
+The flow is `flow(state)` -> the list of (selection, partition) steps; `main` runs them with `dagster asset
+materialize` and publishes each run to lakeFS main. tests/test_demo_flow.py runs these same commands from an
+empty state (a lakeFS with no repository, an empty MLflow store, an empty DAGSTER_HOME).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DAGSTER = str(Path(sys.executable).parent / "dagster")
+BIN = Path(sys.executable).parent
+DAGSTER = str(BIN / "dagster")
+
+# Whole-history assets built once the batches are in, then per-batch scoring and monitoring.
+TRAINING = ("stg_records,stg_labels,features,labelled_examples,training_set,candidate_model,"
+            "evaluation_report,model_card")
+PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
+
+
+def flow(state: dict) -> list[tuple[str, str | None]]:
+    """The demo's materializations, in order, for the simulator's state (released batches and labels)."""
+    steps: list[tuple[str, str | None]] = [("reference_data", None)]
+    for partition in state["released"]:
+        steps.append(("raw_records,raw_labels" if partition in state["labels_released"] else "raw_records",
+                      partition))
+    steps.append((TRAINING, None))
+    for partition in state["released"]:
+        labelled = partition in state["labels_released"]
+        steps.append((PER_BATCH + (",realized_performance" if labelled else ""), partition))
+    return steps
 
 
 def materialize(select: str, partition: str | None = None) -> None:
@@ -20,53 +44,50 @@ def materialize(select: str, partition: str | None = None) -> None:
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        from mlplatform.redact import redact
+
+        sys.stderr.write(redact(proc.stdout[-3000:] + proc.stderr[-6000:]))
         raise SystemExit(f"materialization of {select} {partition or ''} failed (exit {proc.returncode})")
     print(f"  ok in {time.time() - t0:.0f}s", flush=True)
     publish()
 
 
 def publish() -> None:
-    subprocess.run([str(Path(sys.executable).parent / "mlp"), "publish"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    proc = subprocess.run([str(BIN / "mlp"), "publish"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        from mlplatform.redact import redact
+
+        sys.stderr.write(redact(proc.stdout[-3000:] + proc.stderr[-3000:]))
+        raise SystemExit(f"`mlp publish` failed (exit {proc.returncode})")
 
 
 def summary() -> None:
     from mlplatform.cli import _lakefs
+    from mlplatform.redact import redact_uri
 
     lakefs = _lakefs()
     head = lakefs.head()
     print("\n== where to look")
     print(f"lakeFS main:   {head}  {lakefs.commit_url(head)}")
-    print(f"  objects:     {lakefs.endpoint}/repositories/{lakefs.repository}/objects?ref=main")
-    print(f"MLflow:        {os.environ.get('MLFLOW_TRACKING_URI')}  (UI: `make dev`, then http://127.0.0.1:5000)")
-    print("Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME=.state/dagster_home)")
+    print(f"  objects:     {redact_uri(lakefs.endpoint)}/repositories/{lakefs.repository}/objects?ref=main")
+    print(f"MLflow:        {redact_uri(os.environ.get('MLFLOW_TRACKING_URI', ''))}  "
+          f"(UI: `make dev`, then http://127.0.0.1:5000)")
+    print(f"Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')})")
     print("Lifecycle:     .venv/bin/python -m mlplatform.env mlp status   (below)\n")
     from mlplatform.cli import main as mlp
 
     mlp(["status"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from mlplatform.cli import _simulator
 
-    if "--summary" in sys.argv:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--summary" in argv:
         summary()
         return
-    state = _simulator().state()
-    materialize("reference_data")
-    for partition in state["released"]:
-        select = "raw_records,raw_labels" if partition in state["labels_released"] else "raw_records"
+    for select, partition in flow(_simulator().state()):
         materialize(select, partition)
-    materialize("stg_records,stg_labels,features,labelled_examples,training_set,candidate_model,"
-                "evaluation_report,model_card")
-    for partition in state["released"]:
-        labelled = partition in state["labels_released"]
-        materialize(PER_BATCH + (",realized_performance" if labelled else ""), partition)
-
-
-# Per-batch scoring and monitoring, materialized after the model exists.
-PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
 
 
 if __name__ == "__main__":

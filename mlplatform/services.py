@@ -83,7 +83,8 @@ def write_private(path: Path, text: str) -> None:
     """Write a secret file that is 0600 from the moment it exists (never world-readable, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed writer: O_EXCL below must create a new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         os.fchmod(fd, 0o600)  # the umask cannot widen it, and an older file's mode is not inherited
         os.write(fd, text.encode())
@@ -92,10 +93,107 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def tighten(path: Path) -> None:
+    """A secret file left group/world-readable by an older version of this project becomes 0600."""
+    try:
+        if path.exists() and path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
+def make_private_dir(path: Path) -> Path:
+    """A directory only its owner can enter (0700), created so from the start."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's: certainly not ours
+        return True
+    return True
+
+
+def _proc_cmdline(pid: int) -> list[str] | None:
+    """The command line of `pid` (Linux /proc, else `ps`), or None when it cannot be read."""
+    proc = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self").exists():
+        try:
+            return [a for a in proc.read_bytes().decode(errors="replace").split("\0") if a]
+        except OSError:
+            return None
+    try:
+        out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.split() or None
+
+
+def _proc_environ(pid: int) -> dict[str, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def _listening_socket_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` in this network namespace (Linux)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes_of(pid: int) -> set[str]:
+    out = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[len("socket:["):-1])
+    return out
+
+
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether `pid` holds the socket listening on `port`; None when this cannot be determined here."""
+    if Path("/proc/net/tcp").exists():
+        return bool(_listening_socket_inodes(port) & _socket_inodes_of(pid))
+    if shutil.which("lsof"):
+        out = subprocess.run(["lsof", "-nP", "-a", "-p", str(pid), f"-iTCP:{port}", "-sTCP:LISTEN", "-t"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() == str(pid)
+    return None
 
 
 def _random_key(prefix: str, length: int, alphabet: str) -> str:
@@ -108,6 +206,9 @@ class LakeFSServer:
 
     data_dir: Path
     port: int = 8000
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).absolute()
 
     @property
     def endpoint(self) -> str:
@@ -127,6 +228,60 @@ class LakeFSServer:
         except requests.RequestException:
             return False
 
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _is_our_binary(self, pid: int) -> bool:
+        cmd = _proc_cmdline(pid)
+        if not cmd:
+            return False
+        exe = Path(os.path.realpath(cmd[0]))
+        return exe.parent == Path(os.path.realpath(BIN_DIR)) and exe.name.startswith("lakefs-") \
+            and "run" in cmd[1:]
+
+    def ownership_problem(self) -> str | None:
+        """None when the server answering on our port is provably the one we started from `data_dir`; otherwise
+        why not. Proof: the pid in our pid file is alive, runs our lakeFS binary, was started with our listen
+        address and metadata folder, and holds the socket listening on the port."""
+        pid = self._pid()
+        if pid is None:
+            return f"no readable pid file {self.pid_file}, so this project did not start it"
+        if not _pid_alive(pid):
+            return f"pid {pid} from {self.pid_file} is not running"
+        if not self._is_our_binary(pid):
+            return f"pid {pid} from {self.pid_file} is not our lakeFS binary in {BIN_DIR}"
+        environ = _proc_environ(pid)
+        if environ is not None:  # Linux: the environment it was started with is readable by its owner
+            if environ.get("LAKEFS_LISTEN_ADDRESS") != f"127.0.0.1:{self.port}":
+                return (f"pid {pid} was started with LAKEFS_LISTEN_ADDRESS="
+                        f"{environ.get('LAKEFS_LISTEN_ADDRESS')!r}, not '127.0.0.1:{self.port}'")
+            meta = environ.get("LAKEFS_DATABASE_LOCAL_PATH", "")
+            if not meta or os.path.realpath(meta) != os.path.realpath(self.data_dir / "metadata"):
+                return f"pid {pid} keeps its metadata in {meta!r}, not in {self.data_dir / 'metadata'}"
+        listens = _listens_on(pid, self.port)
+        if listens is None:
+            return f"cannot tell which process listens on port {self.port} (no /proc, no lsof)"
+        if not listens:
+            return f"pid {pid} (our lakeFS) does not hold the socket listening on port {self.port}"
+        return None
+
+    def require_ours(self) -> None:
+        """Refuse (ServiceError, nothing sent) unless the server on our port is provably ours."""
+        problem = self.ownership_problem()
+        if problem:
+            raise self._refusal(problem)
+
+    def _refusal(self, problem: str) -> ServiceError:
+        return ServiceError(
+            f"a server answers as lakeFS at {self.endpoint} (port {self.port}) but it is not the one this project "
+            f"started from {self.data_dir}: {problem}. No keys were sent to it. Stop that server, or use another "
+            f"port for ours: MLP_LAKEFS_PORT=<free port> make up (or export LAKEFS_ENDPOINT and its keys to use it "
+            f"deliberately)."
+        )
+
     def _server_secret(self) -> str:
         # The KV store's secrets are encrypted with this key: it must survive restarts.
         path = self.data_dir / "encrypt.key"
@@ -136,10 +291,16 @@ class LakeFSServer:
 
     def start(self, wait: float = 60.0) -> "LakeFSServer":
         if self.healthy():
+            self.require_ours()  # before anything, above all before keys, is sent to it
             self._ensure_credentials()
             return self
+        if port_in_use(self.port):
+            raise ServiceError(f"port {self.port} on 127.0.0.1 is taken by a program that does not answer as "
+                               f"lakeFS: stop it, or choose another port with MLP_LAKEFS_PORT=<free port>")
         binary = build_lakefs()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)  # KV store, blockstore, keys: only their owner may read them
+        for secret_file in (self.credentials_file, self.data_dir / "encrypt.key"):
+            tighten(secret_file)
         env = {
             **os.environ,
             "LAKEFS_LISTEN_ADDRESS": f"127.0.0.1:{self.port}",
@@ -152,24 +313,35 @@ class LakeFSServer:
             "LAKEFS_LOGGING_LEVEL": "WARN",
             "LAKEFS_GATEWAYS_S3_DOMAIN_NAME": "s3.local.lakefs.io",
         }
+        for k in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY"):  # client settings
+            env.pop(k, None)
         log = open(self.data_dir / "lakefs.log", "ab")
         proc = subprocess.Popen(
             [str(binary), "run", "--local-settings"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        log.close()
         self.pid_file.write_text(str(proc.pid))
         deadline = time.time() + wait
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise ServiceError(
-                    f"lakeFS exited with code {proc.returncode} at start; see {self.data_dir / 'lakefs.log'}"
+                    f"lakeFS exited with code {proc.returncode} at start on port {self.port}; see "
+                    f"{self.data_dir / 'lakefs.log'} (another program on the port? choose one with MLP_LAKEFS_PORT)"
                 )
             if self.healthy():
-                break
+                problem = self.ownership_problem()
+                if problem is None:
+                    break
+                # Something else answered on the port (before ours could bind it, or ours cannot be proven to
+                # be the one answering): stop ours, send nothing, say why.
+                self.stop()
+                raise self._refusal(problem)
             time.sleep(0.2)
         else:
             self.stop()
-            raise ServiceError(f"lakeFS did not answer at {self.endpoint} within {wait:.0f}s")
+            raise ServiceError(f"lakeFS did not answer at {self.endpoint} within {wait:.0f}s; see "
+                               f"{self.data_dir / 'lakefs.log'}")
         self._ensure_credentials()
         return self
 
@@ -177,6 +349,7 @@ class LakeFSServer:
         """Create the admin user with freshly generated keys on first start (never the quickstart keys)."""
         if self.credentials_file.exists():
             return json.loads(self.credentials_file.read_text())
+        self.require_ours()  # freshly generated admin keys go only to the server we started
         creds = {
             "access_key_id": _random_key("AKIAMLP", 20, string.ascii_uppercase + string.digits),
             "secret_access_key": _random_key("", 40, string.ascii_letters + string.digits),
@@ -207,17 +380,19 @@ class LakeFSServer:
         }
 
     def stop(self) -> None:
-        if not self.pid_file.exists():
+        """Stop the server we started (never another process that happens to reuse a stale pid)."""
+        pid = self._pid()
+        if pid is None:
             return
-        pid = int(self.pid_file.read_text())
-        try:
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(50):
-                os.kill(pid, 0)
-                time.sleep(0.1)
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if _pid_alive(pid) and self._is_our_binary(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                for _ in range(50):
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -248,12 +423,19 @@ def start_mlflow_ui(port: int = 5000) -> str:
 
 def stop_mlflow_ui() -> None:
     pid_file = _mlflow_pid_file()
-    if pid_file.exists():
+    if not pid_file.exists():
+        return
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        pid = None
+    cmd = _proc_cmdline(pid) if pid and _pid_alive(pid) else None
+    if pid and cmd and "mlflow" in " ".join(cmd):  # never a process that reused a stale pid
         try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        pid_file.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
 
 
 def local_lakefs() -> LakeFSServer:
@@ -263,6 +445,7 @@ def local_lakefs() -> LakeFSServer:
 def read_env_file() -> dict[str, str]:
     if not env_file().exists():
         return {}
+    tighten(env_file())
     out = {}
     for line in env_file().read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -271,28 +454,48 @@ def read_env_file() -> dict[str, str]:
     return out
 
 
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or state() / "dagster_home")
+
+
 def up(with_ui: bool = False) -> None:
-    """Start what is not given from outside and record the local settings in .env."""
+    """Start what is not given from outside, record the local settings in .state/mlp.env (0600), and print
+    where everything is. Works from nothing: no .state/, no lakeFS data, no MLflow store, no Dagster home."""
+    from mlplatform.redact import redact_uri
+
+    root = state()
+    if not root.exists():
+        make_private_dir(root)
     env = read_env_file()
+    lines = [f"state:      {root}  (all local runtime state; `make clean` removes it)"]
     if os.environ.get("LAKEFS_ENDPOINT"):
-        # The caller's own server: start nothing, and make sure .env cannot shadow it.
+        # The caller's own server: start nothing, and make sure mlp.env cannot shadow it.
         for k in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY"):
             env.pop(k, None)
-        print(f"lakeFS: using {os.environ['LAKEFS_ENDPOINT']} from LAKEFS_ENDPOINT (nothing started)")
+        lines.append(f"lakeFS:     {redact_uri(os.environ['LAKEFS_ENDPOINT'])} from LAKEFS_ENDPOINT (nothing started)")
     else:
         server = local_lakefs().start()
         env.update(server.env())
-        print(f"lakeFS: {server.endpoint} (UI and API; generated keys in {env_file()}, data in {server.data_dir})")
+        lines += [f"lakeFS:     {server.endpoint}  (UI and API; port from MLP_LAKEFS_PORT, default 8000)",
+                  f"  data:     {server.data_dir}  (log {server.data_dir / 'lakefs.log'})",
+                  f"  keys:     generated, in {env_file()} and {server.credentials_file} (both 0600)"]
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
-        print(f"MLflow: using {os.environ['MLFLOW_TRACKING_URI']} from MLFLOW_TRACKING_URI")
+        lines.append(f"MLflow:     {redact_uri(os.environ['MLFLOW_TRACKING_URI'])} from MLFLOW_TRACKING_URI")
     else:
-        (state() / "mlflow").mkdir(parents=True, exist_ok=True)
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{state() / 'mlflow' / 'mlflow.db'}"
-        print(f"MLflow: local store {env['MLFLOW_TRACKING_URI']}")
+        (root / "mlflow").mkdir(parents=True, exist_ok=True)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+        lines.append(f"MLflow:     {env['MLFLOW_TRACKING_URI']}  (artifacts in {root / 'mlflow' / 'artifacts'})")
+    home = dagster_home()
+    if not (home / "dagster.yaml").exists():  # what the Makefile's rule does, for `python -m mlplatform.services up`
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
+    lines.append(f"Dagster:    DAGSTER_HOME={home}")
+    lines.append(f"settings:   {env_file()}  (loaded by `python -m mlplatform.env CMD`, under what you export)")
     write_private(env_file(), "".join(f"{k}={v}\n" for k, v in sorted(env.items())))
     if with_ui:
-        print(f"MLflow UI: {start_mlflow_ui()}")
+        lines.append(f"MLflow UI:  {start_mlflow_ui()}")
+    print("\n".join(lines), flush=True)
 
 
 def load_env_file() -> None:
@@ -319,7 +522,11 @@ def main(argv: list[str] | None = None) -> int:
             down()
         elif cmd == "status":
             server = local_lakefs()
-            print(f"lakeFS {server.endpoint}: {'up' if server.healthy() else 'down'}")
+            if not server.healthy():
+                print(f"lakeFS {server.endpoint}: down")
+            else:
+                problem = server.ownership_problem()
+                print(f"lakeFS {server.endpoint}: up" + (f", NOT ours ({problem})" if problem else ""))
         else:
             print(f"unknown command {cmd!r}: use build|up|down|status", file=sys.stderr)
             return 2

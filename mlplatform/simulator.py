@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from mlplatform.batches import Landing, partitions_def, window
+from mlplatform.batches import DONE_SUFFIX, Landing, partitions_def, window
 from resources.settings import DatasetSpec
 
 
@@ -111,12 +111,16 @@ class Simulator:
                 if k not in state["labels_released"] and window(self.spec, k)[1] + delay <= now]
 
     def _write(self, path: Path, df: pl.DataFrame) -> None:
-        if path.exists():
-            return  # idempotent: a released file is never rewritten
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp"
-        df.write_parquet(tmp)
-        tmp.replace(path)  # atomic: a sensor never sees half a file
+        """Write atomically (a hidden temporary name, then rename), then drop the `<name>.done` marker
+        that tells the landing zone the file is complete, so it is taken without waiting to settle."""
+        marker = path.with_name(path.name + DONE_SUFFIX)
+        if not path.exists():  # idempotent: a released file is never rewritten
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp"
+            df.write_parquet(tmp)
+            tmp.replace(path)  # atomic: a sensor never sees half a file
+        if not marker.exists():  # also after a crash between the rename and the marker
+            marker.touch()
 
     def reset(self) -> None:
         for sub in ("records", "labels", "quarantine"):

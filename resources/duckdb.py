@@ -69,13 +69,17 @@ class DuckDBResource(dg.ConfigurableResource):
         })
         con.execute("LOAD httpfs")
         if self.lakefs_endpoint:
-            for k, v in s3_settings(self.lakefs_endpoint, self.lakefs_access_key_id,
-                                    self.lakefs_secret_access_key).items():
-                con.execute(f"SET {k} = '{v}'")
+            from mlplatform.redact import redacting
+
+            with redacting((self.lakefs_secret_access_key,)):  # an error quoting the statement hides the key
+                for k, v in s3_settings(self.lakefs_endpoint, self.lakefs_access_key_id,
+                                        self.lakefs_secret_access_key).items():
+                    con.execute(f"SET {k} = '{v}'")
         return con
 
     def dbt_env(self) -> dict[str, str]:
-        """Environment for dbt's profiles.yml (same database, same extension directory, same gateway)."""
+        """Environment for dbt's profiles.yml (same database, same extension directory, same gateway). The lakeFS
+        keys travel only in this environment: nothing here writes them to a file."""
         env = {"MLP_DUCKDB_PATH": self.database,
                "MLP_DUCKDB_EXT_DIR": str(extension_dir(Path(self.state_dir)))}
         if self.lakefs_endpoint:

@@ -9,11 +9,35 @@ import dagster as dg
 import requests
 from pydantic import PrivateAttr
 
+from mlplatform.redact import install_log_filter, redact, redact_exception, redact_uri, redacting, uri_secrets
+
 T = TypeVar("T")
 
 
 class MLflowUnavailable(RuntimeError):
-    """The MLflow tracking store cannot be reached; the message names the URI."""
+    """The MLflow tracking store cannot be reached; the message names the URI (its credentials redacted)."""
+
+
+class _RedactingClient:
+    """An MlflowClient whose exceptions never carry the tracking URI's credentials (same types, same codes)."""
+
+    def __init__(self, client, secrets: tuple[str, ...]):
+        self._client, self._secrets = client, secrets
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                raise redact_exception(exc, self._secrets)
+
+        call.__name__ = getattr(attr, "__name__", name)
+        call.__doc__ = getattr(attr, "__doc__", None)
+        return call
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -30,8 +54,22 @@ class MLflowResource(dg.ConfigurableResource):
     _ready: bool = PrivateAttr(default=False)
     _experiment_id: str = PrivateAttr(default="")
 
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI with its credentials replaced by ***: the only form to print, log or record."""
+        return redact_uri(self.tracking_uri)
+
+    def _secrets(self) -> tuple[str, ...]:
+        return tuple(uri_secrets(self.tracking_uri))
+
+    def redacting(self):
+        """`with mlflow.redacting(): mlflow_lib.start_run(...)`: MLflow errors leaving the block (the fluent API
+        quotes the full tracking URI) have the URI's credentials and known secrets replaced by ***."""
+        return redacting(self._secrets())
+
     def _check(self) -> None:
         uri = self.tracking_uri
+        shown = self.display_uri
         if uri.startswith(("http://", "https://")):
             last = None
             for attempt in range(self.retries):
@@ -42,22 +80,27 @@ class MLflowResource(dg.ConfigurableResource):
                 except requests.RequestException as exc:
                     last = type(exc).__name__
                 time.sleep(min(2 ** attempt * 0.5, 4))
-            raise MLflowUnavailable(f"MLflow tracking server {uri} is unreachable after {self.retries} "
+            raise MLflowUnavailable(f"MLflow tracking server {shown} is unreachable after {self.retries} "
                                     f"attempts ({last}); check MLFLOW_TRACKING_URI")
         if uri.startswith("sqlite:///"):
             db = Path(uri[len("sqlite:///"):])
             try:
                 db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise MLflowUnavailable(f"MLflow store {uri}: cannot create {db.parent}: {exc}") from None
+                raise MLflowUnavailable(f"MLflow store {shown}: cannot create {db.parent}: {exc}") from None
 
     def setup(self) -> str:
         """Point mlflow at the store, make sure the experiment exists; returns the experiment id."""
         if self._ready:
             return self._experiment_id
+        with redacting(self._secrets()):  # MLflow's own errors quote the full URI, credentials included
+            return self._setup()
+
+    def _setup(self) -> str:
+        install_log_filter()  # MLflow's and SQLAlchemy's own log lines never show the URI's credentials
+        self._check()  # before importing mlflow (seconds on a busy machine): an unreachable store fails fast
         import mlflow
 
-        self._check()
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         exp = self.with_retries(lambda: mlflow.get_experiment_by_name(self.experiment))
@@ -83,22 +126,24 @@ class MLflowResource(dg.ConfigurableResource):
                 msg = str(exc)
                 transient = any(s in msg for s in ("Connection", "timed out", "Max retries", "database is locked"))
                 if not transient:
-                    raise
+                    raise redact_exception(exc, self._secrets())
                 last = exc
                 time.sleep(min(2 ** attempt * 0.5, 4))
-        raise MLflowUnavailable(f"MLflow at {self.tracking_uri} failed {self.retries} times: {last}")
+        raise MLflowUnavailable(f"MLflow at {self.display_uri} failed {self.retries} times: "
+                                f"{redact(last, self._secrets())}") from None
 
     def client(self):
         from mlflow.tracking import MlflowClient
 
         self.setup()
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return _RedactingClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri),
+                                self._secrets())
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self._experiment_id or '0'}/runs/{run_id}"
+        return redact_uri(f"{self.ui_url.rstrip('/')}/#/experiments/{self._experiment_id or '0'}/runs/{run_id}")
 
     def model_version_url(self, version: str | int) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/models/{self.model_name}/versions/{version}"
+        return redact_uri(f"{self.ui_url.rstrip('/')}/#/models/{self.model_name}/versions/{version}")
 
     def alias_version(self, alias: str) -> Any | None:
         """The ModelVersion behind an alias, or None when the alias is not set."""

@@ -1,16 +1,27 @@
-"""Publish: merge a run's lakeFS branch into main when the run succeeded and every blocking check passed."""
+"""Publish: merge a run's lakeFS branch into main when the run succeeded and every blocking check passed,
+then apply the run's gate decision: model aliases move only once the data they were trained on is on main."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 
 import dagster as dg
 
 from resources.lakefs import LakeFSResource, MergeConflict, run_branch
+from resources.mlflow import MLflowResource
 
 PUBLISHED_TAG = "lakefs/published_commit"
 KEPT_TAG = "lakefs/kept_branch"
+# Written by the gate (evaluation_report) on its run: what to do with the model once the run is published.
+GATE_TAG = "mlp/gate_decision"
+MODEL_VERSION_TAG = "mlp/model_version"
+MODEL_NAME_TAG = "mlp/model_name"
+EXPERIMENT_TAG = "mlp/mlflow_experiment"
+
+ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+          dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
 
 
 @dataclass
@@ -19,6 +30,7 @@ class PublishOutcome:
     status: str  # published | kept | conflict | missing | pending
     detail: str
     commit: str | None = None
+    promotion_pending: bool = False  # published, but the gate decision's alias moves must be retried
 
 
 def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -32,18 +44,78 @@ def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[st
     return failed
 
 
-def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str) -> PublishOutcome:
-    """Merge `run-<run_id>` into main if the run is SUCCESS with no failed blocking check; else keep it."""
+def commit_on_main(lakefs: LakeFSResource, commit: str) -> bool:
+    """Is `commit` reachable from main (its merge base with main is itself)?"""
+    from lakefs_sdk.exceptions import ApiException
+
+    if not commit or commit == "unknown":
+        return False
+    try:
+        base = lakefs.client.sdk_client.refs_api.find_merge_base(lakefs.repository, commit, lakefs.main_branch)
+    except ApiException as exc:
+        if exc.status in (400, 404):  # no such commit in this repository
+            return False
+        raise
+    return base.base_commit_id == commit
+
+
+def _mlflow_for(run: dg.DagsterRun, mlflow: MLflowResource | None) -> MLflowResource:
+    """The MLflow store of the run's model: the given resource, else the environment's MLFLOW_TRACKING_URI."""
+    name, experiment = run.tags[MODEL_NAME_TAG], run.tags.get(EXPERIMENT_TAG, "mlplatform")
+    if mlflow is not None and mlflow.model_name == name:
+        return mlflow
+    uri = mlflow.tracking_uri if mlflow is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise RuntimeError(f"run {run.run_id} decided to move aliases of {name}, but setting MLFLOW_TRACKING_URI "
+                           f"is not set: export it and run `mlp publish`")
+    return MLflowResource(tracking_uri=uri, model_name=name, experiment=experiment)
+
+
+def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.DagsterRun, commit: str,
+                mlflow: MLflowResource | None = None, audit=None) -> tuple[bool, str]:
+    """Apply the run's gate decision now that its data is on main: (settled, detail). Idempotent.
+
+    Not settled (retry later) when MLflow or the audit trail cannot be written."""
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail
+
+    decision, version = run.tags.get(GATE_TAG), run.tags.get(MODEL_VERSION_TAG)
+    if not decision or not version:
+        return True, ""
+    if decision not in (registry.PROMOTE, registry.AWAIT_APPROVAL):
+        return True, f"; v{version} gate decision {decision}: no alias moves"
+    try:
+        m = _mlflow_for(run, mlflow)
+        trained_on = registry.version_tags(m, version).get("lakefs_commit", "")
+        if not commit_on_main(lakefs, trained_on):
+            return True, (f"; v{version} NOT promoted: its training-set commit {trained_on[:12] or '?'} is not on "
+                          f"{lakefs.main_branch} of {lakefs.repository}")
+        done = registry.promote_published(m, audit or AuditTrail(), version, decision, run.run_id, commit,
+                                          actor="platform:publish")
+    except Exception as exc:  # noqa: BLE001 - kept for a retry: the branch stays until the move is done
+        return False, (f"; aliases not moved yet ({type(exc).__name__}: {registry._redact(str(exc))[:300]}); "
+                       f"retried by the next publish")
+    return True, f"; {done}"
+
+
+def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
+                mlflow: MLflowResource | None = None, audit=None) -> PublishOutcome:
+    """Merge `run-<run_id>` into main if the run is SUCCESS with no failed blocking check; else keep it.
+    Then apply the run's gate decision (aliases move only once its data is on main)."""
     branch = run_branch(run_id)
     run = instance.get_run_by_id(run_id)
     if run is None:
         return PublishOutcome(run_id, "missing", f"no Dagster run {run_id} in this instance")
     if run.tags.get(PUBLISHED_TAG):
-        return PublishOutcome(run_id, "published", "already published", run.tags[PUBLISHED_TAG])
+        commit = run.tags[PUBLISHED_TAG]
+        settled, promo = promote_run(instance, lakefs, run, commit, mlflow, audit)
+        if settled and lakefs.branch_exists(branch):
+            lakefs.delete_branch(branch)
+        return PublishOutcome(run_id, "published", "already published" + promo, commit,
+                              promotion_pending=not settled)
     if not lakefs.branch_exists(branch):
         return PublishOutcome(run_id, "missing", f"run {run_id} wrote nothing to lakeFS (no branch {branch})")
-    if run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
-                      dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.CANCELING):
+    if run.status in ACTIVE:
         return PublishOutcome(run_id, "pending", f"run {run_id} is {run.status.value}")
     failed = failed_blocking_checks(instance, run_id)
     if run.status != dg.DagsterRunStatus.SUCCESS or failed:
@@ -57,38 +129,64 @@ def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: st
         instance.add_run_tags(run_id, {KEPT_TAG: branch})
         return PublishOutcome(run_id, "conflict", str(exc))
     instance.add_run_tags(run_id, {PUBLISHED_TAG: commit})
-    lakefs.delete_branch(branch)
-    return PublishOutcome(run_id, "published", f"merged {branch} into {lakefs.main_branch}", commit)
+    settled, promo = promote_run(instance, lakefs, run, commit, mlflow, audit)
+    if settled:  # else the branch marks the run for the next publish to finish the alias moves
+        lakefs.delete_branch(branch)
+    return PublishOutcome(run_id, "published", f"merged {branch} into {lakefs.main_branch}" + promo, commit,
+                          promotion_pending=not settled)
 
 
-def publish_pending(instance: dg.DagsterInstance, lakefs: LakeFSResource) -> list[PublishOutcome]:
+def publish_pending(instance: dg.DagsterInstance, lakefs: LakeFSResource,
+                    mlflow: MLflowResource | None = None) -> list[PublishOutcome]:
     """Publish every finished run whose branch still exists (idempotent)."""
     out = []
     for info in lakefs.branches(prefix="run-"):
         run = instance.get_run_by_id(info.run_id) if info.run_id else None
         if run is not None and run.tags.get(KEPT_TAG):
             continue
-        out.append(publish_run(instance, lakefs, info.run_id or ""))
+        out.append(publish_run(instance, lakefs, info.run_id or "", mlflow))
     return out
 
 
+@dataclass
+class PruneOutcome:
+    pruned: list[str]
+    kept: dict[str, str]  # branch -> why it is kept
+
+
 def prune_branches(instance: dg.DagsterInstance, lakefs: LakeFSResource, older_than_days: float,
-                   dry_run: bool = True) -> list[str]:
-    """Delete kept branches of failed runs that ended more than `older_than_days` ago."""
+                   dry_run: bool = True) -> PruneOutcome:
+    """Delete kept branches of failed or canceled runs that ended more than `older_than_days` ago.
+
+    Never touches the branch of a queued, starting, running, successful (awaiting publication) or unknown run
+    (a branch with no Dagster run in this instance may belong to another instance: it is kept and named)."""
     cutoff = dt.datetime.now(dt.timezone.utc).timestamp() - older_than_days * 86400
-    pruned = []
+    pruned, kept = [], {}
     for info in lakefs.branches(prefix="run-"):
         run = instance.get_run_by_id(info.run_id) if info.run_id else None
-        record = instance.get_run_record_by_id(info.run_id) if run else None
+        if run is None:
+            kept[info.name] = "unknown run: no Dagster run with this id in this instance"
+            continue
+        if run.status in ACTIVE:
+            kept[info.name] = f"run is {run.status.value}"
+            continue
+        if run.status == dg.DagsterRunStatus.SUCCESS and not run.tags.get(KEPT_TAG):
+            kept[info.name] = "successful run awaiting publication"
+            continue
+        if run.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) \
+                and not run.tags.get(KEPT_TAG):
+            kept[info.name] = f"run is {run.status.value}"
+            continue
+        record = instance.get_run_record_by_id(info.run_id)
         ended = record.end_time if record and record.end_time else None
-        if run is not None and run.status == dg.DagsterRunStatus.SUCCESS and not run.tags.get(KEPT_TAG):
-            continue  # awaiting publication, not a leftover
-        if ended is not None and ended > cutoff:
+        if ended is None or ended > cutoff:
+            kept[info.name] = ("run has no end time" if ended is None
+                               else f"ended less than {older_than_days:g} day(s) ago")
             continue
         pruned.append(info.name)
         if not dry_run:
             lakefs.delete_branch(info.name)
-    return pruned
+    return PruneOutcome(pruned, kept)
 
 
 def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str) -> str:

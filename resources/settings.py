@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import os
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ class SettingError(ValueError):
 
 
 FEATURE_TYPES = {"numeric", "categorical", "boolean"}
+REDELIVERY_POLICIES = {"reject", "replace_by_id"}
 PROBLEM_TYPES = {"binary_classification", "regression"}
 CADENCES = {"daily", "weekly", "monthly"}
 
@@ -63,6 +65,11 @@ class DatasetSpec:
     monitoring: dict[str, Any] = field(default_factory=dict)
     automation: dict[str, Any] = field(default_factory=dict)
     freshness: dict[str, dict[str, dt.timedelta]] = field(default_factory=dict)
+    # Landing-zone contract: the timezone naive event times are in (tz-aware ones are converted to it),
+    # the fraction of unseen categories a file may hold before it is quarantined, the re-delivery policy.
+    timezone: str = "UTC"
+    max_unseen_category_fraction: float = 0.05
+    redelivery: str = "reject"
     path: str = ""
 
     @property
@@ -95,6 +102,37 @@ class DatasetSpec:
     def higher_is_better(self) -> bool:
         return self.metric not in {"rmse", "mae", "log_loss", "brier"}
 
+    def check_time_column(self, frame, part: str) -> None:
+        """The source's time column must hold timestamps, and production ones must fall inside a batch
+        period: otherwise every caller (simulator, reference_data) would silently see zero batches."""
+        import pandas as pd
+
+        t = self.time_column
+        if t not in frame.columns:
+            raise SettingError(f"{self.path}: setting 'time_column' names {t!r}, which the {part} data of "
+                               f"{self.loader!r} does not have (columns: {list(frame.columns)[:20]})")
+        col = frame[t]
+        if col.dtype.kind in "iufb":
+            raise SettingError(
+                f"{self.path}: setting 'time_column' {t!r} holds numbers in the {part} data of {self.loader!r} "
+                f"(range found {col.min()}..{col.max()}), not timestamps: convert it to dates/times in the loader")
+        try:
+            values = pd.to_datetime(col, utc=False) if col.dtype.kind != "M" else col
+        except (ValueError, TypeError) as exc:
+            raise SettingError(f"{self.path}: setting 'time_column' {t!r} of the {part} data of {self.loader!r} "
+                               f"cannot be read as timestamps ({exc})") from None
+        if getattr(values.dt, "tz", None) is not None:
+            values = values.dt.tz_convert(self.timezone).dt.tz_localize(None)
+        if part != "production" or values.isna().all():
+            return
+        start, end = pd.Timestamp(self.batch_start), pd.Timestamp(self.batch_end)
+        inside = ((values >= start) & (values < end)).sum()
+        if inside == 0:
+            raise SettingError(
+                f"{self.path}: no production value of time_column {t!r} falls inside the batch periods "
+                f"[{self.batch_start}, {self.batch_end}) (settings 'batch.start'/'batch.end'); range found "
+                f"{values.min()}..{values.max()}")
+
     def load_source(self):
         """(reference, production, production_labels) from the spec's loader, as pandas.
 
@@ -121,6 +159,8 @@ class DatasetSpec:
                 f.to_parquet(cache / f".{p}.tmp")
                 (cache / f".{p}.tmp").replace(cache / f"{p}.parquet")
         reference, production, labels = frames
+        self.check_time_column(reference, "reference")
+        self.check_time_column(production, "production")
         drop = set(self.drop_columns)
         return (reference.drop(columns=[c for c in drop if c in reference.columns]),
                 production.drop(columns=[c for c in drop if c in production.columns]),
@@ -190,6 +230,24 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
             or any(v <= 0 for v in split.values()):
         raise SettingError(f"{path}: setting 'training.split' must give train, validation and test "
                            f"fractions > 0 summing to 1, got {split!r}")
+    contracts_raw = raw.get("contracts") or {}
+    landing_raw = raw.get("landing") or {}
+    if not isinstance(contracts_raw, dict) or not isinstance(landing_raw, dict):
+        raise SettingError(f"{path}: settings 'contracts' and 'landing' must be mappings")
+    timezone = str(contracts_raw.get("timezone", "UTC"))
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise SettingError(f"{path}: setting 'contracts.timezone' must be an IANA timezone such as UTC or "
+                           f"Europe/Paris, got {timezone!r}") from None
+    unseen = contracts_raw.get("max_unseen_category_fraction", 0.05)
+    if isinstance(unseen, bool) or not isinstance(unseen, (int, float)) or not 0 <= unseen < 1:
+        raise SettingError(f"{path}: setting 'contracts.max_unseen_category_fraction' must be a number in "
+                           f"[0, 1), got {unseen!r}")
+    redelivery = landing_raw.get("redelivery", "reject")
+    if redelivery not in REDELIVERY_POLICIES:
+        raise SettingError(f"{path}: setting 'landing.redelivery' must be one of {sorted(REDELIVERY_POLICIES)}, "
+                           f"got {redelivery!r}")
     delay = _require(raw, "label_delay_days", path, int)
     if delay < 0:
         raise SettingError(f"{path}: setting 'label_delay_days' must be >= 0, got {delay}")
@@ -218,6 +276,9 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         automation=dict(raw.get("automation") or {}),
         freshness={asset: {k: parse_duration(v, f"freshness.{asset}.{k}", path) for k, v in windows.items()}
                    for asset, windows in (raw.get("freshness") or {}).items()},
+        timezone=timezone,
+        max_unseen_category_fraction=float(unseen),
+        redelivery=redelivery,
         path=str(path),
     )
 

@@ -1,41 +1,266 @@
-"""Arrivals: new files in the landing zone become ingestion runs of their partition (records or labels)."""
+"""Arrivals: complete files in the landing zone become ingestion runs of their partition (records or labels).
 
+What the sensor promises (it only returns run requests and its cursor; it writes nothing):
+- A partition is requested only when all its data files are complete (marker or settled; see
+  mlplatform/batches.py). Folders that are not partition keys are skipped with a warning.
+- Labels of a partition are held until raw_records of that partition has a materialization from a
+  successful run; they are requested on the first tick after the records are published.
+- Truth is the run history, not the cursor. A partition's files are "ingested" once a SUCCESS run of its
+  job (or its Dagster retry) was handed a set of files containing every current file with the same
+  (name, size, mtime): a file quarantined by a later run leaves a set that is still ingested, a new or
+  rewritten file makes a set that is not.
+  A successful materialization of raw_<kind> made without this sensor (`make demo`, the UI) counts too
+  when its metadata `files` shows it read the current files (see `materialized_from`).
+- Not ingested, and no run of the job for the partition queued, running or about to be retried by Dagster:
+  request it. The run key is `<kind>/<partition>/<files stamp>/attempt-<N>`, N the number of finished
+  failed (or canceled) attempts on that stamp, so the same files give the same key on every tick (Dagster
+  makes one run of it) and a failed attempt gives a new key. Attempts are bounded
+  (`max_ingest_attempts`) and spaced by a doubling backoff (`retry_backoff_seconds`).
+- The cursor only remembers stamps already ingested by a successful run (a cache): it never moves past
+  work that no run has done, so a lost request is made again on the next tick.
+"""
+
+from __future__ import annotations
+
+import hashlib
 import json
+import time
+from dataclasses import dataclass, field
 
 import dagster as dg
 
-from mlplatform.batches import partitions_def
+from mlplatform.batches import KINDS, LandedFile, Landing, partitions_def
 from resources.landing import LandingZoneResource
 from resources.settings import DatasetSpec
 
 INGEST_ASSETS = ["raw_records", "stg_records", "stg_labels", "features"]
 LABEL_ASSETS = ["raw_labels", "stg_records", "stg_labels", "features"]
+JOBS = {"records": "ingest_batch", "labels": "ingest_labels"}
+
+PARTITION_TAG = "dagster/partition"
+STAMP_TAG, FILES_TAG, ATTEMPT_TAG, KIND_TAG = "arrival/stamp", "arrival/files", "arrival/attempt", "arrival/kind"
+RECORDS_RUN_TAG = "arrival/records_run"  # labels: the records run whose data they were requested after
+MAX_FILES_TAG_CHARS = 8000
+MAX_BACKOFF_SECONDS = 3600.0
+RUN_HISTORY_LIMIT = 200
+
+IN_PROGRESS = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.MANAGED}
+FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+def stamp_of(files: list[LandedFile]) -> str:
+    """Deterministic id of a set of file deliveries (names, sizes, mtimes)."""
+    return hashlib.sha256("\n".join(sorted(f.entry for f in files)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Attempts:
+    """What the run history of one job + partition says about the current files."""
+
+    ingested_by: str | None = None          # run id of a successful run that had all current files
+    in_progress: list[str] = field(default_factory=list)
+    failed: list[tuple[str, float]] = field(default_factory=list)   # (run id, end time) on this stamp
+
+
+def run_history(instance: dg.DagsterInstance, job: str, partition: str, stamp: str, entries: set[str],
+                generation: str | None = None) -> Attempts:
+    """Group the job's runs for the partition by root run (a run and its Dagster retries are one attempt)."""
+    records = instance.get_run_records(dg.RunsFilter(job_name=job, tags={PARTITION_TAG: partition}),
+                                       limit=RUN_HISTORY_LIMIT)
+    groups: dict[str, list] = {}
+    for rec in records:  # newest first
+        groups.setdefault(rec.dagster_run.tags.get("dagster/root_run_id", rec.dagster_run.run_id), []).append(rec)
+    out = Attempts()
+    for members in groups.values():
+        newest = members[0]
+        run = newest.dagster_run
+        if any(m.dagster_run.status in IN_PROGRESS for m in members) or (
+                run.status == dg.DagsterRunStatus.FAILURE and run.tags.get("dagster/will_retry") == "true"):
+            out.in_progress.append(run.run_id)  # queued, running, or failed with a Dagster retry coming
+            continue
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            if run.tags.get(STAMP_TAG) == stamp or entries <= _files_of(run):
+                out.ingested_by = out.ingested_by or run.run_id
+            continue
+        if run.status in FAILED and run.tags.get(STAMP_TAG) == stamp and (
+                generation is None or run.tags.get(RECORDS_RUN_TAG) == generation):
+            out.failed.append((run.run_id, newest.end_time or newest.update_timestamp.timestamp()))
+    return out
+
+
+def _files_of(run: dg.DagsterRun) -> set[str]:
+    try:
+        value = json.loads(run.tags.get(FILES_TAG, "[]"))
+    except ValueError:  # a tag from an older sensor version
+        return set()
+    return set(value) if isinstance(value, list) else set()
+
+
+def records_published(instance: dg.DagsterInstance, partition: str) -> str | None:
+    """Run id of the newest raw_records materialization of the partition from a successful run, if any."""
+    from resources.io import latest_checked_materialization
+
+    found = latest_checked_materialization(instance, dg.AssetKey("raw_records"), partition)
+    return found[2] if found else None
+
+
+def materialized_from(instance: dg.DagsterInstance, kind: str, partition: str,
+                      files: list[LandedFile]) -> str | None:
+    """Run id of the latest checked raw_<kind> materialization of the partition if it read every current
+    file as it is now (for runs not made by this sensor: `mlp`/`make demo` materializations, the UI).
+
+    Its metadata `files` lists what it read: entries `name|size|mtime_ns` prove it directly; bare names
+    prove it when every current file was last modified before that run started."""
+    from resources.io import latest_checked_materialization
+
+    key = dg.AssetKey(f"raw_{kind}")
+    found = latest_checked_materialization(instance, key, partition)
+    if found is None:
+        return None
+    run_id = found[2]
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                              limit=50).records
+    rec = next((r for r in records if r.run_id == run_id), None)
+    meta = rec.asset_materialization.metadata if rec and rec.asset_materialization else {}
+    listed = meta.get("files")
+    listed = getattr(listed, "value", getattr(listed, "data", listed))
+    if not isinstance(listed, list) or not listed:
+        return None
+    listed = {str(x) for x in listed}
+    if {f.entry for f in files} <= listed:
+        return run_id
+    if not {f.name for f in files} <= listed:
+        return None
+    (run,) = instance.get_run_records(dg.RunsFilter(run_ids=[run_id]), limit=1) or [None]
+    started = run.start_time if run else None
+    if started is not None and max(f.mtime_ns for f in files) / 1e9 < started:
+        return run_id
+    return None
+
+
+@dataclass
+class Plan:
+    requests: list[dg.RunRequest] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    done: dict[str, str] = field(default_factory=dict)
+
+    def skip_reason(self) -> str:
+        parts = self.waiting + self.warnings
+        if not parts:
+            return "no new complete files in the landing zone"
+        text = "; ".join(parts)
+        return text if len(text) <= 1500 else text[:1500] + f" ... ({len(parts)} notes, see the tick log)"
+
+    def cursor(self) -> str:
+        return json.dumps({"done": dict(sorted(self.done.items()))}, separators=(",", ":"))
+
+
+def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: list[str], cursor: str | None,
+                  max_attempts: int = 5, backoff_seconds: float = 60.0, now: float | None = None) -> Plan:
+    """The run requests for the landing zone as it is now, given the run history. No side effects."""
+    now = time.time() if now is None else now
+    try:
+        done = dict(json.loads(cursor).get("done", {})) if cursor else {}
+    except (ValueError, AttributeError):
+        done = {}  # a cursor of an older sensor version: the run history is the truth anyway
+    plan = Plan(done=done)
+    for kind in KINDS:
+        try:
+            scan = zone.scan(kind, partition_keys, now)
+        except OSError as exc:
+            plan.warnings.append(f"cannot list {zone.root / kind}: {exc}")
+            continue
+        plan.warnings += [f"skipped {s}" for s in scan.strays]
+        for partition, files in scan.partitions.items():
+            try:
+                _plan_partition(plan, instance, kind, partition, files, max_attempts, backoff_seconds, now)
+            except Exception as exc:  # noqa: BLE001 - one partition never blocks the others
+                plan.warnings.append(f"{kind}/{partition}: skipped this tick ({type(exc).__name__}: {exc})")
+    return plan
+
+
+def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partition: str,
+                    files: list[LandedFile], max_attempts: int, backoff_seconds: float, now: float) -> None:
+    key = f"{kind}/{partition}"
+    writing = [f for f in files if not f.complete]
+    if writing:
+        plan.waiting.append(f"{key}: waiting for {', '.join(f'{f.name} ({f.why})' for f in writing)}")
+        return
+    stamp = stamp_of(files)
+    if plan.done.get(key) == stamp:
+        return
+    job = JOBS[kind]
+    entries = {f.entry for f in files}
+    # Labels: which records publication they follow; failed attempts count per publication, so new
+    # records (which may hold the ids the labels were missing) give the same labels a fresh set of attempts.
+    generation = records_published(instance, partition) if kind == "labels" else None
+    history = run_history(instance, job, partition, stamp, entries, generation)
+    if history.ingested_by:
+        plan.done[key] = stamp
+        return
+    if history.in_progress:
+        plan.waiting.append(f"{key}: a run of {job} for this partition is queued or running "
+                            f"({', '.join(history.in_progress[:3])}); waiting for it")
+        return
+    if materialized_from(instance, kind, partition, files):
+        plan.done[key] = stamp  # ingested by a run this sensor did not make
+        return
+    if kind == "labels" and generation is None:
+        plan.waiting.append(f"{key}: labels held until raw_records [{partition}] is published "
+                            f"(no successful run has materialized it yet)")
+        return
+    n = len(history.failed)
+    if n >= max_attempts:
+        plan.warnings.append(
+            f"{key}: gave up after {n} failed {job} run(s) on the same files "
+            f"({', '.join(r for r, _ in history.failed[:3])}); fix or re-deliver the files (a changed file "
+            f"is a new delivery) or launch {job} for {partition} by hand")
+        return
+    if n:
+        last_end = max(t for _, t in history.failed)
+        wait = min(backoff_seconds * 2 ** (n - 1), MAX_BACKOFF_SECONDS)
+        if now < last_end + wait:
+            plan.waiting.append(f"{key}: {n} failed attempt(s); retry {n + 1} of {max_attempts} in "
+                                f"{last_end + wait - now:.0f}s (backoff)")
+            return
+    names = sorted(f.entry for f in files)
+    listing = json.dumps(names, separators=(",", ":"))
+    tags = {KIND_TAG: kind, STAMP_TAG: stamp, ATTEMPT_TAG: str(n)}
+    if len(listing) <= MAX_FILES_TAG_CHARS:
+        tags[FILES_TAG] = listing
+    run_key = f"{key}/{stamp}/attempt-{n}"
+    if generation is not None:
+        tags[RECORDS_RUN_TAG] = generation
+        run_key = f"{key}/{stamp}/records-{generation[:8]}/attempt-{n}"
+    plan.requests.append(dg.RunRequest(run_key=run_key, partition_key=partition, job_name=job, tags=tags))
 
 
 def build_arrivals(spec: DatasetSpec) -> dict:
     parts = partitions_def(spec)
-    ingest_job = dg.define_asset_job("ingest_batch", selection=INGEST_ASSETS, partitions_def=parts,
+    partition_keys = list(parts.get_partition_keys())
+    ingest_job = dg.define_asset_job(JOBS["records"], selection=INGEST_ASSETS, partitions_def=parts,
                                      description="A landed batch: raw records of the partition, then the dbt models.")
-    labels_job = dg.define_asset_job("ingest_labels", selection=LABEL_ASSETS, partitions_def=parts,
+    labels_job = dg.define_asset_job(JOBS["labels"], selection=LABEL_ASSETS, partitions_def=parts,
                                      description="Delayed labels of a partition, then the dbt models.")
 
     @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=15,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="New files in the landing zone -> ingest their partition (records or labels).")
+               description="Complete files in the landing zone -> ingest their partition (records, then labels); "
+                           "failed ingestions are retried with backoff.")
     def landing_arrivals(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
-        zone = landing.zone()
-        seen = json.loads(context.cursor) if context.cursor else {}
-        requests = []
-        for kind, job in (("records", "ingest_batch"), ("labels", "ingest_labels")):
-            for partition in zone.partitions_with_files(kind):
-                files = zone.files(kind, partition)
-                stamp = ",".join(f"{p.name}:{int(p.stat().st_mtime)}" for p in files)
-                key = f"{kind}/{partition}"
-                if not files or seen.get(key) == stamp:
-                    continue
-                seen[key] = stamp
-                requests.append(dg.RunRequest(run_key=f"{key}/{stamp}", partition_key=partition, job_name=job,
-                                              tags={"arrival/kind": kind, "arrival/files": stamp[:200]}))
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen))
+        plan = plan_arrivals(context.instance, landing.zone(), partition_keys, context.cursor,
+                             max_attempts=landing.max_ingest_attempts,
+                             backoff_seconds=landing.retry_backoff_seconds)
+        for message in plan.warnings:
+            context.log.warning(message)
+        for message in plan.waiting:  # also the skip reason when nothing is requested
+            context.log.debug(message)
+        for req in plan.requests:
+            context.log.info(f"requesting {req.job_name} [{req.partition_key}] as {req.run_key}")
+        if plan.requests:
+            return dg.SensorResult(run_requests=plan.requests, cursor=plan.cursor())
+        return dg.SensorResult(skip_reason=plan.skip_reason(), cursor=plan.cursor())
 
     return {"jobs": [ingest_job, labels_job], "sensors": [landing_arrivals]}

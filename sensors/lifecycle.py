@@ -1,5 +1,6 @@
 """Lifecycle automation: arrivals, retraining triggers (schedule, volume, drift, estimated performance)
-and automated rollback. Sensors read Dagster's event log (cheap) and act; heavy work runs in jobs."""
+and automated rollback. Sensors only read (Dagster's event log, the registry's aliases) and request runs
+with deterministic run keys; every write (audit entries, alias moves) happens in those runs."""
 
 import datetime as dt
 import json
@@ -29,6 +30,18 @@ def _latest(instance: dg.DagsterInstance, key: str, limit: int = 1):
     return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=limit).records
 
 
+def _checked(instance: dg.DagsterInstance, key: str, limit: int = 1):
+    """The newest materializations of `key` that count as evidence: from SUCCESS runs (a failed run's
+    output never passed its checks) or reported from outside a run. Newest first."""
+    records = _latest(instance, key, limit=limit)
+    run_ids = sorted({r.run_id for r in records if r.run_id})
+    ok = set()
+    if run_ids:
+        ok = {r.run_id for r in instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids,
+                                                                        statuses=[dg.DagsterRunStatus.SUCCESS]))}
+    return [r for r in records if not r.run_id or r.run_id in ok]
+
+
 def _val(meta: dict, key: str, default=None):
     v = meta.get(key)
     return default if v is None else getattr(v, "value", v)
@@ -43,10 +56,12 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     vol = auto.get("volume", {})
     if vol.get("enabled", True):
-        labels = _latest(instance, "raw_labels", limit=500)
-        new = [r for r in labels if r.timestamp > trained_at]
+        per_partition = {}  # partition -> its latest checked materialization: each partition's rows count once
+        for r in _checked(instance, "raw_labels", limit=500):
+            per_partition.setdefault(r.partition_key, r)
+        new = [r for r in per_partition.values() if r.timestamp > trained_at]
         rows = sum(int(_val(r.asset_materialization.metadata, "rows", 0)) for r in new)
-        ts = _latest(instance, "training_set")
+        ts = _checked(instance, "training_set", limit=5)
         base = int(_val(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
         frac = rows / base if base else float("inf")
         top = max((r.storage_id for r in new), default=0)
@@ -59,7 +74,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     drift = auto.get("drift", {})
     if drift.get("enabled", True):
-        rec = _latest(instance, "drift_report")
+        rec = _checked(instance, "drift_report", limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
             summary = _val(rec[0].asset_materialization.metadata, "summary", {}) or {}
             method = drift.get("method")
@@ -75,7 +90,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     perf = auto.get("performance", {})
     if perf.get("enabled", True):
-        rec = _latest(instance, "performance_estimate")
+        rec = _checked(instance, "performance_estimate", limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
             meta = rec[0].asset_materialization.metadata
             metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
@@ -94,6 +109,46 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
     return fired
 
 
+def retrain_run_key(fired: list[Trigger]) -> str:
+    """Deterministic: the same evidence (trigger names and their event storage ids) gives the same key."""
+    return "retrain-" + "-".join(f"{t.name}{t.event_id}" for t in sorted(fired, key=lambda t: t.name))
+
+
+class RollbackConfig(dg.Config):
+    expected_champion: str  # roll back only if this version is still the champion
+    reason: str
+    partition: str = ""
+    evidence_run_id: str = ""
+    evidence_storage_id: int = 0
+    champion_score: float = float("nan")
+    previous_score: float = float("nan")
+    requested_by: str = "sensor:rollback_on_regression"
+
+
+@dg.op(description="Move `champion` back to `previous` (audit intent, alias moves, outcome), if the evidence's "
+                   "champion is still the champion.")
+def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource) -> None:
+    from mlplatform import registry
+    from mlplatform.audit import AuditTrail
+
+    current = registry.aliases(mlflow)
+    if current.get(registry.CHAMPION) != config.expected_champion:
+        context.log.info(f"the champion is v{current.get(registry.CHAMPION)}, not v{config.expected_champion}: "
+                         f"already rolled back or replaced since the evidence; nothing to do")
+        return
+    frm, to = registry.rollback(
+        mlflow, AuditTrail(), config.reason, actor=config.requested_by, expected_champion=config.expected_champion,
+        evidence={"partition": config.partition, "dagster_run_id": config.evidence_run_id,
+                  "evidence_storage_id": config.evidence_storage_id, "champion_score": config.champion_score,
+                  "previous_score": config.previous_score, "rollback_run_id": context.run_id})
+    context.log.info(f"rolled back champion v{frm} -> v{to}")
+
+
+@dg.job(description="Roll the champion back to the previous version (requested by rollback_on_regression or by hand).")
+def rollback_champion():
+    roll_back_champion()
+
+
 def build_lifecycle(spec: DatasetSpec) -> dict:
     arrivals = build_arrivals(spec)
     retrain_job = dg.define_asset_job("retrain", selection=RETRAIN_ASSETS,
@@ -102,7 +157,8 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
 
     @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Retrain when labelled volume, drift or estimated performance says so (once per event, "
-                           "one run per storm, a minimum interval between retrains).")
+                           "one run per storm, a minimum interval between retrains). Only requests the run; the "
+                           "run writes the audit entry.")
     def retrain_on_evidence(context: dg.SensorEvaluationContext):
         state = json.loads(context.cursor) if context.cursor else {"seen": {}, "last_fired": 0.0}
         fired = evaluate_triggers(context.instance, spec, state["seen"])
@@ -118,49 +174,50 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
                                  f"{(now - state['last_fired']) / 60:.0f} min ago (minimum {min_gap / 60:.0f} min)")
         state["last_fired"] = now
         context.update_cursor(json.dumps(state))
-        from mlplatform.audit import AuditTrail
-
-        evidence = {t.name: {"reason": t.reason, **t.evidence} for t in fired}
-        AuditTrail().record("retrain_triggered", f"{spec.name}-model", None,
-                            "; ".join(t.reason for t in fired), evidence, actor="sensor:retrain_on_evidence")
-        return dg.RunRequest(run_key=f"retrain-{int(now)}", tags={
+        evidence = {t.name: {"reason": t.reason, "event_storage_id": t.event_id, **t.evidence} for t in fired}
+        return dg.RunRequest(run_key=retrain_run_key(fired), tags={
             "retrain/trigger": "+".join(t.name for t in fired),
+            "retrain/reason": "; ".join(t.reason for t in fired)[:1000],
             "retrain/evidence": json.dumps(evidence, default=str)[:4000]})
 
-    @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Roll the champion back when it does worse than the previous champion on the same rows.")
+    @dg.sensor(job=rollback_champion, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Request a rollback run when the champion does worse than the previous champion on the "
+                           "same rows (the sensor reads; the rollback_champion job acts).")
     def rollback_on_regression(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
         rb = auto.get("rollback", {})
         if not rb.get("enabled", True):
             return dg.SkipReason("automated rollback is switched off")
         seen = int(context.cursor or 0)
-        recs = [r for r in _latest(context.instance, "realized_performance", limit=5) if r.storage_id > seen]
+        recs = [r for r in _checked(context.instance, "realized_performance", limit=5) if r.storage_id > seen]
         if not recs:
             return dg.SkipReason("no new realized performance")
-        context.update_cursor(str(max(r.storage_id for r in recs)))
         metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
-        for rec in recs:
+        from mlplatform import registry
+
+        al = None
+        for rec in sorted(recs, key=lambda r: r.storage_id):
             meta = rec.asset_materialization.metadata
             cur, prev = _val(meta, f"realized_{metric}"), _val(meta, f"previous_{metric}")
             if cur is None or prev is None:
                 continue
             worse = (prev - cur) if spec.higher_is_better else (cur - prev)
             if worse > rb.get("margin", 0.02):
-                from mlplatform import registry
-                from mlplatform.audit import AuditTrail
-
-                al = registry.aliases(mlflow)
-                if al.get(registry.CHAMPION) != str(_val(meta, "model_version")):
-                    continue  # the champion changed since: this evidence is about another model
-                frm, to = registry.rollback(
-                    mlflow, AuditTrail(),
-                    f"realized {metric} of champion v{al[registry.CHAMPION]} is {cur:.4f} vs {prev:.4f} for v"
-                    f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.get('margin')})",
-                    actor="sensor:rollback_on_regression",
-                    evidence={"partition": rec.partition_key, "dagster_run_id": rec.run_id, "champion_score": cur,
-                              "previous_score": prev})
-                context.log.info(f"rolled back champion v{frm} -> v{to}")
-                return dg.SkipReason(f"rolled back v{frm} -> v{to} (evidence run {rec.run_id})")
+                al = al if al is not None else registry.aliases(mlflow)  # a read; fails closed
+                champ = al.get(registry.CHAMPION)
+                if champ != str(_val(meta, "model_version")) or not al.get(registry.PREVIOUS):
+                    continue  # the champion changed since (or nothing to go back to): evidence about another state
+                context.update_cursor(str(max(r.storage_id for r in recs)))
+                reason = (f"realized {metric} of champion v{champ} is {cur:.4f} vs {prev:.4f} for v"
+                          f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.get('margin')})")
+                return dg.RunRequest(
+                    run_key=f"rollback-{champ}-{rec.storage_id}",
+                    run_config={"ops": {"roll_back_champion": {"config": {
+                        "expected_champion": champ, "reason": reason, "partition": rec.partition_key or "",
+                        "evidence_run_id": rec.run_id or "", "evidence_storage_id": rec.storage_id,
+                        "champion_score": float(cur), "previous_score": float(prev),
+                        "requested_by": "sensor:rollback_on_regression"}}}},
+                    tags={"rollback/from_version": champ, "rollback/evidence_storage_id": str(rec.storage_id)})
+        context.update_cursor(str(max(r.storage_id for r in recs)))
         return dg.SkipReason("champion is not worse than the previous champion")
 
     schedules = []
@@ -168,5 +225,5 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto["retrain_schedule"],
                                                job=retrain_job, tags={"retrain/trigger": "schedule"},
                                                default_status=dg.DefaultScheduleStatus.RUNNING))
-    return {"jobs": [*arrivals["jobs"], retrain_job],
+    return {"jobs": [*arrivals["jobs"], retrain_job, rollback_champion],
             "sensors": [*arrivals["sensors"], retrain_on_evidence, rollback_on_regression], "schedules": schedules}

@@ -1,18 +1,22 @@
-"""Publish sensors: a finished run's branch is merged into main only if it passed; failures keep theirs."""
+"""Publish sensors: a finished run's branch is merged into main only if it passed; failures keep theirs.
+Publishing a run also applies its gate decision: model aliases move only once its data is on main."""
 
 
 import dagster as dg
 
 from resources.lakefs import LakeFSResource
+from resources.mlflow import MLflowResource
 from resources.publish import publish_run
 
 
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, minimum_interval_seconds=5,
-                      description="Merges a successful run's lakeFS branch into main (write-audit-publish).")
-def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource):
-    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
+                      description="Merges a successful run's lakeFS branch into main (write-audit-publish), then "
+                                  "moves the model aliases its gate decided.")
+def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource):
+    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow)
     context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
-    if outcome.status == "conflict":
+    if outcome.status == "conflict" or outcome.promotion_pending:
+        # Reported on the run; the branch is kept, so the next publish (any new run, or `mlp publish`) retries.
         raise RuntimeError(outcome.detail)
 
 

@@ -22,7 +22,9 @@ def resources_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow
     res = {
         "lakefs": lakefs,
         "io_manager": LakeFSIOManager(lakefs=lakefs),
-        "landing": LandingZoneResource(root=str(state / "landing" / spec.name)),
+        # Tests write whole files before they materialize, so a file counts as complete at once; the settle
+        # time itself is proven in tests/test_arrivals.py.
+        "landing": LandingZoneResource(root=str(state / "landing" / spec.name), settle_seconds=0),
         "duckdb": DuckDBResource(database=str(state / "duckdb" / f"{spec.name}.duckdb"), state_dir=str(state),
                                  lakefs_endpoint=lakefs.endpoint, lakefs_access_key_id=lakefs.access_key_id,
                                  lakefs_secret_access_key=lakefs.secret_access_key),

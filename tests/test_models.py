@@ -13,7 +13,7 @@ from assets.evaluation import build_evaluation
 from assets.training import build_training
 from mlplatform import registry
 from mlplatform.audit import AuditTrail
-from resources.publish import publish_pending
+from resources.publish import publish_run
 from resources.mlflow import MLflowResource, MLflowUnavailable
 
 from .helpers import car_loan, quick_training_set, resources_for
@@ -48,6 +48,12 @@ def mlflow_res(spec, uri) -> MLflowResource:
     return MLflowResource(tracking_uri=uri, model_name=f"{spec.name}-model", experiment=spec.name)
 
 
+def train_and_publish(spec, ts, lakefs, state, instance, mlflow_uri, **cfg):
+    result = train(spec, ts, lakefs, state, instance, mlflow_uri, **cfg)
+    publish_run(instance, lakefs, result.run_id, mlflow_res(spec, mlflow_uri))
+    return result
+
+
 def versions(m: MLflowResource) -> list[str]:
     return sorted(str(v.version) for v in m.client().search_model_versions(f"name='{m.model_name}'"))
 
@@ -56,6 +62,8 @@ def test_first_model_becomes_champion_and_carries_its_lineage(spec, base_ts, lak
     result = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
     assert result.success
     m = mlflow_res(spec, mlflow_uri)
+    assert registry.aliases(m) == {}  # the gate decided; nothing moves before the run's data is on main
+    assert publish_run(instance, lakefs, result.run_id, m).status == "published"
     assert registry.aliases(m) == {"champion": "1"}
     tags = registry.version_tags(m, "1")
     ts_commit = result.asset_materializations_for_node("training_set")[0].metadata["lakefs_commit"].value
@@ -67,49 +75,55 @@ def test_first_model_becomes_champion_and_carries_its_lineage(spec, base_ts, lak
     assert "/runs/" in mat.metadata["mlflow_run"].value
     card = result.asset_materializations_for_node("model_card")[0]
     assert ts_commit in card.metadata["card"].value
-    assert [e.action for e in AuditTrail().history(m.model_name)] == ["registered", "promoted"]
+    assert [e.action for e in AuditTrail().history(m.model_name)] == ["registered", "gate_decision",
+                                                                       "promotion_intent", "promoted"]
 
 
 def test_better_candidate_is_promoted_and_a_worse_one_stays_challenger(spec, base_ts, lakefs, state, instance,
                                                                         mlflow_uri):
     m = mlflow_res(spec, mlflow_uri)
-    weak = train(spec, base_ts, lakefs, state, instance, mlflow_uri, num_boost_round=8, num_leaves=3,
-                 learning_rate=0.1)
+    weak = train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri, num_boost_round=8, num_leaves=3,
+                             learning_rate=0.1)
     assert weak.success and registry.aliases(m)["champion"] == "1"
-    strong = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
+    strong = train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri)
     assert strong.success
     assert registry.aliases(m) == {"champion": "2", "previous": "1"}
-    publish_pending(instance, lakefs)  # the earlier runs reach main (a new run would publish them anyway)
     lakefs_main_before = lakefs.head()
     worse = train(spec, base_ts, lakefs, state, instance, mlflow_uri, shuffle_labels=True)
     assert not worse.success  # the gate is a blocking check: the run fails, nothing is published
     gate = [e for e in worse.get_asset_check_evaluations() if e.check_name == "promotion_gate"][0]
     assert not gate.passed and ("floor" in gate.description or "CI" in gate.description)
-    assert registry.aliases(m) == {"champion": "2", "previous": "1", "challenger": "3"}
+    assert publish_run(instance, lakefs, worse.run_id, m).status == "kept"
+    # A rejected candidate gets no alias: its data never reaches main, so it is not even a shadow challenger.
+    assert registry.aliases(m) == {"champion": "2", "previous": "1"}
+    assert registry.version_tags(m, "3")["gate"] == "reject"
     assert lakefs.head() == lakefs_main_before
     actions = [(e.action, e.version) for e in AuditTrail().history(m.model_name)]
-    assert actions == [("registered", "1"), ("promoted", "1"), ("registered", "2"), ("promoted", "2"),
-                       ("registered", "3"), ("rejected", "3")]
+    assert actions == [("registered", "1"), ("gate_decision", "1"), ("promotion_intent", "1"), ("promoted", "1"),
+                       ("registered", "2"), ("gate_decision", "2"), ("promotion_intent", "2"), ("promoted", "2"),
+                       ("registered", "3"), ("gate_decision", "3")]
+    assert AuditTrail().history(m.model_name)[-1].evidence["decision"] == "reject"
 
 
 def test_rollback_restores_the_previous_champion_in_one_step(spec, base_ts, lakefs, state, instance, mlflow_uri):
     m = mlflow_res(spec, mlflow_uri)
-    train(spec, base_ts, lakefs, state, instance, mlflow_uri, num_boost_round=8, num_leaves=3, learning_rate=0.1)
-    train(spec, base_ts, lakefs, state, instance, mlflow_uri)
+    train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri, num_boost_round=8, num_leaves=3,
+                      learning_rate=0.1)
+    train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri)
     old, new = registry.rollback(m, AuditTrail(), "drill", actor="user:test")
     assert (old, new) == ("2", "1")
-    assert registry.aliases(m)["champion"] == "1"
-    last = AuditTrail().history(m.model_name)[-1]
+    assert registry.aliases(m) == {"champion": "1", "challenger": "2"}
+    intent, last = AuditTrail().history(m.model_name)[-2:]
+    assert intent.action == "rollback_intent" and intent.evidence["aliases_after"]["champion"] == "1"
     assert last.action == "rolled_back" and last.evidence["from_version"] == "2" and last.actor == "user:test"
+    assert last.evidence["intent_seq"] == intent.seq
 
 
 def test_reproduce_rebuilds_the_training_set_from_lakefs_and_predicts_identically(spec, base_ts, lakefs, state,
                                                                                    instance, mlflow_uri):
     from mlplatform.cli import reproduce
-    from resources.publish import publish_run
 
-    result = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
-    publish_run(instance, lakefs, result.run_id)
+    train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri)
     out = reproduce("1", mlflow=mlflow_res(spec, mlflow_uri), lakefs=lakefs, spec=spec)
     assert out["identical"] and out["max_abs_diff"] <= 1e-12 and out["test_rows"] > 1000
 
@@ -141,7 +155,7 @@ def test_the_audit_trail_is_append_only_and_tampering_is_detected(state):
 def test_bad_training_data_registers_nothing_and_keeps_the_champion(problem, expect, spec, base_ts, lakefs, state,
                                                                      instance, mlflow_uri):
     m = mlflow_res(spec, mlflow_uri)
-    assert train(spec, base_ts, lakefs, state, instance, mlflow_uri).success
+    assert train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri).success
     ts = base_ts
     if problem == "one_class":
         ts = ts.with_columns(pl.lit(1.0).alias(spec.target))
@@ -167,7 +181,7 @@ def test_features_missing_at_inference_are_named_by_the_signature(spec, base_ts,
 
     from mlplatform import modeling
 
-    assert train(spec, base_ts, lakefs, state, instance, mlflow_uri).success
+    assert train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri).success
     m = mlflow_res(spec, mlflow_uri)
     m.setup()
     model = mlflow.pyfunc.load_model(f"models:/{m.model_name}@champion")
@@ -196,11 +210,16 @@ def test_manual_mode_holds_promotion_until_an_approval_names_version_approver_an
                           resources=resources_for(lakefs, state, spec, mlflow_uri),
                           run_config={"ops": {"evaluation_report": {"config": {"manual_approval": True}}}})
     assert held.success
+    assert registry.aliases(m) == {}  # decided, not applied: the run is not published yet
+    with pytest.raises(registry.RegistryError, match="not awaiting approval"):
+        registry.approve(m, AuditTrail(), "1", "alice", "too early")
+    publish_run(instance, lakefs, held.run_id, m)
     assert registry.aliases(m) == {"awaiting-approval": "1"}  # nothing is champion yet
     with pytest.raises(registry.RegistryError, match="not awaiting approval"):
         registry.approve(m, AuditTrail(), "7", "alice", "wrong version")
     registry.approve(m, AuditTrail(), "1", "alice", "reviewed the card and slices")
     assert registry.aliases(m) == {"champion": "1"}
-    last = AuditTrail().history(m.model_name)[-1]
+    intent, last = AuditTrail().history(m.model_name)[-2:]
+    assert intent.action == "approval_intent" and last.evidence["intent_seq"] == intent.seq
     assert (last.action, last.version, last.actor, last.reason) == ("approved", "1", "user:alice",
                                                                     "reviewed the card and slices")

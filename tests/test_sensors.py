@@ -5,7 +5,6 @@ import json
 import time
 
 import dagster as dg
-import polars as pl
 import pytest
 
 from mlplatform import registry
@@ -53,23 +52,6 @@ def drift_evidence(n_features, partition="2019-04-01", mv=False):
     feats = ["car_value", "salary_range", "debt_to_income_ratio", "loan_length", "driver_tenure"][:n_features]
     return {"alerts_by_feature": {f: ["jensen_shannon"] for f in feats}, "multivariate": {"alert": mv},
             "alerting_features": feats, "partition": partition}
-
-
-def test_arrivals_request_the_landed_partition_once_and_labels_their_own_job(sensors, instance, state, spec):
-    zone = LandingZoneResource(root=str(state / "landing"))
-    d = state / "landing" / "records" / "2018-11-01"
-    d.mkdir(parents=True)
-    pl.DataFrame({"id": [1]}).write_parquet(d / "batch.parquet")
-    result, cursor = tick(sensors["landing_arrivals"], instance, landing=zone)
-    reqs = requests(result)
-    assert [(r.partition_key, r.job_name) for r in reqs] == [("2018-11-01", "ingest_batch")]
-    result, cursor = tick(sensors["landing_arrivals"], instance, cursor=result.cursor, landing=zone)
-    assert requests(result) == []  # the same files never fire twice
-    ld = state / "landing" / "labels" / "2018-10-01"
-    ld.mkdir(parents=True)
-    pl.DataFrame({"id": [1]}).write_parquet(ld / "labels.parquet")
-    result, _ = tick(sensors["landing_arrivals"], instance, cursor=result.cursor, landing=zone)
-    assert [(r.partition_key, r.job_name) for r in requests(result)] == [("2018-10-01", "ingest_labels")]
 
 
 def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors, instance, state):
