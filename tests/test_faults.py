@@ -111,6 +111,18 @@ def main_holds_only_checked_data(lakefs: LakeFSResource, instance: dg.DagsterIns
     return merged
 
 
+def wait_published(lakefs: LakeFSResource, instance: dg.DagsterInstance, run_id: str, timeout: float = 120):
+    """The daemon's publish sensor merges a successful run into main by itself (no later run needed)."""
+    try:
+        return wait_for(f"run {run_id} to be published", lambda: (lambda ids: ids if run_id in ids else None)(
+            main_holds_only_checked_data(lakefs, instance)), timeout, every=3)
+    except AssertionError:
+        ticks = [s.name for s in instance.all_instigator_state() if s.status.value == "RUNNING"]
+        raise AssertionError(f"run {run_id} succeeded but was not merged into main within {timeout:.0f}s; "
+                             f"sensors and schedules running: {ticks} (the publish sensors of "
+                             f"sensors/publish.py must run by default)") from None
+
+
 def registry_state(m) -> tuple[dict, list[str]]:
     """(aliases, versions); asserts every version has its audit entry."""
     from mlflow.exceptions import MlflowException
@@ -382,12 +394,12 @@ def test_run_worker_sigkilled_mid_training_is_failed_and_retried_by_the_daemon(l
         assert res["lakefs"].head() == before_main
         aliases, _ = registry_state(m)
         assert "champion" not in aliases
-        assert failed.tags.get("dagster/will_retry") == "true"
+        wait_for("the killed run to be marked for a retry", lambda: instance.get_run_by_id(run.run_id).tags.get(
+            "dagster/will_retry") == "true", 30, every=0.5)
         done = wait_for("the daemon's retry to finish", lambda: final_retry(instance, run.run_id), 900,
                         every=5, daemon=daemon, log=log)
         assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
-        wait_for("the retry to be published", lambda: done.run_id in main_holds_only_checked_data(
-            res["lakefs"], instance), 120, every=3)
+        wait_published(res["lakefs"], instance, done.run_id)
     finally:
         stop_daemon(daemon)
     aliases, versions = registry_state(m)
@@ -433,8 +445,7 @@ def test_mlflow_unreachable_during_registration_fails_cleanly_and_the_daemon_fin
         done = wait_for("the daemon's retry to finish", lambda: final_retry(instance, run.run_id), 900,
                         every=5, daemon=daemon, log=log)
         assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
-        wait_for("the retry to be published", lambda: done.run_id in main_holds_only_checked_data(
-            res["lakefs"], instance), 120, every=3)
+        wait_published(res["lakefs"], instance, done.run_id)
         aliases, versions = registry_state(m)
         assert aliases.get("champion") == versions[-1]
     finally:
@@ -480,9 +491,7 @@ def test_lakefs_killed_mid_run_and_restarted_the_run_finishes(lifecycle, lakefs_
             done = wait_for("the run (or its retry) to finish", lambda: final_retry(instance, run.run_id), 900,
                             every=5, daemon=daemon, log=log)
             assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
-            merged = wait_for("the run to be published",
-                              lambda: (lambda ids: ids if done.run_id in ids else None)(
-                                  main_holds_only_checked_data(own, instance)), 120, every=3)
+            merged = wait_published(own, instance, done.run_id)
             assert own.head() != before_main and merged
         finally:
             stop_daemon(daemon)
