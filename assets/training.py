@@ -247,7 +247,8 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
             "fingerprint": fp}
     test = ts.filter(pl.col("split") == "test")
     version = None
-    with mlf.start_run(run_name=f"candidate-{run_id[:8]}") as run:
+    # MLflow's fluent API quotes the full tracking URI in its errors: redact them on the way out.
+    with mlflow.redacting(), mlf.start_run(run_name=f"candidate-{run_id[:8]}") as run:
         try:
             mlf.set_tags(tags)
             mlf.log_params({**{k: v for k, v in params.items()}, "num_boost_round": config.num_boost_round,

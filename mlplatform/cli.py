@@ -363,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     load_env_file()
     os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
     args = build_parser().parse_args(argv)
+    from mlplatform.redact import redact, redacting
+
     try:
-        return args.fn(args)
+        with redacting():  # an unexpected traceback carries no credentials either
+            return args.fn(args)
     except Exception as exc:  # noqa: BLE001 - the operator gets one clear line, not a stack trace
         from resources.lakefs import LakeFSError
         from resources.settings import SettingError
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         from resources.mlflow import MLflowUnavailable
 
         if isinstance(exc, (LakeFSError, SettingError, RegistryError, MLflowUnavailable)):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact(exc)}", file=sys.stderr)
             return 1
         raise
 

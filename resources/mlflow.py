@@ -151,5 +151,9 @@ class MLflowResource(dg.ConfigurableResource):
 
         try:
             return self.client().get_model_version_by_alias(self.model_name, alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # Fail closed: only "not set / no such model" means None; a store error is an error.
+            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise MLflowUnavailable(f"MLflow at {self.display_uri}: cannot read alias {alias!r} of "
+                                    f"{self.model_name}: {redact(str(exc), self._secrets())[:300]}") from None
