@@ -1,4 +1,7 @@
 -- Labels with the moment each became known: history at event time + delay, production when delivered.
+-- A production label is only accepted for an id in its own batch's records (raw_labels), and ids are unique
+-- across batches (raw_records), so the join on the id cannot hand one entity's label to another. Nothing is
+-- de-duplicated here: a repeated id fails the blocking `unique` test rather than silently picking one label.
 -- depends_on: {{ source('lakefs', 'reference_data') }} {{ source('lakefs', 'raw_labels') }}
 with history as (
     select cast("{{ var('id_column') }}" as bigint) as "{{ var('id_column') }}",
@@ -14,6 +17,6 @@ production as (
            'production' as origin
     from {{ lakefs_table('raw_labels', {var('id_column'): 'bigint', var('target'): 'double', 'label_available_at': 'timestamp'}) }}
 )
-select *
-from (select * from history union all by name select * from production)
-qualify row_number() over (partition by "{{ var('id_column') }}" order by label_available_at asc) = 1
+select * from history
+union all by name
+select * from production
