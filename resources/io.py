@@ -186,10 +186,23 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
 
     # --- run life ---------------------------------------------------------------------------------
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # A retry inherits its parent's tags: the parent's transient fault says nothing about this run.
+        # A retry inherits its parent's tags; those describing the parent's outcome (its transient fault,
+        # its kept branch) say nothing about this run and would stop its publication. Tags cannot be
+        # removed: they are emptied.
+        from resources.publish import KEPT_TAG, PUBLISHED_TAG
+
         run, instance = context.run, context.instance
-        if run is not None and instance is not None and parent_of(run) and run.tags.get(TRANSIENT_TAG):
-            instance.add_run_tags(run.run_id, {RETRY_ON_STEP_FAILURE_TAG: "false", TRANSIENT_TAG: ""})
+        if run is None or instance is None or not parent_of(run):
+            return
+        reset = {}
+        if run.tags.get(TRANSIENT_TAG):
+            reset.update({RETRY_ON_STEP_FAILURE_TAG: "false", TRANSIENT_TAG: ""})
+        if run.tags.get(KEPT_TAG) and run.tags[KEPT_TAG] != run_branch(run.run_id):
+            reset[KEPT_TAG] = ""
+        if run.tags.get(PUBLISHED_TAG):
+            reset[PUBLISHED_TAG] = ""
+        if reset:
+            instance.add_run_tags(run.run_id, reset)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Before the run's outcome is recorded: if a step failed on a transient fault (lakeFS, MLflow or

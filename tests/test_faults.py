@@ -336,6 +336,8 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
     the failed run's branch (which holds the outputs it does not rebuild); the failed branch is kept."""
     from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
 
+    from resources.publish import KEPT_TAG
+
     @dg.asset
     def base() -> pl.DataFrame:
         return pl.DataFrame({"v": [7]})
@@ -349,16 +351,20 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
     # Mark `first` failed, as a run killed after `base` would be, then resume it as a retry would.
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
     before = lakefs.head()
+    # A retry copies its parent's tags, including the parent's kept branch (if it was recorded before).
     second = dg.materialize([base, top], selection=["top"], instance=instance, resources={"io_manager": io},
                             tags={PARENT_RUN_ID_TAG: first.run_id, ROOT_RUN_ID_TAG: first.run_id,
-                                  RESUME_RETRY_TAG: "true"})
+                                  RESUME_RETRY_TAG: "true", KEPT_TAG: run_branch(first.run_id)})
+    assert not instance.get_run_by_id(second.run_id).tags.get(KEPT_TAG)  # the parent's outcome is not its own
     found = latest_checked_materialization(instance, dg.AssetKey("top"), None, second.run_id)
     assert found and found[2] == second.run_id
     child = run_branch(second.run_id)
     assert sorted(lakefs.list_paths(child, "assets/")) == ["assets/base/data.parquet", "assets/top/data.parquet"]
     assert lakefs.branch_exists(run_branch(first.run_id))  # kept for inspection
     assert lakefs.head() == before  # nothing published yet
-    assert publish_run(instance, lakefs, second.run_id).status == "published"
+    from resources.publish import publish_pending
+
+    assert {o.run_id: o.status for o in publish_pending(instance, lakefs)}.get(second.run_id) == "published"
     from resources.io import load_asset
 
     assert load_asset(lakefs, "top")["v"].to_list() == [8] and load_asset(lakefs, "base")["v"].to_list() == [7]
