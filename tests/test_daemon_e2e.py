@@ -85,7 +85,11 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
             time.sleep(10)
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
             events = AuditTrail().history(m.model_name)
-            gated = next((e for e in events if e.version == "2" and e.action in ("promoted", "rejected")), None)
+            decided = next((e for e in events if e.version == "2" and e.action == "gate_decision"), None)
+            # A promotion is complete only once the run's data is on main and the publish moved the alias.
+            if decided is not None and (decided.evidence.get("decision") != "promote"
+                                        or any(e.version == "2" and e.action == "promoted" for e in events)):
+                gated = decided
         events = AuditTrail().history(m.model_name)
         runs = instance.get_runs()
         summary = [(r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in runs]
