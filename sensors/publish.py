@@ -10,6 +10,7 @@ from resources.publish import publish_run
 
 
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, minimum_interval_seconds=5,
+                      default_status=dg.DefaultSensorStatus.RUNNING,  # publishing must not wait for a person
                       description="Merges a successful run's lakeFS branch into main (write-audit-publish), then "
                                   "moves the model aliases its gate decided.")
 def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource):
@@ -21,6 +22,7 @@ def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSRe
 
 
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.FAILURE, minimum_interval_seconds=5,
+                      default_status=dg.DefaultSensorStatus.RUNNING,
                       description="Records that a failed run's lakeFS branch is kept and main untouched.")
 def keep_failed_run_branches(context: dg.RunStatusSensorContext, lakefs: LakeFSResource):
     outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
