@@ -1,6 +1,7 @@
 """MLflow tracking and registry: a local SQLite store by default, MLFLOW_TRACKING_URI overrides it."""
 
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -98,6 +99,11 @@ class MLflowResource(dg.ConfigurableResource):
 
     def _setup(self) -> str:
         install_log_filter()  # MLflow's and SQLAlchemy's own log lines never show the URI's credentials
+        # MLflow's HTTP client retries a dead server for minutes by default (7 retries, 120 s timeouts): bound
+        # it, so an outage fails the step in seconds and Dagster's run retry takes over. The caller's own
+        # settings win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self._check()  # before importing mlflow (seconds on a busy machine): an unreachable store fails fast
         import mlflow
 
