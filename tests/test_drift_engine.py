@@ -137,6 +137,22 @@ def test_ks_small_samples_give_exactly_scipy_ks_2samp(n_ref, chunk_size, n_ana):
     assert 0 < pval.min() < 0.05  # the drift is seen: not a comparison of p-values that are all 1
 
 
+def test_ks_small_samples_equal_ks_2samp_when_scipy_calls_are_split_in_blocks(monkeypatch):
+    import drift.ks
+
+    monkeypatch.setattr(drift.ks, "_EXACT_BLOCK_VALUES", 1000)  # 2 chunks of 500 per call to ks_2samp
+    rng = np.random.default_rng(3)
+    ref = pl.DataFrame({"x": rng.normal(size=1200).round(1)})
+    ana = pl.DataFrame({"x": rng.normal(0.2, size=2700).round(1)})  # 5 chunks of 500, one of 200
+    spec = ChunkSpec(kind="size", size=500)
+    result = DriftEngine(continuous=["x"], methods=("ks",), min_chunk_rows=10).fit(ref, spec).calculate(ana, spec)
+    stat, pval = _values(result, "x", "ks"), _values(result, "x", "ks", "p_value")
+    assert len(stat) == 6
+    for i in range(6):
+        expected = stats.ks_2samp(ref["x"].to_numpy(), ana["x"].to_numpy()[i * 500:(i + 1) * 500])
+        assert (stat[i], pval[i]) == (expected.statistic, expected.pvalue), i
+
+
 def test_ks_identical_chunk_has_statistic_zero_and_p_value_one():
     values = np.arange(500, dtype=float)
     engine = DriftEngine(continuous=["x"], methods=("ks",), min_chunk_rows=10)
