@@ -1,4 +1,4 @@
-"""Fast univariate drift detection on polars (see :mod:`drift.engine`)."""
+"""Fast univariate drift detection on polars (see :mod:`drift.engine`, which also maps the layers)."""
 
 from drift.engine import METHODS, ChunkSpec, DriftEngine
 
