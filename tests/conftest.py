@@ -68,3 +68,17 @@ def instance(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Test tiers. A test that uses a real service (through these fixtures, or marked so) is `services`;
+# `daemon` and `faults` are end to end; every other test is `unit`: no services, fast (`make test-fast`).
+SERVICE_FIXTURES = {"lakefs_env", "lakefs", "mlflow_uri"}
+END_TO_END = ("services", "daemon", "faults", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+        if not any(item.get_closest_marker(name) for name in END_TO_END):
+            item.add_marker(pytest.mark.unit)

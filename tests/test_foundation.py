@@ -185,7 +185,9 @@ def test_unreachable_lakefs_fails_fast_naming_the_endpoint():
     from mlplatform.services import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
-    res = LakeFSResource(endpoint=endpoint, access_key_id="x", secret_access_key="y", timeout_seconds=2)
+    # The retry budget bounds the wait: one retry here (the default budget retries for up to a minute).
+    res = LakeFSResource(endpoint=endpoint, access_key_id="x", secret_access_key="y", timeout_seconds=2,
+                         retries=1, retry_deadline_seconds=3)
     t0 = time.time()
     with pytest.raises(LakeFSUnavailable, match=endpoint.replace(".", r"\.")):
         res.head()
