@@ -15,6 +15,7 @@ from mlplatform import registry
 from mlplatform.audit import AuditTrail
 from resources.publish import publish_run
 from resources.mlflow import MLflowResource, MLflowUnavailable
+from resources.io import git_commit
 
 from .helpers import car_loan, quick_training_set, resources_for
 
@@ -68,7 +69,7 @@ def test_first_model_becomes_champion_and_carries_its_lineage(spec, base_ts, lak
     tags = registry.version_tags(m, "1")
     ts_commit = result.asset_materializations_for_node("training_set")[0].metadata["lakefs_commit"].value
     assert tags["lakefs_commit"] == ts_commit
-    assert tags["dagster_run_id"] == result.run_id and tags["code_version"]
+    assert tags["dagster_run_id"] == result.run_id and tags["code_version"] == git_commit()
     run = m.client().get_run(tags and m.client().get_model_version(m.model_name, "1").run_id)
     assert run.inputs.dataset_inputs[0].dataset.source.find(ts_commit) >= 0
     mat = result.asset_materializations_for_node("candidate_model")[0]
