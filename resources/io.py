@@ -256,6 +256,13 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         parent = run_branch(parent_of(run)) if is_resumed(run) else None
         if parent and not self.lakefs.branch_exists(name) and self.lakefs.branch_exists(parent):
             self.lakefs.ensure_branch(name, source=parent)
+        elif parent and not self.lakefs.branch_exists(name) and instance.get_records_for_run(
+                parent_of(run), of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1).records:
+            # Branching from main instead would silently drop the outputs this run does not rebuild.
+            raise LakeFSError(
+                f"run {run_id} resumes run {parent_of(run)}, whose branch {parent!r} (holding the outputs this run "
+                f"skips) is gone from lakeFS repository {self.lakefs.repository!r} at {self.lakefs.endpoint}: "
+                f"re-execute the whole job instead of resuming from the failure")
         else:
             open_run_branch(instance if self.publish_before_branching else None, self.lakefs, run_id)
         self._branches.add(name)

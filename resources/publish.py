@@ -173,6 +173,11 @@ def prune_branches(instance: dg.DagsterInstance, lakefs: LakeFSResource, older_t
         if run.status == dg.DagsterRunStatus.SUCCESS and not run.tags.get(KEPT_TAG):
             kept[info.name] = "successful run awaiting publication"
             continue
+        retry = _retry_in_flight(instance, run)
+        if retry:
+            # A resumed retry branches from this run's branch and reads the outputs it does not rebuild.
+            kept[info.name] = retry
+            continue
         if run.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) \
                 and not run.tags.get(KEPT_TAG):
             kept[info.name] = f"run is {run.status.value}"
@@ -187,6 +192,18 @@ def prune_branches(instance: dg.DagsterInstance, lakefs: LakeFSResource, older_t
         if not dry_run:
             lakefs.delete_branch(info.name)
     return PruneOutcome(pruned, kept)
+
+
+def _retry_in_flight(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    """Why a failed run's branch is still needed by a retry ('' when it is not)."""
+    if run.tags.get("dagster/will_retry") == "true":
+        return "Dagster will retry this run (its retry resumes from this branch)"
+    root = run.root_run_id or run.run_id
+    group = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/root_run_id": root}))
+    active = [r.run_id for r in group if r.status in ACTIVE]
+    if active:
+        return f"a retry of this run is {len(active)} run(s) in progress ({active[0]})"
+    return ""
 
 
 def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str) -> str:

@@ -260,3 +260,14 @@ def test_a_run_starts_from_its_finished_predecessors_even_before_the_publish_sen
     assert load_asset(lakefs, "numbers")["x"][0] == 7
     assert not lakefs.branch_exists(run_branch(first.run_id))
     assert load_asset(lakefs, "doubled", ref=run_branch(second.run_id))["x"][0] == 14
+
+
+def test_pruning_keeps_the_branch_of_a_failed_run_that_dagster_will_retry(lakefs, instance):
+    failed = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)
+    retried = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)
+    # The daemon marks a run it is about to re-execute; its resumed retry branches from this branch.
+    instance.add_run_tags(retried.run_id, {"dagster/will_retry": "true"})
+    result = prune_branches(instance, lakefs, older_than_days=0, dry_run=False)
+    assert result.pruned == [run_branch(failed.run_id)]
+    assert lakefs.branch_exists(run_branch(retried.run_id))
+    assert "retry" in result.kept[run_branch(retried.run_id)]
