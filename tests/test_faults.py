@@ -370,6 +370,36 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
     assert load_asset(lakefs, "top")["v"].to_list() == [8] and load_asset(lakefs, "base")["v"].to_list() == [7]
 
 
+def test_a_resumed_run_whose_parent_branch_is_gone_fails_instead_of_branching_from_main(lakefs, instance):
+    from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
+
+    @dg.asset
+    def base() -> pl.DataFrame:
+        return pl.DataFrame({"v": [7]})
+
+    @dg.asset
+    def top(base: pl.DataFrame) -> pl.DataFrame:
+        return base.with_columns(pl.col("v") + 1)
+
+    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    first = dg.materialize([base], instance=instance, resources={"io_manager": io})
+    instance.report_run_failed(instance.get_run_by_id(first.run_id))
+    lakefs.delete_branch(run_branch(first.run_id))  # e.g. pruned by hand while its retry was queued
+    before = lakefs.head()
+    second = dg.materialize([base, top], selection=["top"], instance=instance, resources={"io_manager": io},
+                            raise_on_error=False,
+                            tags={PARENT_RUN_ID_TAG: first.run_id, ROOT_RUN_ID_TAG: first.run_id,
+                                  RESUME_RETRY_TAG: "true"})
+    assert not second.success
+    failure = next(e for e in second.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    error, messages = failure.step_failure_data.error, []
+    while error is not None:  # the LakeFSError is the cause of Dagster's handle-output error
+        messages.append(error.message)
+        error = error.cause
+    assert any(run_branch(first.run_id) in m and "gone" in m for m in messages), messages
+    assert lakefs.head() == before and not lakefs.branch_exists(run_branch(second.run_id))
+
+
 # --- daemon drills ------------------------------------------------------------------------------------
 @pytest.mark.daemon
 def test_run_worker_sigkilled_mid_training_is_failed_and_retried_by_the_daemon(lifecycle, tmp_path):
