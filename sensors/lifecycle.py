@@ -51,7 +51,8 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
     """Which retraining triggers have new evidence since `seen` (storage ids per trigger)."""
     auto = spec.automation
     fired: list[Trigger] = []
-    last_model = _latest(instance, "candidate_model")
+    # Since the last model a successful run produced: a failed retrain must not hide the evidence.
+    last_model = _checked(instance, "candidate_model", limit=20)
     trained_at = last_model[0].timestamp if last_model else 0.0
 
     vol = auto.get("volume", {})
@@ -164,14 +165,15 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         fired = evaluate_triggers(context.instance, spec, state["seen"])
         if not fired:
             return dg.SkipReason("no trigger has new evidence")
-        for t in fired:  # each event is consumed, whether or not it leads to a run now
-            state["seen"][t.name] = max(state["seen"].get(t.name, 0), t.event_id)
         min_gap = float(auto.get("min_minutes_between_retrains", 60)) * 60
         now = time.time()
         if now - state["last_fired"] < min_gap:
-            context.update_cursor(json.dumps(state))
+            # The evidence is held, not consumed: the cursor only moves past evidence handed to a run, so it
+            # fires once the interval has passed (unless a newer model makes it stale first).
             return dg.SkipReason(f"triggers {[t.name for t in fired]} fired, but the last retrain was "
                                  f"{(now - state['last_fired']) / 60:.0f} min ago (minimum {min_gap / 60:.0f} min)")
+        for t in fired:  # consumed now that a run carries it
+            state["seen"][t.name] = max(state["seen"].get(t.name, 0), t.event_id)
         state["last_fired"] = now
         context.update_cursor(json.dumps(state))
         evidence = {t.name: {"reason": t.reason, "event_storage_id": t.event_id, **t.evidence} for t in fired}

@@ -83,6 +83,12 @@ def test_a_storm_of_evidence_makes_one_run_and_the_minimum_interval_holds(sensor
     report(instance, "drift_report", "2019-06-01", summary=drift_evidence(5, "2019-06-01"))
     result, cursor = tick(s, instance, cursor=cursor)
     assert requests(result) == [] and "minimum" in result.skip_message
+    # The evidence that came inside the interval is held, not dropped: it fires once the interval has passed.
+    state = json.loads(cursor)
+    state["last_fired"] -= 24 * 3600
+    result, cursor = tick(s, instance, cursor=json.dumps(state))
+    (held,) = requests(result)
+    assert json.loads(held.tags["retrain/evidence"])["drift"]["partition"] == "2019-06-01"
 
 
 def test_estimated_performance_triggers_below_the_floor_only(sensors, instance, state):
