@@ -153,6 +153,11 @@ def content_digest(ts: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
+def code_is_exact(code_version: str) -> bool:
+    """A git commit with no uncommitted change: the only code version a fingerprint may vouch for."""
+    return bool(code_version) and code_version != "unknown" and not code_version.endswith("-dirty")
+
+
 def fingerprint(ts: pl.DataFrame, code_version: str, params: dict, config: TrainConfig) -> str:
     """Same fingerprint = same model: training-set content, code version, training parameters."""
     payload = {"data": content_digest(ts), "code": code_version, "params": params,
@@ -223,8 +228,10 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
     except Exception as exc:  # noqa: BLE001 - nothing is registered yet; name the store, never its credentials
         raise RegistryError(f"MLflow at {store_name(mlflow)} is not usable, so no model is registered: "
                             f"{_redact(str(exc))[:500]}") from None
-    fp = fingerprint(ts, git_commit(), params, config)
-    reused = _reusable(spec, mlflow, lakefs, fp, params)
+    code = git_commit()
+    fp = fingerprint(ts, code, params, config)
+    # Reuse needs a code version that names the code exactly: a dirty or unknown tree could be any code.
+    reused = _reusable(spec, mlflow, lakefs, fp, params) if code_is_exact(code) else None
     if reused is not None:
         return reused
     t0 = time.perf_counter()

@@ -224,3 +224,11 @@ def test_manual_mode_holds_promotion_until_an_approval_names_version_approver_an
     assert intent.action == "approval_intent" and last.evidence["intent_seq"] == intent.seq
     assert (last.action, last.version, last.actor, last.reason) == ("approved", "1", "user:alice",
                                                                     "reviewed the card and slices")
+
+
+def test_a_dirty_or_unknown_code_version_never_vouches_for_reusing_a_model():
+    from assets.training import code_is_exact
+
+    assert code_is_exact("f257878a1b2c")
+    assert not code_is_exact("f257878a1b2c-dirty")  # two different uncommitted edits share this name
+    assert not code_is_exact("unknown") and not code_is_exact("")
