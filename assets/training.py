@@ -153,6 +153,15 @@ def content_digest(ts: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
+def _mlflow_error(exc: BaseException) -> type:
+    """MLflowUnavailable for a fault another attempt may not meet (the run is then retried), else RegistryError."""
+    from mlplatform.registry import RegistryError
+    from resources.io import is_transient_exception
+    from resources.mlflow import MLflowUnavailable
+
+    return MLflowUnavailable if is_transient_exception(exc) else RegistryError
+
+
 def code_is_exact(code_version: str) -> bool:
     """A git commit with no uncommitted change: the only code version a fingerprint may vouch for."""
     return bool(code_version) and code_version != "unknown" and not code_version.endswith("-dirty")
@@ -226,7 +235,7 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
     try:
         mlflow.setup()
     except Exception as exc:  # noqa: BLE001 - nothing is registered yet; name the store, never its credentials
-        raise RegistryError(f"MLflow at {store_name(mlflow)} is not usable, so no model is registered: "
+        raise _mlflow_error(exc)(f"MLflow at {store_name(mlflow)} is not usable, so no model is registered: "
                             f"{_redact(str(exc))[:500]}") from None
     code = git_commit()
     fp = fingerprint(ts, code, params, config)
@@ -284,7 +293,7 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
                                                      f"pandas=={__import__('pandas').__version__}",
                                                      f"numpy=={np.__version__}"])
         except Exception as exc:  # noqa: BLE001 - nothing is registered yet
-            raise RegistryError(f"logging the candidate to MLflow at {store_name(mlflow)} failed: "
+            raise _mlflow_error(exc)(f"logging the candidate to MLflow at {store_name(mlflow)} failed: "
                                 f"{type(exc).__name__}: {_redact(str(exc))[:500]}") from None
         stage = "registering"
         try:
@@ -303,7 +312,7 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
                       if left else "; no version left behind")
             if not isinstance(exc, Exception):
                 raise
-            raise RegistryError(f"{stage} {mlflow.model_name} "
+            raise _mlflow_error(exc)(f"{stage} {mlflow.model_name} "
                                 f"{('v' + version + ' ') if version and stage != 'registering' else ''}"
                                 f"in MLflow at {store_name(mlflow)} failed: {type(exc).__name__}: "
                                 f"{_redact(str(exc))[:500]}{detail}") from None

@@ -149,6 +149,17 @@ def latest_checked_materialization(instance: dg.DagsterInstance, key: dg.AssetKe
     return fallback
 
 
+def is_transient_exception(exc: BaseException | None) -> bool:
+    """Whether a live exception, or any exception in its chain, is a fault another attempt may not meet."""
+    seen = 0
+    while exc is not None and seen < 50:
+        seen += 1
+        if type(exc).__name__ in TRANSIENT_ERRORS or any(t in str(exc) for t in TRANSIENT_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def transient_cause(error) -> str | None:
     """The first transient fault (connection refused, timeout, service unavailable) in a Dagster error chain."""
     seen = 0

@@ -232,3 +232,22 @@ def test_a_dirty_or_unknown_code_version_never_vouches_for_reusing_a_model():
     assert code_is_exact("f257878a1b2c")
     assert not code_is_exact("f257878a1b2c-dirty")  # two different uncommitted edits share this name
     assert not code_is_exact("unknown") and not code_is_exact("")
+
+
+def test_an_mlflow_connection_fault_is_raised_as_unavailable_so_the_run_is_retried():
+    from assets.training import _mlflow_error
+    from mlplatform.registry import RegistryError
+    from resources.mlflow import MLflowUnavailable
+
+    def chained(outer: str, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise RuntimeError(outer) from exc
+        except RuntimeError as exc:
+            return exc
+
+    assert _mlflow_error(chained("API request failed", ConnectionRefusedError("refused"))) is MLflowUnavailable
+    assert _mlflow_error(RuntimeError("HTTPConnectionPool(...): Max retries exceeded with url")) is MLflowUnavailable
+    assert _mlflow_error(chained("INVALID_PARAMETER_VALUE: bad tag", ValueError("bad tag"))) is RegistryError
