@@ -122,9 +122,14 @@ def _quarantine(context, zone: Landing, kind: str, partition: str, path: Path,
     reason = _reason(violations)
     try:
         target = str(zone.quarantine(kind, partition, path, reason, context.run.run_id))
+        context.log.error(f"quarantined {kind}/{partition}/{path.name}: {reason}")
     except FileNotFoundError:
         target = "(the file was gone from the landing zone before it could be moved)"
-    context.log.error(f"quarantined {kind}/{partition}/{path.name}: {reason}")
+        context.log.error(f"rejected {kind}/{partition}/{path.name}: {reason}; {target}")
+    except OSError as exc:  # e.g. a full disk or a read-only quarantine: the other files carry on
+        target = (f"(not moved: quarantining into {zone.quarantine_dir(kind, partition)} failed: "
+                  f"{type(exc).__name__}: {exc}; the file is left in place at {path})")
+        context.log.error(f"rejected {kind}/{partition}/{path.name}: {reason}; {target}")
     first = violations[0]
     return {"file": path.name, "check": first.check, "column": first.column or "", "rows": first.rows,
             "reason": reason, "quarantined_to": target}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import shutil
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,12 @@ DONE_SUFFIX = ".done"
 FOLDER_MARKER = "_SUCCESS"
 TEMP_SUFFIXES = (".tmp", ".temp", ".partial", ".part", ".crdownload", ".swp", "~")
 KINDS = ("records", "labels")
+QUARANTINE = "quarantine"
+FUTURE_TOLERANCE_SECONDS = 60.0  # an mtime further ahead of this clock than this is clock skew, reported
+NAME_MAX_BYTES = 255             # the file-name limit of common file systems (ext4, xfs, APFS, NTFS)
+REASON_SUFFIX = ".reason.json"
+# A quarantined file's name, its reason file and its marker must all fit in NAME_MAX_BYTES.
+QUARANTINE_NAME_BYTES = NAME_MAX_BYTES - max(len(REASON_SUFFIX), len(DONE_SUFFIX)) - 8
 
 
 def is_data_file_name(name: str) -> bool:
@@ -144,6 +153,11 @@ class Landing:
                 complete, why = True, f"marker {name + DONE_SUFFIX}"
             elif folder_marker is not None and folder_marker[1].st_mtime_ns >= st.st_mtime_ns:
                 complete, why = True, f"marker {FOLDER_MARKER}"
+            elif age < -FUTURE_TOLERANCE_SECONDS:
+                complete, why = False, (f"mtime in the future: modified {-age:.0f}s after this clock's now "
+                                        f"(clock skew between the writer and this machine?); taken once this "
+                                        f"clock passes it by {self.settle_seconds:g}s (settle_seconds) or when "
+                                        f"{name + DONE_SUFFIX} or {FOLDER_MARKER} appears")
             elif age >= self.settle_seconds:
                 complete, why = True, f"unchanged for {age:.0f}s"
             else:
@@ -192,27 +206,99 @@ class Landing:
             except OSError as exc:  # unreadable folder: reported, the others are still taken
                 strays.append(Stray(p, f"cannot be read ({exc})"))
                 continue
+            strays += [Stray(f.path, f.why) for f in files
+                       if not f.complete and f.why.startswith("mtime in the future")]
+            try:
+                strays += [Stray(c, f"a folder inside the partition folder {kind}/{p.name}/: files in subfolders "
+                                    f"are never read; put them directly in {kind}/{p.name}/")
+                           for c in sorted(p.iterdir(), key=lambda x: x.name)
+                           if not c.name.startswith((".", "_")) and c.is_dir()]
+            except OSError as exc:
+                strays.append(Stray(p, f"cannot be read ({exc})"))
             if files:
                 partitions[p.name] = files
         return Scan(kind, partitions, strays)
 
+    def root_strays(self) -> list[Stray]:
+        """Entries directly under the landing root other than records/, labels/ and quarantine/: never read."""
+        if not self.root.is_dir():
+            return []
+        known = (*KINDS, QUARANTINE)
+        return [Stray(p, f"not a landing-zone entry: only {', '.join(k + '/' for k in known)} are read "
+                         f"under {self.root}; records go in records/<partition>/, labels in labels/<partition>/")
+                for p in sorted(self.root.iterdir(), key=lambda x: x.name)
+                if p.name not in known and not p.name.startswith(".")]
+
     # --- quarantine ---------------------------------------------------------------------------------
     def quarantine(self, kind: str, partition: str, path: Path, reason: str, run_id: str) -> Path:
-        """Move a rejected file next to a reason file; the file itself is kept, never deleted."""
+        """Move a rejected file into quarantine/<kind>/<partition>/ next to a reason file; never deleted.
+
+        The entry keeps the file's name when that name is free and fits the file-name limit with the reason
+        suffix; otherwise (a second file of the same name, or a long name) it is `<id>-<name shortened>`, with
+        <id> unique, so nothing quarantined earlier is overwritten. The reason JSON records the original name.
+        Each piece is written under a temporary name and renamed, and the landing file is removed only after
+        its copy and reason are in place: on any OSError the partial entry is removed, the landing file is
+        left where it was, and the error is raised (the caller reports the file as rejected, not moved)."""
         qdir = self.quarantine_dir(kind, partition)
         qdir.mkdir(parents=True, exist_ok=True)
-        target = qdir / path.name
-        shutil.copy2(path, target)
-        (qdir / f"{path.name}.reason.json").write_text(json.dumps({
-            "file": str(path), "partition": partition, "kind": kind, "reason": reason, "dagster_run_id": run_id,
-            "quarantined_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        }, indent=1))
-        path.unlink()  # only after the copy and its reason are on disk
         marker = path.with_name(path.name + DONE_SUFFIX)
+        name = _quarantine_name(qdir, path.name, run_id)
+        target, reason_file, qmarker = qdir / name, qdir / (name + REASON_SUFFIX), qdir / (name + DONE_SUFFIX)
+        tmp = qdir / f".{uuid.uuid4().hex}.tmp"
+        placed: list[Path] = []
+        try:
+            shutil.copy2(path, tmp)
+            os.replace(tmp, target)
+            placed.append(target)
+            tmp.write_text(json.dumps({
+                "file": str(path), "original_name": path.name, "quarantined_as": name, "partition": partition,
+                "kind": kind, "reason": reason, "dagster_run_id": run_id,
+                "quarantined_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }, indent=1))
+            os.replace(tmp, reason_file)
+            placed.append(reason_file)
+            path.unlink()  # only after the copy and its reason are on disk
+        except BaseException:
+            for p in (tmp, *placed):
+                p.unlink(missing_ok=True)
+            raise
         if marker.exists():  # a stale marker would vouch for a later file of the same name
-            shutil.copy2(marker, qdir / marker.name)
-            marker.unlink()
+            try:
+                shutil.copy2(marker, tmp)
+                os.replace(tmp, qmarker)
+                marker.unlink()
+            except OSError:  # the file itself is quarantined; a marker left behind is older than any rewrite
+                tmp.unlink(missing_ok=True)
         return target
+
+
+def _fits(name: str) -> bool:
+    return len(name.encode()) <= QUARANTINE_NAME_BYTES
+
+
+def _shorten(name: str, limit: int) -> str:
+    """`name` cut to at most `limit` UTF-8 bytes, keeping its extension when that is short."""
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    dot = name.rfind(".")
+    ext = name[dot:] if 0 < dot and len(name[dot:].encode()) <= 16 else ""
+    stem = name[: len(name) - len(ext)].encode()[: limit - len(ext.encode())].decode(errors="ignore")
+    return stem + ext
+
+
+def _quarantine_name(qdir: Path, name: str, run_id: str) -> str:
+    """A name for a quarantine entry that is free in `qdir` (with its reason and marker) and fits the limit."""
+    def free(n: str) -> bool:
+        return not any((qdir / x).exists() for x in (n, n + REASON_SUFFIX, n + DONE_SUFFIX))
+
+    if _fits(name) and free(name):
+        return name
+    while True:
+        uid = hashlib.sha256(f"{run_id}|{name}|{time.time_ns()}|{uuid.uuid4().hex}".encode()).hexdigest()[:16]
+        candidate = f"{uid}-{_shorten(name, QUARANTINE_NAME_BYTES - len(uid) - 1)}"
+        if free(candidate):
+            return candidate
 
 
 def _not_a_partition(name: str, keys: list[str]) -> str:

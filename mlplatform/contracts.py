@@ -236,6 +236,8 @@ def _cast(df: pl.DataFrame, name: str, dtype: Any, file: str) -> pl.Expr:
     if dtype == pl.String:
         if src == pl.String:
             return col
+        if isinstance(src, (pl.Categorical, pl.Enum)):  # pandas `category`, polars Categorical/Enum
+            return col.cast(pl.String)
         if src.is_numeric() or src == pl.Boolean:
             return col.cast(pl.String)
         raise FileRejected(f"{file}: column {name!r} should be text (a category) but has type {src}", "types", name)

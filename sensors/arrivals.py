@@ -1,8 +1,10 @@
 """Arrivals: complete files in the landing zone become ingestion runs of their partition (records or labels).
 
 What the sensor promises (it only returns run requests and its cursor; it writes nothing):
-- A partition is requested only when all its data files are complete (marker or settled; see
-  mlplatform/batches.py). Folders that are not partition keys are skipped with a warning.
+- A partition is requested for its complete data files (marker or settled; see mlplatform/batches.py)
+  that are not ingested yet; files still being written are waited for on their own and taken by a later
+  request. Folders that are not partition keys, subfolders of a partition, unknown entries under the
+  landing root and files with an mtime in the future (clock skew) are reported with a warning.
 - Labels of a partition are held until raw_records of that partition has a materialization from a
   successful run; they are requested on the first tick after the records are published.
 - Truth is the run history, not the cursor. A partition's files are "ingested" once a SUCCESS run of its
@@ -166,6 +168,10 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
     except (ValueError, AttributeError):
         done = {}  # a cursor of an older sensor version: the run history is the truth anyway
     plan = Plan(done=done)
+    try:
+        plan.warnings += [f"skipped {s}" for s in zone.root_strays()]
+    except OSError as exc:
+        plan.warnings.append(f"cannot list {zone.root}: {exc}")
     for kind in KINDS:
         try:
             scan = zone.scan(kind, partition_keys, now)
@@ -184,9 +190,13 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
 def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partition: str,
                     files: list[LandedFile], max_attempts: int, backoff_seconds: float, now: float) -> None:
     key = f"{kind}/{partition}"
+    # Files still settling are waited for on their own: the complete ones are requested now (a run reads
+    # only complete files) and a settling one, once complete, changes the stamp and makes a later request.
     writing = [f for f in files if not f.complete]
     if writing:
         plan.waiting.append(f"{key}: waiting for {', '.join(f'{f.name} ({f.why})' for f in writing)}")
+    files = [f for f in files if f.complete]
+    if not files:
         return
     stamp = stamp_of(files)
     if plan.done.get(key) == stamp:

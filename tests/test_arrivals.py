@@ -194,6 +194,50 @@ def test_stray_folders_and_files_are_reported_and_partition_folders_kept(tmp_pat
     assert "directly under records/" in reasons["loose.parquet"]
 
 
+def test_a_file_with_an_mtime_in_the_future_is_reported_and_not_taken_until_the_clock_passes_it(tmp_path, spec):
+    from mlplatform.batches import partitions_def
+
+    zone = Landing(tmp_path, settle_seconds=0)
+    good = land(tmp_path, "records", NOV, "a.parquet", marker=False)
+    skewed = land(tmp_path, "records", NOV, "b.parquet", marker=False)
+    ahead = time.time() + 3600  # written by a machine whose clock is an hour ahead
+    os.utime(skewed, (ahead, ahead))
+    assert zone.files("records", NOV) == [good]
+    scan = zone.scan("records", partitions_def(spec).get_partition_keys())
+    (stray,) = scan.strays
+    assert stray.path == skewed and "mtime in the future" in stray.reason and "clock skew" in stray.reason
+    assert [f.name for f in scan.partitions[NOV]] == ["a.parquet", "b.parquet"]
+    assert zone.files("records", NOV) == [good]
+    assert [f.path for f in zone.landed("records", NOV, now=ahead + 1) if f.complete] == [good, skewed]
+    # a few seconds of skew is not a stray: the file just settles
+    os.utime(skewed, (time.time() + 5, time.time() + 5))
+    assert zone.scan("records", partitions_def(spec).get_partition_keys()).strays == []
+
+
+def test_subfolders_of_a_partition_are_reported_as_strays_and_the_partition_files_kept(tmp_path, spec):
+    from mlplatform.batches import partitions_def
+
+    zone = Landing(tmp_path, settle_seconds=0)
+    good = land(tmp_path, "records", NOV, "batch.parquet")
+    nested = land(tmp_path, "records", f"{NOV}/region=eu", "part-0.parquet")
+    (tmp_path / "records" / NOV / "_temporary").mkdir()   # a writer's metadata folder: not a stray
+    scan = zone.scan("records", partitions_def(spec).get_partition_keys())
+    assert [f.path for f in scan.partitions[NOV]] == [good]
+    (stray,) = scan.strays
+    assert stray.path == nested.parent and "never read" in stray.reason and f"records/{NOV}/" in stray.reason
+
+
+def test_unknown_entries_under_the_landing_root_are_reported(tmp_path):
+    zone = Landing(tmp_path)
+    land(tmp_path, "records", NOV, "batch.parquet")
+    (tmp_path / "quarantine").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "record").mkdir()        # a typo of records/
+    (tmp_path / "batch.parquet").write_text("x")
+    assert sorted(s.path.name for s in zone.root_strays()) == ["batch.parquet", "record"]
+    assert all("only records/, labels/, quarantine/" in s.reason for s in zone.root_strays())
+
+
 def test_quarantine_moves_the_file_and_its_marker_and_keeps_both(tmp_path):
     zone = Landing(tmp_path)
     path = land(tmp_path, "records", NOV, "bad.parquet")
@@ -225,6 +269,49 @@ def test_the_sensor_requests_a_file_still_being_written_only_once_it_settles(sen
     time.sleep(0.7)
     t = Tick(sensor, instance, zone, t.cursor)
     assert t.keys() == [("ingest_batch", NOV)]
+
+
+def test_complete_files_are_requested_while_another_file_of_the_partition_is_still_settling(
+        sensor, instance, root):
+    zone = LandingZoneResource(root=str(root), settle_seconds=60)
+    land(root, "records", NOV, "a.parquet")                    # complete: its marker is there
+    b = land(root, "records", NOV, "b.csv", marker=False)      # still being written
+    t = Tick(sensor, instance, zone)
+    (req,) = t.requests
+    assert req.partition_key == NOV and [e.split("|")[0] for e in json.loads(req.tags["arrival/files"])] == [
+        "a.parquet"]                                           # b.csv is not in it
+    succeed(instance, launch(instance, req))
+    t = Tick(sensor, instance, zone, t.cursor)
+    assert t.requests == [] and f"records/{NOV}: waiting for b.csv" in t.skip  # a.parquet is ingested
+    settled = time.time() - 61                                 # b.csv unchanged for settle_seconds now
+    os.utime(b, (settled, settled))
+    t = Tick(sensor, instance, zone, t.cursor)
+    (req2,) = t.requests                                       # a later request takes it
+    assert req2.run_key != req.run_key
+    assert sorted(e.split("|")[0] for e in json.loads(req2.tags["arrival/files"])) == ["a.parquet", "b.csv"]
+
+
+def test_a_file_with_an_mtime_in_the_future_warns_and_never_blocks_its_partition(sensor, instance, root):
+    zone = LandingZoneResource(root=str(root), settle_seconds=0.6)
+    land(root, "records", NOV, "a.parquet")
+    skewed = land(root, "records", NOV, "b.parquet", marker=False)
+    ahead = time.time() + 3600
+    os.utime(skewed, (ahead, ahead))
+    t = Tick(sensor, instance, zone)
+    assert t.keys() == [("ingest_batch", NOV)]
+    assert any("b.parquet" in w and "mtime in the future" in w for w in t.warnings), t.warnings
+
+
+def test_subfolders_and_unknown_root_entries_warn_and_the_partition_is_still_requested(sensor, instance, root):
+    zone = LandingZoneResource(root=str(root))
+    land(root, "records", NOV, "batch.parquet")
+    land(root, "records", f"{NOV}/region=eu", "part-0.parquet")
+    (root / "incoming").mkdir()
+    t = Tick(sensor, instance, zone)
+    assert t.keys() == [("ingest_batch", NOV)]
+    warned = "\n".join(t.warnings)
+    assert f"records/{NOV}/region=eu" in warned and "never read" in warned, warned
+    assert str(root / "incoming") in warned and "not a landing-zone entry" in warned, warned
 
 
 def test_a_marker_makes_the_sensor_request_at_once(sensor, instance, root):

@@ -116,6 +116,25 @@ def test_wrong_types_name_the_column_and_examples(spec):
         contracts.conform(df, spec, "b.csv")
 
 
+def test_categorical_and_enum_columns_are_accepted_as_text_for_categorical_features(spec, tmp_path):
+    """A pandas `category` column (polars Categorical once read) or a polars Enum is a categorical feature
+    written as a category type: its values are kept as text, not rejected as the wrong type."""
+    values = ["20K - 40K €", "40K - 60K €", None, "20K - 40K €"]
+    pdf = rows().to_pandas()
+    pdf["salary_range"] = pd.Series(values, dtype="category")
+    path = tmp_path / "c.parquet"
+    pdf.to_parquet(path)
+    read = contracts.read_landing_file(path)
+    assert isinstance(read.schema["salary_range"], pl.Categorical)
+    out = contracts.conform(read, spec, "c.parquet")
+    assert out.schema["salary_range"] == pl.String and out["salary_range"].to_list() == values
+    enum = rows().with_columns(pl.Series("size_of_downpayment", ["10%", "20%", "10%", "30%"],
+                                         dtype=pl.Enum(["10%", "20%", "30%"])))
+    out = contracts.conform(enum, spec, "e.parquet")
+    assert out.schema["size_of_downpayment"] == pl.String
+    assert out["size_of_downpayment"].to_list() == ["10%", "20%", "10%", "30%"]
+
+
 # --- row checks ----------------------------------------------------------------------------------------------------
 
 def test_infinite_and_nan_values_are_out_of_range(spec):
