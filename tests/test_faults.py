@@ -123,6 +123,21 @@ def wait_published(lakefs: LakeFSResource, instance: dg.DagsterInstance, run_id:
                              f"sensors/publish.py must run by default)") from None
 
 
+def wait_champion(m, timeout: float = 90) -> None:
+    """The publish sensor moves the aliases just after the merge: wait for that, not only for the merge."""
+    def promoted():
+        aliases, versions = registry_state(m)
+        return versions and aliases.get("champion") == versions[-1]
+
+    try:
+        wait_for("the published model to become champion", promoted, timeout, every=2)
+    except AssertionError as exc:
+        from mlplatform.audit import AuditTrail
+
+        trail = [(e.action, e.version, e.reason[:160]) for e in AuditTrail().history(m.model_name)]
+        raise AssertionError(f"{exc}; aliases/versions {registry_state(m)}; audit {trail}") from None
+
+
 def registry_state(m) -> tuple[dict, list[str]]:
     """(aliases, versions); asserts every version has its audit entry."""
     from mlflow.exceptions import MlflowException
@@ -436,6 +451,7 @@ def test_run_worker_sigkilled_mid_training_is_failed_and_retried_by_the_daemon(l
                         every=5, daemon=daemon, log=log)
         assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
         wait_published(res["lakefs"], instance, done.run_id)
+        wait_champion(m)
     finally:
         stop_daemon(daemon)
     aliases, versions = registry_state(m)
@@ -482,6 +498,7 @@ def test_mlflow_unreachable_during_registration_fails_cleanly_and_the_daemon_fin
                         every=5, daemon=daemon, log=log)
         assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
         wait_published(res["lakefs"], instance, done.run_id)
+        wait_champion(m)
         aliases, versions = registry_state(m)
         assert aliases.get("champion") == versions[-1]
     finally:
@@ -529,6 +546,7 @@ def test_lakefs_killed_mid_run_and_restarted_the_run_finishes(lifecycle, lakefs_
             assert done.status == dg.DagsterRunStatus.SUCCESS, done.status
             merged = wait_published(own, instance, done.run_id)
             assert own.head() != before_main and merged
+            wait_champion(m)
         finally:
             stop_daemon(daemon)
         aliases, versions = registry_state(m)
