@@ -11,6 +11,9 @@ previous checked version in lakeFS and adds the landing files it has not taken y
    replaces those rows (`replace_by_id`); the earlier file is never judged again;
 4. the blocking checks judge the batch as it will be published; quarantined files are reported in the
    metadata and by the WARN check `files_quarantined`. The run fails only if the batch ends up empty.
+Labels are judged against the checked records of their batch: a label file with ids the records do not have
+yet is held in the landing zone (WARN check `files_held`) while the batch's records are still arriving, and
+quarantined only once they have settled (see raw_labels).
 """
 
 
