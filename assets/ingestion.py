@@ -11,6 +11,9 @@ previous checked version in lakeFS and adds the landing files it has not taken y
    replaces those rows (`replace_by_id`); the earlier file is never judged again;
 4. the blocking checks judge the batch as it will be published; quarantined files are reported in the
    metadata and by the WARN check `files_quarantined`. The run fails only if the batch ends up empty.
+Labels are judged against the checked records of their batch: a label file with ids the records do not have
+yet is held in the landing zone (WARN check `files_held`) while the batch's records are still arriving, and
+quarantined only once they have settled (see raw_labels).
 """
 
 
@@ -43,6 +46,7 @@ LABEL_CHECK_OF = {"unreadable": "files_readable", "schema": "schema_and_types", 
 REFERENCE_CHECKS = ["schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
                     "unseen_categories_within_limit", "not_empty"]
 QUARANTINE_CHECK = "files_quarantined"
+HELD_CHECK = "files_held"  # raw_labels (WARN): label files left in the landing zone until their records settle
 
 # (repository, path, lakeFS checksum) -> ids of a published batch: objects are immutable per checksum.
 _IDS_CACHE: dict[tuple[str, str, str], pl.Series] = {}
@@ -303,9 +307,10 @@ def build_ingestion(spec: DatasetSpec) -> list:
     @dg.asset(
         group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
         description="Delayed labels of one batch period: its previous checked version plus the label files "
-                    "that pass the contract (only for ids in the batch's records); bad files go to quarantine.",
+                    "that pass the contract (only for ids in the batch's records); bad files go to quarantine; "
+                    "a file with ids whose records are still arriving is held in the landing zone.",
         check_specs=[dg.AssetCheckSpec(n, asset="raw_labels", blocking=True) for n in LABEL_CHECKS]
-        + [dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_labels")],
+        + [dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_labels"), dg.AssetCheckSpec(HELD_CHECK, asset="raw_labels")],
         deps=[dg.AssetDep("raw_records")],
     )
     def raw_labels(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
@@ -314,11 +319,22 @@ def build_ingestion(spec: DatasetSpec) -> list:
         schema = {spec.id_column: pl.Int64, spec.target: pl.Float64, contracts.SOURCE_FILE: pl.String,
                   contracts.ARRIVED_AT: pl.Datetime("us")}
         previous, ledger = _previous_version(context, lakefs, raw_labels.key, partition)
-        known = _known_ids(context, lakefs, spec, partition)
+        records, records_ledger = _previous_version(context, lakefs, dg.AssetKey("raw_records"), partition)
+        known = records[spec.id_column] if records is not None else None
         files = _arrival_order(zone.files("labels", partition))
         by_name = {p.name: p for p in files}
+        pending: list[str] | None = None  # why the partition's records are not settled (computed once, if needed)
 
+        # Unknown ids: HOLD or QUARANTINE. A label file is taken whole or not at all (the ledger records whole
+        # files, so taking its known rows now would make the rest look ingested and lose them). A file whose
+        # ids are not all in the checked records is HELD (left in the landing zone, out of the ledger and of
+        # `files`, listed in `files_held`) while the records of the partition are not settled: a records file
+        # of the partition in the landing zone is incomplete or not yet in the checked batch, or an
+        # ingest_batch run of the partition is queued or running. The arrival sensor sees a held file as not
+        # ingested and requests it again once the records publish. Once the records are settled, ids still
+        # unknown quarantine the file. A file with any other fault is quarantined at once.
         skipped, held, deliveries = [], [], []
+        held_why: dict[str, str] = {}
         rejected: list[tuple[Path, list[contracts.Violation]]] = []
         for path in files:
             try:
@@ -337,25 +353,43 @@ def build_ingestion(spec: DatasetSpec) -> list:
             frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE),
                                        pl.lit(arrived).cast(pl.Datetime("us")).alias(contracts.ARRIVED_AT))
             found = contracts.check_labels(frame, spec, known, partition)
-            if found:
+            unknown = [v for v in found if v.check == "unknown_id"]
+            if len(found) > len(unknown):  # a fault of the file itself: the records cannot cure it
                 rejected.append((path, found))
             elif known is None:
                 held.append(path.name)  # records not ingested yet: judged (and taken) once they are
+                held_why[path.name] = f"the records of batch {partition} have no checked version yet"
+            elif unknown:
+                if pending is None:
+                    pending = _records_pending(context, zone, partition, records_ledger)
+                if pending:
+                    held.append(path.name)
+                    held_why[path.name] = (f"{unknown[0].rows} label(s) for ids not (yet) in the records of "
+                                           f"batch {partition}, e.g. {[str(e) for e in unknown[0].examples[:3]]}, "
+                                           f"while its records are still arriving ({'; '.join(pending)})")
+                else:  # records settled: the ids will not come
+                    rejected.append((path, unknown))
             else:
                 deliveries.append(contracts.Delivery(path.name, digest, frame))
         merged = contracts.merge_deliveries(previous, deliveries, ledger, spec, schema, partition)
         rejected += [(by_name[name], [v]) for name, v in merged.rejected]
         quarantined = [_quarantine(context, zone, "labels", partition, p, vs) for p, vs in rejected]
+        for name in held:
+            context.log.warning(f"held labels/{partition}/{name} in the landing zone: {held_why[name]}")
 
         _, end = window(spec, partition)
         available = end + dt.timedelta(days=spec.label_delay_days)
         df = merged.frame.with_columns(pl.lit(available).cast(pl.Datetime("us")).alias("label_available_at"))
         violations = [v for v in contracts.check_labels(df, spec, known, partition) if v.check != "empty"]
-        if held:
+        held_text = "; ".join(f"{n}: {held_why[n]}" for n in held)
+        if held and df.height == 0:  # nothing to publish: the run fails, naming what it waits for
             violations.append(contracts.Violation(
-                "unknown_id", f"the records of batch {partition} have no checked version yet: label file(s) "
-                              f"{held} are held in {zone.labels_dir(partition)} and taken once the records are "
-                              f"ingested", spec.id_column, ", ".join(held)))
+                "unknown_id", (f"the records of batch {partition} have no checked version yet: label file(s) "
+                               f"{held} are held in {zone.labels_dir(partition)} and taken once the records are "
+                               f"ingested" if known is None else
+                               f"label file(s) {held} are held in {zone.labels_dir(partition)} (not quarantined) "
+                               f"and taken once the records are ingested: {held_text}"),
+                spec.id_column, ", ".join(held)))
         elif df.height == 0:
             violations.append(contracts.Violation(
                 "empty", f"no label file of batch {partition} was accepted ({len(files)} file(s) found in "
@@ -368,6 +402,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
             "files_accepted": dg.MetadataValue.json(merged.accepted),
             "files_already_ingested": dg.MetadataValue.json(skipped),
             "files_held": dg.MetadataValue.json(held),
+            **({"files_held_reason": held_text[:4000]} if held else {}),
             "files_rejected": len(quarantined),
             "rows_replaced": dg.MetadataValue.json(merged.replaced),
             "ingested_files": dg.MetadataValue.json(merged.ledger),
@@ -376,18 +411,37 @@ def build_ingestion(spec: DatasetSpec) -> list:
         })
         yield from check_results(raw_labels.key, LABEL_CHECKS, violations, LABEL_CHECK_OF,
                                  quarantined=quarantined)
+        yield dg.AssetCheckResult(
+            asset_key=raw_labels.key, check_name=HELD_CHECK, passed=not held, severity=dg.AssetCheckSeverity.WARN,
+            description=(f"held in {zone.labels_dir(partition)}: {held_text}"[:2000] if held
+                         else "no label file held"),
+            metadata={"held": dg.MetadataValue.json(held)} if held else {},
+        )
 
     return [reference_data, raw_records, raw_labels]
 
 
-def _known_ids(context: dg.AssetExecutionContext, lakefs: LakeFSResource, spec: DatasetSpec,
-               partition: str) -> pl.Series | None:
-    """Ids of the records batch these labels belong to, from its latest checked version in lakeFS;
-    None if the batch's records have no checked version yet."""
-    from resources.io import deserialize, latest_checked_materialization
-
-    found = latest_checked_materialization(context.instance, dg.AssetKey("raw_records"), partition, context.run.run_id)
-    if found is None:
-        return None
-    df = deserialize(lakefs.get(found[0], found[1]), found[1])
-    return df[spec.id_column]
+def _records_pending(context: dg.AssetExecutionContext, zone: Landing, partition: str,
+                     records_ledger: dict[str, str | None]) -> list[str]:
+    """Why the records of a partition are not settled (empty: settled): records files in the landing zone
+    still being written or not in the batch's checked version (`records_ledger`), and ingest_batch runs of
+    the partition queued or running. Files quarantined by a records run have left the landing zone."""
+    out = []
+    for f in zone.landed("records", partition):
+        if not f.complete:
+            out.append(f"{f.name} still being written")
+            continue
+        try:
+            digest = contracts.file_digest(f.path)
+        except FileNotFoundError:
+            continue
+        if not contracts.already_ingested(f.name, digest, records_ledger):
+            out.append(f"{f.name} not yet ingested")
+    waiting = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED}
+    runs = context.instance.get_run_records(
+        dg.RunsFilter(job_name="ingest_batch", tags={"dagster/partition": partition}, statuses=list(waiting)),
+        limit=10)
+    out += [f"ingest_batch run {r.dagster_run.run_id} is {r.dagster_run.status.value.lower()}"
+            for r in runs if r.dagster_run.run_id != context.run.run_id]
+    return out

@@ -6,7 +6,13 @@ What the sensor promises (it only returns run requests and its cursor; it writes
   request. Folders that are not partition keys, subfolders of a partition, unknown entries under the
   landing root and files with an mtime in the future (clock skew) are reported with a warning.
 - Labels of a partition are held until raw_records of that partition has a materialization from a
-  successful run; they are requested on the first tick after the records are published.
+  successful run AND the partition's records have settled: no records file still being written, none
+  complete but not yet ingested by a successful run, and no ingest_batch run of the partition queued or
+  running (`records_waiting`). Labels requested beside records still arriving would carry ids the
+  records do not have yet. They are requested on the first tick after the records are published.
+- A labels run that HELD a file (raw_labels metadata `files_held`: ids not yet in the records while more
+  records were arriving) did not ingest it, even if it succeeded: the labels stay requestable, and the
+  next publication of the records (a new `arrival/records_run`) gives them a fresh run key.
 - Truth is the run history, not the cursor. A partition's files are "ingested" once a SUCCESS run of its
   job (or its Dagster retry) was handed a set of files containing every current file with the same
   (name, size, mtime): a file quarantined by a later run leaves a set that is still ingested, a new or
@@ -63,11 +69,22 @@ class Attempts:
     ingested_by: str | None = None          # run id of a successful run that had all current files
     in_progress: list[str] = field(default_factory=list)
     failed: list[tuple[str, float]] = field(default_factory=list)   # (run id, end time) on this stamp
+    held: list[tuple[str, float]] = field(default_factory=list)     # labels: successful runs that held a file
+
+    @property
+    def attempts(self) -> list[tuple[str, float]]:
+        """Finished runs on these files that did not ingest them (failed, or held them)."""
+        return self.failed + self.held
 
 
 def run_history(instance: dg.DagsterInstance, job: str, partition: str, stamp: str, entries: set[str],
-                generation: str | None = None) -> Attempts:
-    """Group the job's runs for the partition by root run (a run and its Dagster retries are one attempt)."""
+                generation: str | None = None, held_asset: str | None = None) -> Attempts:
+    """Group the job's runs for the partition by root run (a run and its Dagster retries are one attempt).
+
+    `held_asset` (labels: "raw_labels"): a successful run whose materialization of it lists one of the
+    current files in `files_held` did not ingest them; it counts as an attempt in `held`."""
+    names = {e.split("|", 1)[0] for e in entries}
+    held_by_run: dict[str, set[str]] | None = None
     records = instance.get_run_records(dg.RunsFilter(job_name=job, tags={PARTITION_TAG: partition}),
                                        limit=RUN_HISTORY_LIMIT)
     groups: dict[str, list] = {}
@@ -83,6 +100,15 @@ def run_history(instance: dg.DagsterInstance, job: str, partition: str, stamp: s
             continue
         if run.status == dg.DagsterRunStatus.SUCCESS:
             if run.tags.get(STAMP_TAG) == stamp or entries <= _files_of(run):
+                if held_asset is not None:
+                    if held_by_run is None:
+                        held_by_run = files_held(instance, held_asset, partition)
+                    held = next((held_by_run[m.dagster_run.run_id] for m in members
+                                 if m.dagster_run.run_id in held_by_run), set())
+                    if held & names:
+                        if generation is None or run.tags.get(RECORDS_RUN_TAG) == generation:
+                            out.held.append((run.run_id, newest.end_time or newest.update_timestamp.timestamp()))
+                        continue
                 out.ingested_by = out.ingested_by or run.run_id
             continue
         if run.status in FAILED and run.tags.get(STAMP_TAG) == stamp and (
@@ -97,6 +123,43 @@ def _files_of(run: dg.DagsterRun) -> set[str]:
     except ValueError:  # a tag from an older sensor version
         return set()
     return set(value) if isinstance(value, list) else set()
+
+
+def files_held(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, set[str]]:
+    """Run id -> the landing files its materialization of `asset` held (metadata `files_held`)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=RUN_HISTORY_LIMIT
+    ).records
+    out: dict[str, set[str]] = {}
+    for rec in records:
+        meta = rec.asset_materialization.metadata if rec.asset_materialization else {}
+        value = meta.get("files_held")
+        value = getattr(value, "value", getattr(value, "data", value))
+        out.setdefault(rec.run_id, {str(x) for x in value} if isinstance(value, list) else set())
+    return out
+
+
+def records_waiting(plan: "Plan", instance: dg.DagsterInstance, partition: str,
+                    records: list[LandedFile] | None) -> str | None:
+    """Why the records of a partition are not settled (so its labels must wait), or None if they are.
+
+    Not settled: a records file still being written, complete files not yet ingested by a successful run,
+    or an ingest_batch run of the partition queued, running or about to be retried."""
+    if records is None:
+        return f"records/{partition} could not be listed"
+    writing = [f for f in records if not f.complete]
+    if writing:
+        return f"records/{partition}: {', '.join(f.name for f in writing)} still being written"
+    stamp = stamp_of(records) if records else ""
+    history = run_history(instance, JOBS["records"], partition, stamp, {f.entry for f in records})
+    if history.in_progress:
+        return (f"{JOBS['records']} for {partition} is queued or running "
+                f"({', '.join(history.in_progress[:3])})")
+    if not records or plan.done.get(f"records/{partition}") == stamp or history.ingested_by \
+            or materialized_from(instance, "records", partition, records):
+        return None
+    return (f"records/{partition}: {', '.join(f.name for f in records)} not yet ingested by a successful "
+            f"{JOBS['records']} run")
 
 
 def records_published(instance: dg.DagsterInstance, partition: str) -> str | None:
@@ -172,23 +235,28 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
         plan.warnings += [f"skipped {s}" for s in zone.root_strays()]
     except OSError as exc:
         plan.warnings.append(f"cannot list {zone.root}: {exc}")
+    records: dict[str, list[LandedFile]] | None = None  # records files by partition (the labels' gate)
     for kind in KINDS:
         try:
             scan = zone.scan(kind, partition_keys, now)
         except OSError as exc:
             plan.warnings.append(f"cannot list {zone.root / kind}: {exc}")
             continue
+        if kind == "records":
+            records = scan.partitions
         plan.warnings += [f"skipped {s}" for s in scan.strays]
         for partition, files in scan.partitions.items():
             try:
-                _plan_partition(plan, instance, kind, partition, files, max_attempts, backoff_seconds, now)
+                _plan_partition(plan, instance, kind, partition, files, max_attempts, backoff_seconds, now,
+                                None if records is None else records.get(partition, []))
             except Exception as exc:  # noqa: BLE001 - one partition never blocks the others
                 plan.warnings.append(f"{kind}/{partition}: skipped this tick ({type(exc).__name__}: {exc})")
     return plan
 
 
 def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partition: str,
-                    files: list[LandedFile], max_attempts: int, backoff_seconds: float, now: float) -> None:
+                    files: list[LandedFile], max_attempts: int, backoff_seconds: float, now: float,
+                    records: list[LandedFile] | None = None) -> None:
     key = f"{kind}/{partition}"
     # Files still settling are waited for on their own: the complete ones are requested now (a run reads
     # only complete files) and a settling one, once complete, changes the stamp and makes a later request.
@@ -206,7 +274,8 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
     # Labels: which records publication they follow; failed attempts count per publication, so new
     # records (which may hold the ids the labels were missing) give the same labels a fresh set of attempts.
     generation = records_published(instance, partition) if kind == "labels" else None
-    history = run_history(instance, job, partition, stamp, entries, generation)
+    history = run_history(instance, job, partition, stamp, entries, generation,
+                          "raw_labels" if kind == "labels" else None)
     if history.ingested_by:
         plan.done[key] = stamp
         return
@@ -217,19 +286,28 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
     if materialized_from(instance, kind, partition, files):
         plan.done[key] = stamp  # ingested by a run this sensor did not make
         return
+    if kind == "labels":
+        why = records_waiting(plan, instance, partition, records)
+        if why:
+            plan.waiting.append(f"{key}: labels held until the records of {partition} settle ({why}); a label "
+                                f"for an id in a records file still arriving would otherwise be rejected")
+            return
     if kind == "labels" and generation is None:
         plan.waiting.append(f"{key}: labels held until raw_records [{partition}] is published "
                             f"(no successful run has materialized it yet)")
         return
-    n = len(history.failed)
+    attempts = history.attempts  # failed runs, and labels runs that held the files
+    n = len(attempts)
     if n >= max_attempts:
+        what = f"{n} failed {job} run(s)" if not history.held else \
+            f"{n} {job} run(s) that failed ({len(history.failed)}) or held the files ({len(history.held)})"
         plan.warnings.append(
-            f"{key}: gave up after {n} failed {job} run(s) on the same files "
-            f"({', '.join(r for r, _ in history.failed[:3])}); fix or re-deliver the files (a changed file "
+            f"{key}: gave up after {what} on the same files "
+            f"({', '.join(r for r, _ in attempts[:3])}); fix or re-deliver the files (a changed file "
             f"is a new delivery) or launch {job} for {partition} by hand")
         return
     if n:
-        last_end = max(t for _, t in history.failed)
+        last_end = max(t for _, t in attempts)
         wait = min(backoff_seconds * 2 ** (n - 1), MAX_BACKOFF_SECONDS)
         if now < last_end + wait:
             plan.waiting.append(f"{key}: {n} failed attempt(s); retry {n + 1} of {max_attempts} in "

@@ -22,7 +22,7 @@ from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializa
 from mlplatform.batches import Landing
 from mlplatform.simulator import Simulator
 from resources.landing import LandingZoneResource
-from sensors.arrivals import build_arrivals
+from sensors.arrivals import build_arrivals, plan_arrivals
 
 from .helpers import car_loan
 
@@ -513,3 +513,94 @@ def test_files_ingested_by_a_run_the_sensor_did_not_make_are_not_requested_again
         fh.write(b"x")
     (root / "records" / NOV / "batch.parquet.done").touch()
     assert Tick(sensor, instance, zone, t.cursor).keys() == [("ingest_batch", NOV)]
+
+
+# --- labels wait for every records file of their partition (issue 9: labels before records) ---------------
+
+def succeed_holding(instance, run, held: list[str]):
+    """A labels run that succeeds but HELD files (raw_labels metadata `files_held`, as the asset writes it)."""
+    start(instance, run)
+    mat = dg.AssetMaterialization(asset_key="raw_labels", partition=run.tags["dagster/partition"], metadata={
+        "lakefs_commit": "c0ffee", "lakefs_path": "lakefs://repo/c0ffee/assets/raw_labels/data.parquet",
+        "files_held": dg.MetadataValue.json(held)})
+    event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
+    event(instance, run, DagsterEventType.RUN_SUCCESS)
+
+
+def published_records(sensor, instance, zone, root):
+    """records/NOV/a.parquet landed and ingested by a successful ingest_batch run: the first generation."""
+    land(root, "records", NOV, "a.parquet", rows=range(100))
+    t = Tick(sensor, instance, zone)
+    (req,) = t.requests
+    run = launch(instance, req)
+    succeed(instance, run, materialize="raw_records")
+    return run, t.cursor
+
+
+def test_labels_wait_while_a_second_records_file_of_their_partition_is_written_pending_or_being_ingested(
+        sensor, instance, root):
+    zone = LandingZoneResource(root=str(root))  # default settle time: a file without marker is still written
+    _, cursor = published_records(sensor, instance, zone, root)
+    land(root, "records", NOV, "late.parquet", rows=range(100, 150), marker=False)  # still being written
+    land(root, "labels", NOV, "labels.parquet", rows=range(150))  # covers a's ids and late's
+    t = Tick(sensor, instance, zone, cursor)
+    assert t.requests == []
+    assert f"labels/{NOV}: labels held until the records of {NOV} settle" in t.skip
+    assert "late.parquet still being written" in t.skip
+    (root / "records" / NOV / "late.parquet.done").touch()  # complete, but no run has ingested it
+    t = Tick(sensor, instance, zone, t.cursor)
+    assert t.keys() == [("ingest_batch", NOV)]  # the records only
+    waiting = "\n".join(plan_arrivals(instance, zone.zone(), [NOV], t.cursor).waiting)
+    assert f"labels/{NOV}: labels held until the records of {NOV} settle" in waiting
+    assert "late.parquet not yet ingested by a successful ingest_batch run" in waiting
+    records_run = launch(instance, t.requests[0])
+    t = Tick(sensor, instance, zone, t.cursor)  # the records run is queued
+    assert t.requests == [] and f"ingest_batch for {NOV} is queued or running ({records_run.run_id})" in t.skip
+    start(instance, records_run)
+    assert Tick(sensor, instance, zone, t.cursor).requests == []  # running
+    event(instance, records_run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(
+        dg.AssetMaterialization(asset_key="raw_records", partition=NOV, metadata={
+            "lakefs_commit": "beef", "lakefs_path": "lakefs://repo/beef/assets/raw_records/data.parquet"})))
+    event(instance, records_run, DagsterEventType.RUN_SUCCESS)
+    t = Tick(sensor, instance, zone, t.cursor)
+    (req,) = t.requests
+    assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+    assert req.tags["arrival/records_run"] == records_run.run_id  # after the records that hold every id
+
+
+def test_a_labels_run_that_held_its_file_did_not_ingest_it_and_the_labels_are_requested_after_the_records(
+        sensor, instance, root):
+    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    first_records, cursor = published_records(sensor, instance, zone, root)
+    land(root, "labels", NOV, "labels.parquet", rows=range(150))
+    t = Tick(sensor, instance, zone, cursor)
+    (labels_req,) = t.requests
+    labels_run = launch(instance, labels_req)
+    # The late records file lands before the labels run reads: the run holds the labels file and succeeds.
+    land(root, "records", NOV, "late.parquet", rows=range(100, 150))
+    succeed_holding(instance, labels_run, ["labels.parquet"])
+    t = Tick(sensor, instance, zone, t.cursor)
+    assert t.keys() == [("ingest_batch", NOV)]  # the late records; the held labels wait for them
+    assert json.loads(t.cursor)["done"].get(f"labels/{NOV}") is None  # not remembered as ingested
+    records_run = launch(instance, t.requests[0])
+    succeed(instance, records_run, materialize="raw_records")
+    for cursor in (t.cursor, None):  # also with a lost cursor: the run history says the labels are not in
+        (req,) = Tick(sensor, instance, zone, cursor).requests
+        assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+        assert req.run_key != labels_req.run_key and req.tags["arrival/records_run"] == records_run.run_id
+
+
+def test_held_labels_are_requested_again_when_the_late_records_file_is_quarantined_instead_of_published(
+        sensor, instance, root):
+    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    _, cursor = published_records(sensor, instance, zone, root)
+    land(root, "labels", NOV, "labels.parquet", rows=range(150))
+    labels_run = launch(instance, Tick(sensor, instance, zone, cursor).requests[0])
+    late = land(root, "records", NOV, "late.parquet", rows=range(100, 150))
+    succeed_holding(instance, labels_run, ["labels.parquet"])
+    records_run = launch(instance, Tick(sensor, instance, zone).requests[0])
+    Landing(root).quarantine("records", NOV, late, "unreadable", records_run.run_id)
+    fail(instance, records_run)  # no new publication of the records: the same generation
+    (req,) = Tick(sensor, instance, zone).requests
+    assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+    assert req.run_key != labels_run.tags["dagster/run_key"] and req.run_key.endswith("attempt-1")

@@ -205,3 +205,78 @@ def test_labels_that_arrive_before_their_records_are_held_not_quarantined(spec, 
     published(spec, lakefs, state, instance)
     published(spec, lakefs, state, instance, "raw_labels")
     assert main_ids(lakefs, "raw_labels") == sorted(good["id"].head(20).to_list())
+
+
+# --- labels whose records are still arriving are held, not quarantined (issue 9) -----------------------------
+
+def labels_run(spec, lakefs, state, instance, settle_seconds: float = 0):
+    """raw_labels, with the landing zone's settle time given (a fresh file without marker is still written)."""
+    from resources.landing import LandingZoneResource
+
+    resources = {**resources_for(lakefs, state, spec),
+                 "landing": LandingZoneResource(root=str(state / "landing" / spec.name), settle_seconds=settle_seconds)}
+    return dg.materialize(build_ingestion(spec), selection=["raw_labels"], partition_key=PARTITION, instance=instance,
+                          resources=resources, raise_on_error=False)
+
+
+def quarantined(state, spec, kind="labels") -> list[str]:
+    q = state / "landing" / spec.name / "quarantine" / kind / PARTITION
+    return sorted(p.name for p in q.iterdir()) if q.exists() else []
+
+
+def test_labels_for_ids_of_a_records_file_still_arriving_are_held_and_taken_once_it_publishes(
+        spec, good, lakefs, state, instance):
+    ids = good["id"].to_list()
+    land(state, spec, "a.parquet", good.slice(0, 250), age_s=600)
+    published(spec, lakefs, state, instance)
+    land(state, spec, "first.parquet", pl.DataFrame({"id": ids[:100], "repaid": [1.0] * 100}), "labels", age_s=500)
+    published(spec, lakefs, state, instance, "raw_labels")
+    # The second records file is still being written; the labels cover a's ids and its 50 new ones.
+    late = land(state, spec, "late.parquet", good.slice(250), age_s=0)
+    labels = land(state, spec, "labels.parquet", pl.DataFrame({"id": ids[100:], "repaid": [0.0] * 200}), "labels",
+                  age_s=100)
+    for path in (labels, labels.with_name("first.parquet")):  # complete by their marker
+        path.with_name(path.name + ".done").touch()
+    result = labels_run(spec, lakefs, state, instance, settle_seconds=3600)
+    assert result.success, failed_checks(result)  # the earlier labels still publish; this file waits
+    meta = result.asset_materializations_for_node("raw_labels")[0].metadata
+    assert meta["files_held"].value == ["labels.parquet"] and meta["files_accepted"].value == []
+    assert not any(e.startswith("labels.parquet|") for e in meta["files"].value)  # the sensor sees it as not in
+    held = failed_checks(result)["files_held"]
+    assert "50 label(s) for ids not (yet) in the records of batch 2018-11-01" in held
+    assert "late.parquet still being written" in held
+    assert labels.exists() and quarantined(state, spec) == [], "held in the landing zone, not quarantined"
+    assert publish_run(instance, lakefs, result.run_id).status == "published"
+    assert main_ids(lakefs, "raw_labels") == sorted(ids[:100])
+    # Complete but not yet ingested by a records run: still held.
+    os.utime(late, (time.time() - 300,) * 2)
+    result = labels_run(spec, lakefs, state, instance)
+    assert "late.parquet not yet ingested" in failed_checks(result)["files_held"] and labels.exists()
+    # The records publish: the same label file is taken whole.
+    published(spec, lakefs, state, instance)
+    result = published(spec, lakefs, state, instance, "raw_labels")
+    meta = result.asset_materializations_for_node("raw_labels")[0].metadata
+    assert meta["files_accepted"].value == ["labels.parquet"] and meta["files_held"].value == []
+    assert main_ids(lakefs, "raw_labels") == sorted(ids) and quarantined(state, spec) == []
+
+
+def test_held_labels_are_quarantined_once_the_records_settle_without_their_ids(spec, good, lakefs, state, instance):
+    ids = good["id"].to_list()
+    land(state, spec, "a.parquet", good.slice(0, 250), age_s=600)
+    published(spec, lakefs, state, instance)
+    labels = land(state, spec, "labels.parquet", pl.DataFrame({"id": ids, "repaid": [1.0] * 300}), "labels",
+                  age_s=100)
+    # An ingest_batch run of the partition is running (no records file pending): the labels wait for it.
+    running = instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id="running-records-run",
+                                             tags={"dagster/partition": PARTITION}, status=dg.DagsterRunStatus.STARTED))
+    result = labels_run(spec, lakefs, state, instance)
+    assert not result.success  # nothing to publish yet
+    assert "label file(s) ['labels.parquet'] are held" in failed_checks(result)["labels_for_known_ids"]
+    assert f"ingest_batch run {running.run_id} is started" in failed_checks(result)["files_held"]
+    assert labels.exists() and quarantined(state, spec) == []
+    # That run ends without the missing ids (its file was bad): the records are settled, the file is quarantined.
+    instance.report_run_failed(running)
+    result = labels_run(spec, lakefs, state, instance)
+    assert not labels.exists() and "labels.parquet" in quarantined(state, spec)
+    assert "50 label(s) are for ids not in the records of batch 2018-11-01" in \
+        reason_of(state, spec, "labels.parquet", "labels")
