@@ -57,7 +57,7 @@ demo: up
 	@$(RUN) $(PY) -m mlplatform.demo --summary
 
 test: setup
-	$(RUN) $(PY) -m pytest -x -q $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: .venv/.synced $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pytest -x -q -m unit $(PYTEST_ARGS)
