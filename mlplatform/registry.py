@@ -155,7 +155,16 @@ def _move(mlflow: MLflowResource, audit: AuditTrail, intent: str, version: str, 
                          once=f"{intent}:{once}" if once else None)
     before = dict(entry.evidence.get("aliases_before", before))
     after = dict(entry.evidence.get("aliases_after", after))
-    apply_aliases(mlflow, aliases(mlflow), after)
+    current = aliases(mlflow)
+    # A plan resumed after a crash is applied only if nobody moved the aliases in between: each alias is
+    # still as the intent found it, or already as it planned (a move cut short half-way).
+    foreign = [a for a in ALIASES if current.get(a) not in (before.get(a), after.get(a))]
+    if foreign:
+        raise RegistryError(
+            f"{intent} #{entry.seq} of {mlflow.model_name} v{version} planned aliases {after} from {before}, but "
+            f"{foreign} are now {({a: current.get(a) for a in foreign})}: moved in between, so the stale plan is "
+            f"not re-applied; see `mlp doctor` and decide by hand (mlp approve / mlp rollback)")
+    apply_aliases(mlflow, current, after)
     return audit.record(INTENTS[intent], mlflow.model_name, version, reason,
                         {**evidence, "intent_seq": entry.seq, "aliases_before": before, "aliases_after": after},
                         actor, once=f"outcome:{entry.seq}")

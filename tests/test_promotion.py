@@ -84,7 +84,11 @@ def test_a_run_published_by_the_next_run_is_promoted_from_the_environment_store(
 
 
 def test_a_retrain_on_unchanged_data_and_code_registers_no_new_version(spec, base_ts, lakefs, state, instance,
-                                                                        mlflow_uri):
+                                                                        mlflow_uri, monkeypatch):
+    import assets.training
+
+    # The code as one exact commit (a developer's uncommitted edits would rightly disable reuse).
+    monkeypatch.setattr(assets.training, "git_commit", lambda: "0123456789abcdef0123456789abcdef01234567")
     m = mlflow_res(spec, mlflow_uri)
     first = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
     publish_run(instance, lakefs, first.run_id, m)
@@ -201,3 +205,18 @@ def test_an_audit_entry_with_a_once_key_is_written_once(state):
     assert a.seq == b.seq and b.reason == "first" and len(trail.history("m")) == 1
     trail.record("promotion_intent", "m", "1", "other key", {}, actor="user:a", once="k2")
     assert len(trail.history("m")) == 2 and trail.verify() == []
+
+
+def test_a_promotion_cut_short_is_not_reapplied_over_aliases_moved_in_between(spec, base_ts, lakefs, state,
+                                                                               instance, mlflow_uri):
+    m = mlflow_res(spec, mlflow_uri)
+    result = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
+    # A publisher killed after its intent, before moving anything; then an operator moves the alias by hand.
+    AuditTrail().record("promotion_intent", m.model_name, "1", "killed mid-move",
+                        {"dagster_run_id": result.run_id, "aliases_before": {},
+                         "aliases_after": {"champion": "1"}}, actor="platform:publish",
+                        once=f"promotion_intent:{result.run_id}")
+    registry.set_alias(m, "challenger", "1")
+    outcome = publish_run(instance, lakefs, result.run_id, m)
+    assert outcome.promotion_pending and "moved in between" in outcome.detail
+    assert registry.aliases(m) == {"challenger": "1"}  # the stale plan was not applied
