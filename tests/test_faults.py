@@ -346,6 +346,16 @@ def test_only_a_transient_fault_marks_a_failed_run_for_retry(lakefs, instance):
     assert "dagster/retry_on_asset_or_op_failure" not in instance.get_run_by_id(bad.run_id).tags
 
 
+@dg.asset(name="base")
+def resumable_base() -> pl.DataFrame:
+    return pl.DataFrame({"v": [7]})
+
+
+@dg.asset(name="top")
+def resumable_top(base: pl.DataFrame) -> pl.DataFrame:
+    return base.with_columns(pl.col("v") + 1)
+
+
 def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_outputs(lakefs, instance):
     """Dagster's run retry re-executes from the failure under a NEW run id: it gets its own branch, made from
     the failed run's branch (which holds the outputs it does not rebuild); the failed branch is kept."""
@@ -353,21 +363,14 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
 
     from resources.publish import KEPT_TAG
 
-    @dg.asset
-    def base() -> pl.DataFrame:
-        return pl.DataFrame({"v": [7]})
-
-    @dg.asset
-    def top(base: pl.DataFrame) -> pl.DataFrame:
-        return base.with_columns(pl.col("v") + 1)
-
     io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
-    first = dg.materialize([base], instance=instance, resources={"io_manager": io})
+    first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
     # Mark `first` failed, as a run killed after `base` would be, then resume it as a retry would.
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
     before = lakefs.head()
     # A retry copies its parent's tags, including the parent's kept branch (if it was recorded before).
-    second = dg.materialize([base, top], selection=["top"], instance=instance, resources={"io_manager": io},
+    second = dg.materialize([resumable_base, resumable_top], selection=["top"], instance=instance,
+                            resources={"io_manager": io},
                             tags={PARENT_RUN_ID_TAG: first.run_id, ROOT_RUN_ID_TAG: first.run_id,
                                   RESUME_RETRY_TAG: "true", KEPT_TAG: run_branch(first.run_id)})
     assert not instance.get_run_by_id(second.run_id).tags.get(KEPT_TAG)  # the parent's outcome is not its own
@@ -388,20 +391,13 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
 def test_a_resumed_run_whose_parent_branch_is_gone_fails_instead_of_branching_from_main(lakefs, instance):
     from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
 
-    @dg.asset
-    def base() -> pl.DataFrame:
-        return pl.DataFrame({"v": [7]})
-
-    @dg.asset
-    def top(base: pl.DataFrame) -> pl.DataFrame:
-        return base.with_columns(pl.col("v") + 1)
-
     io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
-    first = dg.materialize([base], instance=instance, resources={"io_manager": io})
+    first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
     lakefs.delete_branch(run_branch(first.run_id))  # e.g. pruned by hand while its retry was queued
     before = lakefs.head()
-    second = dg.materialize([base, top], selection=["top"], instance=instance, resources={"io_manager": io},
+    second = dg.materialize([resumable_base, resumable_top], selection=["top"], instance=instance,
+                            resources={"io_manager": io},
                             raise_on_error=False,
                             tags={PARENT_RUN_ID_TAG: first.run_id, ROOT_RUN_ID_TAG: first.run_id,
                                   RESUME_RETRY_TAG: "true"})
