@@ -264,16 +264,23 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         if name in self._branches:
             return name
         run = instance.get_run_by_id(run_id) if instance is not None else None
-        parent = run_branch(parent_of(run)) if is_resumed(run) else None
-        if parent and not self.lakefs.branch_exists(name) and self.lakefs.branch_exists(parent):
-            self.lakefs.ensure_branch(name, source=parent)
-        elif parent and not self.lakefs.branch_exists(name) and instance.get_records_for_run(
-                parent_of(run), of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1).records:
-            # Branching from main instead would silently drop the outputs this run does not rebuild.
-            raise LakeFSError(
-                f"run {run_id} resumes run {parent_of(run)}, whose branch {parent!r} (holding the outputs this run "
-                f"skips) is gone from lakeFS repository {self.lakefs.repository!r} at {self.lakefs.endpoint}: "
-                f"re-execute the whole job instead of resuming from the failure")
+        source = None
+        if is_resumed(run) and not self.lakefs.branch_exists(name):
+            # Branch from the nearest run it resumes that has a branch: a retry that itself failed before
+            # writing anything has none, and its own parent's branch holds the outputs. An ancestor that did
+            # write outputs but whose branch is gone: branching from main would silently drop them.
+            for ancestor in resumed_lineage(instance, run_id)[1:]:
+                if self.lakefs.branch_exists(run_branch(ancestor)):
+                    source = run_branch(ancestor)
+                    break
+                if instance.get_records_for_run(ancestor, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                limit=1).records:
+                    raise LakeFSError(
+                        f"run {run_id} resumes run {ancestor}, whose branch {run_branch(ancestor)!r} (holding the "
+                        f"outputs this run skips) is gone from lakeFS repository {self.lakefs.repository!r} at "
+                        f"{self.lakefs.endpoint}: re-execute the whole job instead of resuming from the failure")
+        if source is not None:
+            self.lakefs.ensure_branch(name, source=source)
         else:
             open_run_branch(instance if self.publish_before_branching else None, self.lakefs, run_id)
         self._branches.add(name)

@@ -411,6 +411,28 @@ def test_a_resumed_run_whose_parent_branch_is_gone_fails_instead_of_branching_fr
     assert lakefs.head() == before and not lakefs.branch_exists(run_branch(second.run_id))
 
 
+def test_a_second_retry_branches_from_the_first_run_when_the_first_retry_wrote_nothing(lakefs, instance):
+    """Two retries in a row (e.g. MLflow still down for the first): the first retry failed before writing, so it
+    has no branch; the second must start from the original run's branch, which holds the outputs it skips."""
+    from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
+
+    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
+    instance.report_run_failed(instance.get_run_by_id(first.run_id))
+    resume = {ROOT_RUN_ID_TAG: first.run_id, RESUME_RETRY_TAG: "true"}
+    # The first retry fails before it writes anything: no branch of its own.
+    import uuid
+
+    empty = instance.add_run(dg.DagsterRun(job_name="__ephemeral_asset_job__", run_id=str(uuid.uuid4()),
+                                           status=dg.DagsterRunStatus.FAILURE,
+                                           tags={PARENT_RUN_ID_TAG: first.run_id, **resume}))
+    assert not lakefs.branch_exists(run_branch(empty.run_id))
+    second = dg.materialize([resumable_base, resumable_top], selection=["top"], instance=instance,
+                            resources={"io_manager": io}, tags={PARENT_RUN_ID_TAG: empty.run_id, **resume})
+    assert sorted(lakefs.list_paths(run_branch(second.run_id), "assets/")) == [
+        "assets/base/data.parquet", "assets/top/data.parquet"]
+
+
 # --- daemon drills ------------------------------------------------------------------------------------
 @pytest.mark.daemon
 def test_run_worker_sigkilled_mid_training_is_failed_and_retried_by_the_daemon(lifecycle, tmp_path):
