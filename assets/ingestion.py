@@ -198,6 +198,28 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
     return out
 
 
+def new_landing_files(files, ledger: dict, conform, skipped: list, rejected: list):
+    """(path, digest, conformed frame, arrival time) of each landing file not yet in the batch's ledger.
+
+    A file already ingested (same name and content) goes to `skipped`, one that cannot be read or conformed
+    to `rejected` with its violation, one that vanished meanwhile is passed over."""
+    for path in files:
+        try:
+            digest = contracts.file_digest(path)
+            arrived = dt.datetime.fromtimestamp(path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+        if contracts.already_ingested(path.name, digest, ledger):
+            skipped.append(path.name)
+            continue
+        try:
+            frame = conform(contracts.read_landing_file(path), path.name)
+        except contracts.FileRejected as exc:
+            rejected.append((path, [exc.violation(path.name)]))
+            continue
+        yield path, digest, frame, arrived
+
+
 def build_ingestion(spec: DatasetSpec) -> list:
     partitions = partitions_def(spec)
 
@@ -249,19 +271,9 @@ def build_ingestion(spec: DatasetSpec) -> list:
 
         skipped, deliveries, warnings = [], [], []
         rejected: list[tuple[Path, list[contracts.Violation]]] = []
-        for path in files:  # 1. per file
-            try:
-                digest = contracts.file_digest(path)
-            except FileNotFoundError:
-                continue
-            if contracts.already_ingested(path.name, digest, ledger):
-                skipped.append(path.name)
-                continue
-            try:
-                frame = contracts.conform(contracts.read_landing_file(path), spec, path.name)
-            except contracts.FileRejected as exc:
-                rejected.append((path, [exc.violation(path.name)]))
-                continue
+        # 1. per file
+        for path, digest, frame, _ in new_landing_files(files, ledger, lambda df, name: contracts.conform(
+                df, spec, name), skipped, rejected):
             frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE))
             found = contracts.check_records(frame, spec, win) + contracts.check_ids_elsewhere(frame, spec, elsewhere)
             blocking = [v for v in found if v.blocking]
@@ -336,20 +348,8 @@ def build_ingestion(spec: DatasetSpec) -> list:
         skipped, held, deliveries = [], [], []
         held_why: dict[str, str] = {}
         rejected: list[tuple[Path, list[contracts.Violation]]] = []
-        for path in files:
-            try:
-                digest = contracts.file_digest(path)
-                arrived = dt.datetime.fromtimestamp(path.stat().st_mtime)
-            except FileNotFoundError:
-                continue
-            if contracts.already_ingested(path.name, digest, ledger):
-                skipped.append(path.name)
-                continue
-            try:
-                frame = contracts.conform_labels(contracts.read_landing_file(path), spec, path.name)
-            except contracts.FileRejected as exc:
-                rejected.append((path, [exc.violation(path.name)]))
-                continue
+        for path, digest, frame, arrived in new_landing_files(
+                files, ledger, lambda df, name: contracts.conform_labels(df, spec, name), skipped, rejected):
             frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE),
                                        pl.lit(arrived).cast(pl.Datetime("us")).alias(contracts.ARRIVED_AT))
             found = contracts.check_labels(frame, spec, known, partition)
