@@ -16,7 +16,7 @@ from mlplatform.audit import AuditTrail
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.publish import EXPERIMENT_TAG, GATE_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
 class GateConfig(dg.Config):

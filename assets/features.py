@@ -17,7 +17,7 @@ import dagster as dg
 from resources.duckdb import DuckDBResource
 from resources.io import asset_path
 from resources.lakefs import LakeFSResource, run_branch
-from resources.settings import DatasetSpec, state_dir
+from mlplatform.spec import DatasetSpec, state_dir
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 EXPORTED_MODELS = ("stg_records", "stg_labels", "features")

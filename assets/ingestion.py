@@ -25,10 +25,11 @@ import dagster as dg
 import polars as pl
 
 from mlplatform import contracts
-from mlplatform.batches import Landing, partitions_def, window
+from mlplatform.batches import Landing, window
+from resources.partitions import partitions_def
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 RECORD_CHECKS = ["files_readable", "schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
                  "event_time_in_partition", "unseen_categories_within_limit", "ids_unique_across_batches",

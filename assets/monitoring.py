@@ -9,11 +9,12 @@ import numpy as np
 import polars as pl
 
 from mlplatform import modeling, registry
-from mlplatform.batches import partitions_def, window
+from mlplatform.batches import window
+from resources.partitions import partitions_def
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource, run_branch
 from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
 def _png_md(fig, title: str) -> tuple[bytes, str]:
@@ -32,7 +33,7 @@ def _md_table(df: pl.DataFrame, cols: list[str], limit: int = 60) -> str:
 
 
 def drift_engine(spec: DatasetSpec):
-    from drift.engine import DriftEngine
+    from mlplatform.drift.engine import DriftEngine
 
     mon = spec.monitoring
     cont = [f.name for f in spec.features if f.type == "numeric"] + [f.name for f in spec.engineered_features]
@@ -95,7 +96,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from drift.engine import ChunkSpec
+        from mlplatform.drift.engine import ChunkSpec
 
         start, end = window(spec, context.partition_key)
         features, commit = read_upstream_table(context, lakefs, "features")

@@ -4,11 +4,12 @@ import dagster as dg
 import polars as pl
 
 from mlplatform import modeling, registry
-from mlplatform.batches import partitions_def, window
+from mlplatform.batches import window
+from resources.partitions import partitions_def
 from resources.io import read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
 def score_batch(features: pl.DataFrame, spec: DatasetSpec, champion, champion_version: str, challenger,

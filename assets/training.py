@@ -14,7 +14,7 @@ from mlplatform.audit import AuditTrail
 from resources.io import git_commit, latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
 class ExamplesConfig(dg.Config):

@@ -20,8 +20,8 @@ import polars as pl  # noqa: E402
 
 from mlplatform import modeling  # noqa: E402
 from mlplatform.batches import partition_of  # noqa: E402
-from mlplatform.serving import online_features  # noqa: E402
-from resources.settings import load_spec  # noqa: E402
+from mlplatform.features import online_features  # noqa: E402
+from mlplatform.spec import load_spec  # noqa: E402
 
 
 def main() -> None:

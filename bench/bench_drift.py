@@ -28,7 +28,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from drift.engine import ChunkSpec, DriftEngine  # noqa: E402
+from mlplatform.drift.engine import ChunkSpec, DriftEngine  # noqa: E402
 
 CONTINUOUS = ["car_value", "debt_to_income_ratio", "loan_length", "driver_tenure"]
 CATEGORICAL = ["salary_range", "size_of_downpayment", "repaid_loan_on_prev_car"]

@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.before).resolve()))
     old = importlib.import_module("drift_before.engine")
-    new = importlib.import_module("drift.engine")
+    new = importlib.import_module("mlplatform.drift.engine")
 
     ref_pd, ana_pd = load()
     ref_pl, ana_pl = to_polars(ref_pd), to_polars(ana_pd)

@@ -285,7 +285,7 @@ def bench_branches(res, blockstore: Path, label: str, n_objects: int, object_siz
 
 
 def bench_lakefs(args) -> tuple[dict, dict, str]:
-    from mlplatform.services import LakeFSServer, free_port, lakefs_version
+    from tooling.services import LakeFSServer, free_port, lakefs_version
     from resources.lakefs import LakeFSResource
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-foundation-lakefs-"))

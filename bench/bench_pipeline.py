@@ -77,7 +77,7 @@ def scale_reference(k: int) -> None:
     """Make DatasetSpec.load_source return k resampled copies of the reference (fresh ids)."""
     import pandas as pd
 
-    from resources.settings import DatasetSpec
+    from mlplatform.spec import DatasetSpec
 
     original = DatasetSpec.load_source
 
@@ -101,7 +101,7 @@ def child(args) -> None:
     from assets.ingestion import build_ingestion
     from assets.training import build_training
     from mlplatform.batches import Landing
-    from mlplatform.simulator import Simulator
+    from tooling.simulator import Simulator
     from resources.lakefs import LakeFSResource
     from resources.publish import publish_run
     from tests.helpers import car_loan, resources_for
@@ -196,7 +196,7 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 
 def run_scale(scale: int, scale_ref: bool, tmp_root: Path) -> dict:
-    from mlplatform.services import LakeFSServer, free_port
+    from tooling.services import LakeFSServer, free_port
 
     tmp = Path(tempfile.mkdtemp(prefix=f"scale{scale}_", dir=tmp_root))
     server = LakeFSServer(tmp / "lakefs", port=free_port()).start()
@@ -248,7 +248,7 @@ def main() -> None:
         child(args)
         return
     t_start = time.perf_counter()
-    from mlplatform.services import build_lakefs, lakefs_version
+    from tooling.services import build_lakefs, lakefs_version
 
     build_lakefs()
     tmp_root = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))

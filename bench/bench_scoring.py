@@ -7,7 +7,7 @@ Setup (untimed): a private lakeFS server in a temp dir, a temp MLflow sqlite sto
 instance. One model is trained and registered the platform's way (assets.training.train_and_register
 on quick_training_set(spec, 50000)) and given the `champion` alias; no challenger (shadow scoring off).
 The production rows (50k, resampled k times with fresh ids for the larger sizes, as the Simulator
-does) go through the platform's feature SQL (mlplatform.serving.online_features, the SQL of dbt's
+does) go through the platform's feature SQL (mlplatform.features.online_features, the SQL of dbt's
 `features` model), get origin='production' and their event times mapped into one batch period
 (2018-11-01), so that one partition of batch_predictions holds all N rows. This features table is
 materialized once as the asset `features` (written + committed to lakeFS by the I/O manager).
@@ -67,7 +67,7 @@ def production_features(spec, n_rows: int):
     import polars as pl
 
     from mlplatform.batches import window
-    from mlplatform.serving import online_features
+    from mlplatform.features import online_features
 
     _, production, _ = spec.load_source()
     df = pl.from_pandas(production)
@@ -104,7 +104,7 @@ def main() -> None:
     from assets.training import TrainConfig, train_and_register
     from mlplatform import modeling, registry
     from mlplatform.batches import window
-    from mlplatform.services import LakeFSServer, free_port, lakefs_version
+    from tooling.services import LakeFSServer, free_port, lakefs_version
     from resources.io import serialize
     from resources.lakefs import LakeFSResource
     from tests.helpers import car_loan, quick_training_set, resources_for

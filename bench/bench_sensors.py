@@ -20,7 +20,7 @@ import polars as pl  # noqa: E402
 
 from resources.landing import LandingZoneResource  # noqa: E402
 from resources.mlflow import MLflowResource  # noqa: E402
-from resources.settings import load_spec  # noqa: E402
+from mlplatform.spec import load_spec  # noqa: E402
 from sensors.lifecycle import build_lifecycle  # noqa: E402
 
 

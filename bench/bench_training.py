@@ -134,7 +134,7 @@ def main() -> None:
 
     from assets.training import TrainConfig, build_training
     from mlplatform import modeling
-    from mlplatform.services import LakeFSServer, free_port, lakefs_version
+    from tooling.services import LakeFSServer, free_port, lakefs_version
     from resources.lakefs import LakeFSResource
     from tests.helpers import car_loan, quick_training_set, resources_for
 

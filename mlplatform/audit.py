@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resources.settings import state_dir
+from mlplatform.spec import state_dir
 
 # Decisions (gate_decision, retrain_triggered), facts (registered, reproduced), and alias moves written as an
 # intent before the move and an outcome after it (the outcome's evidence names its intent's `intent_seq`).

@@ -13,33 +13,91 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import dagster as dg
-
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
-def partitions_def(spec: DatasetSpec) -> dg.TimeWindowPartitionsDefinition:
-    start, end = spec.batch_start, spec.batch_end
-    if spec.cadence == "daily":
-        return dg.DailyPartitionsDefinition(start_date=start, end_date=end)
-    if spec.cadence == "weekly":
-        return dg.WeeklyPartitionsDefinition(start_date=start, end_date=end)
-    return dg.MonthlyPartitionsDefinition(start_date=start, end_date=end)
+# --- batch periods ----------------------------------------------------------------------------------
+#
+# A spec's cadence cuts time into whole periods from the first period boundary at or after `batch.start`
+# up to `batch.end` (exclusive): the same partitions Dagster's time-window partitions give for the cron
+# schedule below (resources/partitions.py builds those from these constants; a unit test holds them equal).
+
+CRON = {"hourly": "0 * * * *", "daily": "0 0 * * *", "weekly": "0 0 * * 0", "monthly": "0 0 1 * *",
+        "yearly": "0 0 1 1 *"}
+KEY_FORMAT = {"hourly": "%Y-%m-%d-%H:%M", "daily": "%Y-%m-%d", "weekly": "%Y-%m-%d", "monthly": "%Y-%m-%d",
+              "yearly": "%Y"}
+CADENCES = tuple(CRON)
+
+
+def _parse_bound(value: str) -> dt.datetime:
+    for fmt in ("%Y-%m-%d-%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d", "%Y"):
+        try:
+            return dt.datetime.strptime(str(value), fmt)
+        except ValueError:
+            continue
+    return dt.datetime.fromisoformat(str(value)).replace(tzinfo=None)
+
+
+def _floor(cadence: str, t: dt.datetime) -> dt.datetime:
+    """The start of the period holding t."""
+    if cadence == "hourly":
+        return t.replace(minute=0, second=0, microsecond=0)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if cadence == "daily":
+        return day
+    if cadence == "weekly":  # weeks start on Sunday, as cron's day 0
+        return day - dt.timedelta(days=(day.weekday() + 1) % 7)
+    if cadence == "monthly":
+        return day.replace(day=1)
+    return day.replace(month=1, day=1)
+
+
+def _next(cadence: str, start: dt.datetime) -> dt.datetime:
+    """The start of the period after the one starting at `start`."""
+    if cadence == "hourly":
+        return start + dt.timedelta(hours=1)
+    if cadence == "daily":
+        return start + dt.timedelta(days=1)
+    if cadence == "weekly":
+        return start + dt.timedelta(days=7)
+    if cadence == "monthly":
+        return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return start.replace(year=start.year + 1)
+
+
+def _first(cadence: str, t: dt.datetime) -> dt.datetime:
+    f = _floor(cadence, t)
+    return f if f == t else _next(cadence, f)
+
+
+def partition_keys(spec: DatasetSpec) -> list[str]:
+    """Every batch period's key, oldest first."""
+    cadence, fmt = spec.cadence, KEY_FORMAT[spec.cadence]
+    start, end = _first(cadence, _parse_bound(spec.batch_start)), _parse_bound(spec.batch_end)
+    keys = []
+    while _next(cadence, start) <= end:
+        keys.append(start.strftime(fmt))
+        start = _next(cadence, start)
+    return keys
 
 
 def window(spec: DatasetSpec, partition: str) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of a partition, as naive datetimes (the data's event times are naive)."""
-    tw = partitions_def(spec).time_window_for_partition_key(partition)
-    return tw.start.replace(tzinfo=None), tw.end.replace(tzinfo=None)
+    try:
+        start = dt.datetime.strptime(partition, KEY_FORMAT[spec.cadence])
+    except ValueError:
+        raise ValueError(f"{partition!r} is not a {spec.cadence} batch key of {spec.name} "
+                         f"(format {KEY_FORMAT[spec.cadence]})") from None
+    if _floor(spec.cadence, start) != start:
+        raise ValueError(f"{partition!r} does not start a {spec.cadence} batch period of {spec.name}")
+    return start, _next(spec.cadence, start)
 
 
 def partition_of(spec: DatasetSpec, ts: dt.datetime) -> str:
-    pdef = partitions_def(spec)
-    for key in pdef.get_partition_keys():
-        start, end = window(spec, key)
-        if start <= ts < end:
-            return key
-    raise ValueError(f"{ts} is outside the batch periods {spec.batch_start}..{spec.batch_end} of {spec.name}")
+    key = _floor(spec.cadence, ts).strftime(KEY_FORMAT[spec.cadence])
+    if key not in set(partition_keys(spec)):
+        raise ValueError(f"{ts} is outside the batch periods {spec.batch_start}..{spec.batch_end} of {spec.name}")
+    return key
 
 
 # --- the landing zone -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 SOURCE_FILE = "_source_file"
 ROW_NUMBER = "_source_row"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 SPLITS = ("train", "validation", "test")
 

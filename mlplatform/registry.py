@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlplatform.audit import INTENT_OUTCOME, AuditTrail
-from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec
+from mlplatform.tracking import Tracking  # or resources.mlflow.MLflowResource, which delegates to one
+from mlplatform.spec import DatasetSpec
 
 CHAMPION, PREVIOUS, CHALLENGER, AWAITING = "champion", "previous", "challenger", "awaiting-approval"
 ALIASES = (CHAMPION, PREVIOUS, CHALLENGER, AWAITING)
@@ -47,7 +47,7 @@ def _redact(text: str) -> str:
     return _CRED.sub(lambda m: m.group("scheme") + "***@", str(text))
 
 
-def store_name(mlflow: MLflowResource) -> str:
+def store_name(mlflow: Tracking) -> str:
     return _redact(mlflow.tracking_uri)
 
 
@@ -55,7 +55,7 @@ def _is_missing(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
-def aliases(mlflow: MLflowResource) -> dict[str, str]:
+def aliases(mlflow: Tracking) -> dict[str, str]:
     """alias -> version of the registered model; {} only if the model is not registered yet.
 
     Any other failure raises: a store that cannot be read must never look like "no champion"."""
@@ -69,7 +69,7 @@ def aliases(mlflow: MLflowResource) -> dict[str, str]:
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
 
-def set_alias(mlflow: MLflowResource, alias: str, version: str | None) -> None:
+def set_alias(mlflow: Tracking, alias: str, version: str | None) -> None:
     client = mlflow.client()
     if version is None:
         try:
@@ -97,7 +97,7 @@ def decide(spec: DatasetSpec, candidate_score: float, comparison: dict | None) -
                   f"{comparison['diff']:+.4f}, 95% CI [{low:.4f}, {comparison['ci_high']:.4f}] > -{spec.margin}")
 
 
-def apply_gate(mlflow: MLflowResource, audit: AuditTrail, spec: DatasetSpec, version: str, passed: bool,
+def apply_gate(mlflow: Tracking, audit: AuditTrail, spec: DatasetSpec, version: str, passed: bool,
                reason: str, evidence: dict, manual: bool, actor: str) -> GateOutcome:
     """Record the gate's decision; no alias moves here (they wait for the run's data to reach main)."""
     if not passed:
@@ -136,14 +136,14 @@ def plan_rollback(current: dict[str, str]) -> dict[str, str]:
     return after
 
 
-def apply_aliases(mlflow: MLflowResource, before: dict[str, str], after: dict[str, str]) -> None:
+def apply_aliases(mlflow: Tracking, before: dict[str, str], after: dict[str, str]) -> None:
     """Make the registry's aliases equal `after` (only the platform's aliases are touched). Idempotent."""
     for alias in ALIASES:
         if after.get(alias) != before.get(alias):
             set_alias(mlflow, alias, after.get(alias))
 
 
-def _move(mlflow: MLflowResource, audit: AuditTrail, intent: str, version: str, reason: str, evidence: dict,
+def _move(mlflow: Tracking, audit: AuditTrail, intent: str, version: str, reason: str, evidence: dict,
           actor: str, before: dict[str, str], after: dict[str, str], once: str | None = None):
     """intent -> alias moves -> outcome naming its intent.
 
@@ -177,7 +177,7 @@ def pending_intents(audit: AuditTrail, model: str) -> list:
     return [e for e in events if e.action in INTENTS and e.seq not in done]
 
 
-def promote_published(mlflow: MLflowResource, audit: AuditTrail, version: str, decision: str, run_id: str,
+def promote_published(mlflow: Tracking, audit: AuditTrail, version: str, decision: str, run_id: str,
                       published_commit: str, actor: str) -> str:
     """Apply a gate decision once its run is on main. Idempotent per run: returns what happened."""
     if decision not in (PROMOTE, AWAIT_APPROVAL):
@@ -196,13 +196,13 @@ def promote_published(mlflow: MLflowResource, audit: AuditTrail, version: str, d
     return f"v{version}: {INTENTS[intent]}"
 
 
-def promote(mlflow: MLflowResource, version: str, current: dict[str, str] | None = None) -> None:
+def promote(mlflow: Tracking, version: str, current: dict[str, str] | None = None) -> None:
     """Low-level alias move, with no audit entry (set-up and drills only; `mlp doctor` flags its use)."""
     current = current if current is not None else aliases(mlflow)
     apply_aliases(mlflow, current, plan_promotion(current, version))
 
 
-def approve(mlflow: MLflowResource, audit: AuditTrail, version: str, approver: str, reason: str) -> None:
+def approve(mlflow: Tracking, audit: AuditTrail, version: str, approver: str, reason: str) -> None:
     current = aliases(mlflow)
     if current.get(AWAITING) != str(version):
         raise RegistryError(f"version {version} of {mlflow.model_name} is not awaiting approval "
@@ -211,7 +211,7 @@ def approve(mlflow: MLflowResource, audit: AuditTrail, version: str, approver: s
           f"user:{approver}", current, plan_promotion(current, str(version)))
 
 
-def rollback(mlflow: MLflowResource, audit: AuditTrail, reason: str, actor: str,
+def rollback(mlflow: Tracking, audit: AuditTrail, reason: str, actor: str,
              evidence: dict | None = None, expected_champion: str | None = None) -> tuple[str, str]:
     """Move `champion` back to `previous` in one step; returns (from_version, to_version)."""
     current = aliases(mlflow)
@@ -227,18 +227,18 @@ def rollback(mlflow: MLflowResource, audit: AuditTrail, reason: str, actor: str,
     return champ, prev
 
 
-def load_booster(mlflow: MLflowResource, version: str):
+def load_booster(mlflow: Tracking, version: str):
     import mlflow as mlf
 
     mlflow.setup()
     return mlf.lightgbm.load_model(f"models:/{mlflow.model_name}/{version}")
 
 
-def version_tags(mlflow: MLflowResource, version: str) -> dict[str, str]:
+def version_tags(mlflow: Tracking, version: str) -> dict[str, str]:
     return dict(mlflow.client().get_model_version(mlflow.model_name, str(version)).tags or {})
 
 
-def find_by_fingerprint(mlflow: MLflowResource, fingerprint: str) -> list:
+def find_by_fingerprint(mlflow: Tracking, fingerprint: str) -> list:
     """Registered versions carrying this fingerprint tag, newest first."""
     try:
         found = mlflow.client().search_model_versions(

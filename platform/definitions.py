@@ -13,7 +13,7 @@ from assets.monitoring import build_monitoring
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import build_resources
-from resources.settings import DatasetSpec, dataset_spec
+from mlplatform.spec import DatasetSpec, dataset_spec
 from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
 

@@ -12,7 +12,7 @@ from resources.io import LakeFSIOManager
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
 from resources.mlflow import MLflowResource
-from resources.settings import SettingError, dataset_name, environment, state_dir
+from mlplatform.spec import SettingError, dataset_name, environment, state_dir
 
 
 def build_resources(env: str | None = None) -> dict[str, Any]:

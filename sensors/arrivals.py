@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from mlplatform.batches import KINDS, LandedFile, Landing, partitions_def
+from mlplatform.batches import KINDS, LandedFile, Landing
+from resources.partitions import partitions_def
 from resources.landing import LandingZoneResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 INGEST_ASSETS = ["raw_records", "stg_records", "stg_labels", "features"]
 LABEL_ASSETS = ["raw_labels", "stg_records", "stg_labels", "features"]

@@ -12,7 +12,7 @@ import dagster as dg
 
 from sensors.arrivals import build_arrivals
 from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 RETRAIN_ASSETS = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
                   "evaluation_report", "model_card"]
@@ -26,14 +26,14 @@ class Trigger:
     event_id: int = 0    # storage id of the evidence: each event fires once
 
 
-def _latest(instance: dg.DagsterInstance, key: str, limit: int = 1):
+def latest_materializations(instance: dg.DagsterInstance, key: str, limit: int = 1):
     return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=limit).records
 
 
 def _checked(instance: dg.DagsterInstance, key: str, limit: int = 1):
     """The newest materializations of `key` that count as evidence: from SUCCESS runs (a failed run's
     output never passed its checks) or reported from outside a run. Newest first."""
-    records = _latest(instance, key, limit=limit)
+    records = latest_materializations(instance, key, limit=limit)
     run_ids = sorted({r.run_id for r in records if r.run_id})
     ok = set()
     if run_ids:
@@ -42,7 +42,7 @@ def _checked(instance: dg.DagsterInstance, key: str, limit: int = 1):
     return [r for r in records if not r.run_id or r.run_id in ok]
 
 
-def _val(meta: dict, key: str, default=None):
+def meta_value(meta: dict, key: str, default=None):
     v = meta.get(key)
     return default if v is None else getattr(v, "value", v)
 
@@ -61,9 +61,9 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
         for r in _checked(instance, "raw_labels", limit=500):
             per_partition.setdefault(r.partition_key, r)
         new = [r for r in per_partition.values() if r.timestamp > trained_at]
-        rows = sum(int(_val(r.asset_materialization.metadata, "rows", 0)) for r in new)
+        rows = sum(int(meta_value(r.asset_materialization.metadata, "rows", 0)) for r in new)
         ts = _checked(instance, "training_set", limit=5)
-        base = int(_val(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
+        base = int(meta_value(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
         frac = rows / base if base else float("inf")
         top = max((r.storage_id for r in new), default=0)
         if new and top > seen.get("volume", 0) and (rows >= vol.get("min_new_labelled_rows", 10**12)
@@ -77,7 +77,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
     if drift.get("enabled", True):
         rec = _checked(instance, "drift_report", limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
-            summary = _val(rec[0].asset_materialization.metadata, "summary", {}) or {}
+            summary = meta_value(rec[0].asset_materialization.metadata, "summary", {}) or {}
             method = drift.get("method")
             by_feature = summary.get("alerts_by_feature", {})
             feats = sorted(f for f, ms in by_feature.items() if not method or method in ms)
@@ -95,8 +95,8 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
         if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
             meta = rec[0].asset_materialization.metadata
             metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
-            est = float(_val(meta, f"estimated_{metric}", float("nan")))
-            champ = float(_val(meta, "champion_test_score", float("nan")))
+            est = float(meta_value(meta, f"estimated_{metric}", float("nan")))
+            champ = float(meta_value(meta, "champion_test_score", float("nan")))
             higher = spec.higher_is_better
             below_floor = est < perf["floor"] if higher else est > perf["floor"]
             margin = perf.get("margin_below_champion_test")
@@ -199,14 +199,14 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         al = None
         for rec in sorted(recs, key=lambda r: r.storage_id):
             meta = rec.asset_materialization.metadata
-            cur, prev = _val(meta, f"realized_{metric}"), _val(meta, f"previous_{metric}")
+            cur, prev = meta_value(meta, f"realized_{metric}"), meta_value(meta, f"previous_{metric}")
             if cur is None or prev is None:
                 continue
             worse = (prev - cur) if spec.higher_is_better else (cur - prev)
             if worse > rb.get("margin", 0.02):
                 al = al if al is not None else registry.aliases(mlflow)  # a read; fails closed
                 champ = al.get(registry.CHAMPION)
-                if champ != str(_val(meta, "model_version")) or not al.get(registry.PREVIOUS):
+                if champ != str(meta_value(meta, "model_version")) or not al.get(registry.PREVIOUS):
                     continue  # the champion changed since (or nothing to go back to): evidence about another state
                 context.update_cursor(str(max(r.storage_id for r in recs)))
                 reason = (f"realized {metric} of champion v{champ} is {cur:.4f} vs {prev:.4f} for v"

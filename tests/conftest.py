@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mlplatform.services import LakeFSServer, free_port
+from tooling.services import LakeFSServer, free_port
 from resources.lakefs import LakeFSResource
 
 os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")

@@ -8,12 +8,12 @@ from pathlib import Path
 import polars as pl
 
 from mlplatform import modeling
-from mlplatform.serving import online_features
+from mlplatform.features import online_features
 from resources.io import LakeFSIOManager
 from resources.landing import LandingZoneResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
-from resources.settings import DatasetSpec, load_spec
+from mlplatform.spec import DatasetSpec, load_spec
 
 
 def resources_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow_uri: str | None = None) -> dict:

@@ -20,7 +20,7 @@ import pytest
 from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 
 from mlplatform.batches import Landing
-from mlplatform.simulator import Simulator
+from tooling.simulator import Simulator
 from resources.landing import LandingZoneResource
 from sensors.arrivals import build_arrivals, plan_arrivals
 
@@ -174,9 +174,9 @@ def test_hidden_temporary_and_marker_files_are_never_taken(tmp_path):
 
 
 def test_stray_folders_and_files_are_reported_and_partition_folders_kept(tmp_path, spec):
-    from mlplatform.batches import partitions_def
+    from mlplatform.batches import partition_keys
 
-    keys = partitions_def(spec).get_partition_keys()
+    keys = partition_keys(spec)
     zone = Landing(tmp_path, settle_seconds=0)
     land(tmp_path, "records", NOV, "batch.parquet")
     for folder in ("tmp", "2018-11-15", "2019-09-01", "2017-01-01"):
@@ -195,7 +195,7 @@ def test_stray_folders_and_files_are_reported_and_partition_folders_kept(tmp_pat
 
 
 def test_a_file_with_an_mtime_in_the_future_is_reported_and_not_taken_until_the_clock_passes_it(tmp_path, spec):
-    from mlplatform.batches import partitions_def
+    from mlplatform.batches import partition_keys
 
     zone = Landing(tmp_path, settle_seconds=0)
     good = land(tmp_path, "records", NOV, "a.parquet", marker=False)
@@ -203,7 +203,7 @@ def test_a_file_with_an_mtime_in_the_future_is_reported_and_not_taken_until_the_
     ahead = time.time() + 3600  # written by a machine whose clock is an hour ahead
     os.utime(skewed, (ahead, ahead))
     assert zone.files("records", NOV) == [good]
-    scan = zone.scan("records", partitions_def(spec).get_partition_keys())
+    scan = zone.scan("records", partition_keys(spec))
     (stray,) = scan.strays
     assert stray.path == skewed and "mtime in the future" in stray.reason and "clock skew" in stray.reason
     assert [f.name for f in scan.partitions[NOV]] == ["a.parquet", "b.parquet"]
@@ -211,17 +211,17 @@ def test_a_file_with_an_mtime_in_the_future_is_reported_and_not_taken_until_the_
     assert [f.path for f in zone.landed("records", NOV, now=ahead + 1) if f.complete] == [good, skewed]
     # a few seconds of skew is not a stray: the file just settles
     os.utime(skewed, (time.time() + 5, time.time() + 5))
-    assert zone.scan("records", partitions_def(spec).get_partition_keys()).strays == []
+    assert zone.scan("records", partition_keys(spec)).strays == []
 
 
 def test_subfolders_of_a_partition_are_reported_as_strays_and_the_partition_files_kept(tmp_path, spec):
-    from mlplatform.batches import partitions_def
+    from mlplatform.batches import partition_keys
 
     zone = Landing(tmp_path, settle_seconds=0)
     good = land(tmp_path, "records", NOV, "batch.parquet")
     nested = land(tmp_path, "records", f"{NOV}/region=eu", "part-0.parquet")
     (tmp_path / "records" / NOV / "_temporary").mkdir()   # a writer's metadata folder: not a stray
-    scan = zone.scan("records", partitions_def(spec).get_partition_keys())
+    scan = zone.scan("records", partition_keys(spec))
     assert [f.path for f in scan.partitions[NOV]] == [good]
     (stray,) = scan.strays
     assert stray.path == nested.parent and "never read" in stray.reason and f"records/{NOV}/" in stray.reason
@@ -476,10 +476,10 @@ def test_arrivals_request_the_landed_partition_once_and_labels_their_own_job(sen
 
 def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, root):
     zone = LandingZoneResource(root=str(root))
-    from mlplatform.batches import partitions_def
+    from mlplatform.batches import partition_keys
     from .helpers import car_loan as _spec
 
-    keys = partitions_def(_spec()).get_partition_keys()
+    keys = partition_keys(_spec())
     for p in keys:
         land(root, "records", p, "batch.parquet")
     t = Tick(sensor, instance, zone)

@@ -30,7 +30,7 @@ from mlplatform.batches import window
 from resources.io import load_asset
 from resources.lakefs import LakeFSError, LakeFSResource, run_branch
 from resources.publish import publish_run
-from resources.settings import DatasetSpec, load_spec
+from mlplatform.spec import DatasetSpec, load_spec
 
 from .helpers import resources_for
 
@@ -100,11 +100,11 @@ def make_world(lakefs_env, tmp_path_factory, spec: DatasetSpec) -> tuple[World, 
     prod = pl.from_pandas(production)
     t = spec.time_column
     prod = prod.with_columns(pl.col(t).str.to_datetime(time_unit="us")) if prod.schema[t] == pl.String else prod
-    from mlplatform.batches import partitions_def
+    from mlplatform.batches import partition_keys
 
     counts = prod.group_by(pl.col(t).dt.date().alias("d")).len()
     full = {d.strftime("%Y-%m-%d") for d, n in counts.iter_rows() if n >= 60}
-    days = [k for k in partitions_def(spec).get_partition_keys() if k in full]
+    days = [k for k in partition_keys(spec) if k in full]
     return World(spec, lakefs, None, state, prod, days), mp  # type: ignore[arg-type]
 
 

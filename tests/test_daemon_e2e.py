@@ -19,9 +19,9 @@ from assets.training import build_training
 from mlplatform import registry
 from mlplatform.audit import AuditTrail
 from mlplatform.batches import Landing
-from mlplatform.simulator import Simulator
+from tooling.simulator import Simulator
 from resources.publish import publish_run
-from resources.settings import load_spec
+from mlplatform.spec import load_spec
 
 from .conftest import ROOT
 from .helpers import resources_for

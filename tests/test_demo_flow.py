@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mlplatform.demo import PER_BATCH, TRAINING
+from tooling.demo import PER_BATCH, TRAINING
 from resources.lakefs import LakeFSResource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,12 +55,12 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
     assert not any(r.id == repo for r in lakefs_sdk.repositories(client=lakefs.client)), "not an empty start"
 
     py, log = sys.executable, []
-    run = [py, "-m", "mlplatform.env"]  # $(RUN) in the Makefile
-    _run([py, "-m", "mlplatform.services", "up"], env, log)  # `make up`: MLflow store and mlp.env under state
+    run = [py, "-m", "tooling.env"]  # $(RUN) in the Makefile
+    _run([py, "-m", "tooling.services", "up"], env, log)  # `make up`: MLflow store and mlp.env under state
     _run(run + ["mlp", "simulate", "reset"], env, log)
     released = _run(run + ["mlp", "simulate", "next", str(BATCHES)], env, log)
-    _run(run + [py, "-m", "mlplatform.demo"], env, log)
-    summary = _run(run + [py, "-m", "mlplatform.demo", "--summary"], env, log).stdout
+    _run(run + [py, "-m", "tooling.demo"], env, log)
+    summary = _run(run + [py, "-m", "tooling.demo", "--summary"], env, log).stdout
 
     import json
 
@@ -81,7 +81,7 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
 
     # MLflow has a champion, trained on a commit that is on main
     from resources.mlflow import MLflowResource
-    from resources.settings import dataset_name
+    from mlplatform.spec import dataset_name
 
     settings = dict(line.split("=", 1) for line in (state / "mlp.env").read_text().splitlines())
     mlflow = MLflowResource(tracking_uri=settings["MLFLOW_TRACKING_URI"], model_name=f"{dataset_name()}-model",

@@ -5,7 +5,8 @@ import sqlite3
 
 import pytest
 
-from mlplatform import cli, registry
+from mlplatform import registry
+from tooling import cli
 from mlplatform.audit import AuditTrail
 from resources.publish import publish_run
 

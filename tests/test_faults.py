@@ -19,7 +19,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from mlplatform.services import LakeFSServer, free_port
+from tooling.services import LakeFSServer, free_port
 from resources.io import LakeFSIOManager, TRANSIENT_TAG, latest_checked_materialization
 from resources.lakefs import LakeFSResource, LakeFSUnavailable, run_branch
 from resources.publish import publish_run
@@ -577,7 +577,7 @@ def test_lakefs_killed_mid_run_and_restarted_the_run_finishes(lifecycle, lakefs_
 @pytest.mark.daemon
 def test_daemon_killed_and_restarted_drains_the_queue_and_ingests_nothing_twice(lifecycle, state, tmp_path):
     from mlplatform.batches import Landing
-    from mlplatform.simulator import Simulator
+    from tooling.simulator import Simulator
 
     from .test_daemon_e2e import start_daemon
 

@@ -182,7 +182,7 @@ def test_two_runs_writing_the_same_partition_conflict_and_main_keeps_the_first(l
 
 
 def test_unreachable_lakefs_fails_fast_naming_the_endpoint():
-    from mlplatform.services import free_port
+    from tooling.services import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     # The retry budget bounds the wait: one retry here (the default budget retries for up to a minute).
@@ -202,18 +202,18 @@ def test_wrong_credentials_give_a_clear_error(lakefs_env):
 
 
 def test_a_missing_setting_is_named(state, monkeypatch, tmp_path):
-    from resources.settings import SettingError, load_spec
+    from mlplatform.spec import SettingError, load_spec
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "platform" / "datasets" / "car_loan.yaml").read_text().replace("time_column:", "tim:"))
     with pytest.raises(SettingError, match=r"bad\.yaml: setting 'time_column' is missing"):
         load_spec(bad)
     bad.write_text((ROOT / "platform" / "datasets" / "car_loan.yaml").read_text()
-                   .replace("cadence: monthly", "cadence: hourly"))
+                   .replace("cadence: monthly", "cadence: fortnightly"))
     with pytest.raises(SettingError, match="batch.cadence"):
         load_spec(bad)
     monkeypatch.setenv("MLP_ENV", "staging")
-    from resources.settings import environment
+    from mlplatform.spec import environment
     with pytest.raises(SettingError, match="MLP_ENV"):
         environment()
 

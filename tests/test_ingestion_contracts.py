@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from mlplatform import contracts
-from resources.settings import SettingError, load_spec
+from mlplatform.spec import SettingError, load_spec
 
 from .helpers import car_loan
 

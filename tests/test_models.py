@@ -122,7 +122,7 @@ def test_rollback_restores_the_previous_champion_in_one_step(spec, base_ts, lake
 
 def test_reproduce_rebuilds_the_training_set_from_lakefs_and_predicts_identically(spec, base_ts, lakefs, state,
                                                                                    instance, mlflow_uri):
-    from mlplatform.cli import reproduce
+    from tooling.cli import reproduce
 
     train_and_publish(spec, base_ts, lakefs, state, instance, mlflow_uri)
     out = reproduce("1", mlflow=mlflow_res(spec, mlflow_uri), lakefs=lakefs, spec=spec)
@@ -194,7 +194,7 @@ def test_features_missing_at_inference_are_named_by_the_signature(spec, base_ts,
 
 
 def test_an_unreachable_mlflow_fails_with_the_uri_after_bounded_retries():
-    from mlplatform.services import free_port
+    from tooling.services import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     m = MLflowResource(tracking_uri=uri, retries=3, timeout_seconds=1)

@@ -7,7 +7,7 @@ import pytest
 
 from assets.monitoring import build_monitoring
 from mlplatform.batches import window
-from mlplatform.serving import online_features
+from mlplatform.features import online_features
 from resources.io import load_asset
 from resources.lakefs import run_branch
 

@@ -16,11 +16,11 @@ from assets.serving import build_serving
 from assets.training import build_training
 from mlplatform import registry
 from mlplatform.batches import Landing
-from mlplatform.serving import online_features
-from mlplatform.simulator import Simulator
+from mlplatform.features import online_features
+from tooling.simulator import Simulator
 from resources.io import load_asset
 from resources.publish import publish_run
-from resources.settings import load_spec
+from mlplatform.spec import load_spec
 
 from .helpers import resources_for
 

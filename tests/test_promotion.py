@@ -108,7 +108,7 @@ def test_a_retrain_on_unchanged_data_and_code_registers_no_new_version(spec, bas
 
 
 def test_registry_read_errors_raise_instead_of_reading_as_no_champion(spec, mlflow_uri, tmp_path):
-    from mlplatform.services import free_port
+    from tooling.services import free_port
 
     fresh = mlflow_res(spec, mlflow_uri)
     assert registry.aliases(fresh) == {}  # only "not registered yet" reads as no model
@@ -146,7 +146,7 @@ def test_an_unreachable_mlflow_registers_nothing_and_the_error_names_the_store_w
         spec, base_ts, lakefs, state, instance, mlflow_uri):
     import dagster as dg
 
-    from mlplatform.services import free_port
+    from tooling.services import free_port
 
     from .helpers import resources_for
     from .test_models import pipeline
@@ -166,8 +166,8 @@ def test_an_unreachable_mlflow_registers_nothing_and_the_error_names_the_store_w
 
 def test_a_promotion_cut_short_is_finished_by_the_next_publish_exactly_once(spec, base_ts, lakefs, state, instance,
                                                                               mlflow_uri):
-    from mlplatform.cli import doctor
-    from mlplatform.services import free_port
+    from tooling.cli import doctor
+    from tooling.services import free_port
     from resources.lakefs import run_branch
 
     m = mlflow_res(spec, mlflow_uri)

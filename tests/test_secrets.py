@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mlplatform.redact import redact, redact_exception, redact_uri, redacting
-from mlplatform.services import LakeFSServer, ServiceError, free_port, write_private
+from tooling.services import LakeFSServer, ServiceError, free_port, write_private
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +201,7 @@ def test_write_private_is_0600_even_with_open_umask_and_an_older_open_file(tmp_p
 
 
 def test_settings_file_left_readable_by_an_older_version_is_narrowed_on_first_read(tmp_path, monkeypatch):
-    from mlplatform.services import env_file, read_env_file
+    from tooling.services import env_file, read_env_file
 
     monkeypatch.setenv("MLP_STATE_DIR", str(tmp_path))
     env_file().write_text("LAKEFS_SECRET_ACCESS_KEY=old\n")
@@ -326,7 +326,7 @@ def test_stop_never_kills_a_process_that_reused_our_pid(tmp_path):
 # --- `up` from nothing --------------------------------------------------------------------------------------
 
 def _services(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlplatform.services", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tooling.services", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 
 

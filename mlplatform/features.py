@@ -6,7 +6,7 @@ from typing import Any
 
 import polars as pl
 
-from resources.settings import DatasetSpec
+from mlplatform.spec import DatasetSpec
 
 
 def feature_sql(spec: DatasetSpec, relation: str) -> str:

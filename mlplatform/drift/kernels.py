@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special, stats
 
-from drift.reference import ContinuousFit
+from mlplatform.drift.reference import ContinuousFit
 
 
 class Keys:

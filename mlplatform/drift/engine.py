@@ -122,12 +122,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from drift import kernels
-from drift.chunking import Chunks, ChunkSpec, tabulate, table_arrays
-from drift.dtypes import CATEGORICAL_TYPES, dtype_name, is_categorical, is_numeric
-from drift.kernels import Keys
-from drift.ks import KS_MAX_AUTO_N, ks, kstwo_sf
-from drift.reference import (
+from mlplatform.drift import kernels
+from mlplatform.drift.chunking import Chunks, ChunkSpec, tabulate, table_arrays
+from mlplatform.drift.dtypes import CATEGORICAL_TYPES, dtype_name, is_categorical, is_numeric
+from mlplatform.drift.kernels import Keys
+from mlplatform.drift.ks import KS_MAX_AUTO_N, ks, kstwo_sf
+from mlplatform.drift.reference import (
     NANNYML_EXACT_LIMIT,
     NANNYML_WASSERSTEIN_BINS,
     CategoricalFit,

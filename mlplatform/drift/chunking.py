@@ -20,7 +20,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import polars as pl
 
-from drift.dtypes import dtype_name, is_temporal
+from mlplatform.drift.dtypes import dtype_name, is_temporal
 
 # (chunk position, distinct value, count) arrays, sorted by (chunk, value)
 ValueCounts = tuple[np.ndarray, np.ndarray, np.ndarray]

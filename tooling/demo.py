@@ -62,7 +62,7 @@ def publish() -> None:
 
 
 def summary() -> None:
-    from mlplatform.cli import _lakefs
+    from tooling.cli import _lakefs
     from mlplatform.redact import redact_uri
 
     lakefs = _lakefs()
@@ -73,14 +73,14 @@ def summary() -> None:
     print(f"MLflow:        {redact_uri(os.environ.get('MLFLOW_TRACKING_URI', ''))}  "
           f"(UI: `make dev`, then http://127.0.0.1:5000)")
     print(f"Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')})")
-    print("Lifecycle:     .venv/bin/python -m mlplatform.env mlp status   (below)\n")
-    from mlplatform.cli import main as mlp
+    print("Lifecycle:     .venv/bin/python -m tooling.env mlp status   (below)\n")
+    from tooling.cli import main as mlp
 
     mlp(["status"])
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlplatform.cli import _simulator
+    from tooling.cli import _simulator
 
     argv = sys.argv[1:] if argv is None else argv
     if "--summary" in argv:

@@ -14,7 +14,7 @@ from typing import Literal, Union
 import numpy as np
 import polars as pl
 
-from drift.dtypes import CATEGORICAL_TYPES, dtype_name, is_categorical, is_numeric
+from mlplatform.drift.dtypes import CATEGORICAL_TYPES, dtype_name, is_categorical, is_numeric
 
 # NannyML 0.13.1 switches Wasserstein to its binned estimate at this reference size, with this many bins.
 NANNYML_EXACT_LIMIT = 10_000

@@ -1,6 +1,6 @@
 """Start, health-check and stop the project's own local services: a lakeFS server and an MLflow UI.
 
-Used by the Makefile (`python -m mlplatform.services up|down|status`) and by the test fixtures.
+Used by the Makefile (`python -m tooling.services up|down|status`) and by the test fixtures.
 If LAKEFS_ENDPOINT is set in the caller's environment, that server is used and nothing is started.
 """
 
@@ -28,14 +28,14 @@ BIN_DIR = ROOT / ".bin"
 
 
 def state() -> Path:
-    from resources.settings import state_dir
+    from mlplatform.spec import state_dir
 
     return state_dir()
 
 
 def env_file() -> Path:
     # Not `.env`: Dagster loads a `.env` from the working directory OVER the process environment, which
-    # would shadow a LAKEFS_ENDPOINT the caller exported. Ours is loaded under it (`python -m mlplatform.env`).
+    # would shadow a LAKEFS_ENDPOINT the caller exported. Ours is loaded under it (`python -m tooling.env`).
     return state() / "mlp.env"
 
 
@@ -487,11 +487,11 @@ def up(with_ui: bool = False) -> None:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
         lines.append(f"MLflow:     {env['MLFLOW_TRACKING_URI']}  (artifacts in {root / 'mlflow' / 'artifacts'})")
     home = dagster_home()
-    if not (home / "dagster.yaml").exists():  # what the Makefile's rule does, for `python -m mlplatform.services up`
+    if not (home / "dagster.yaml").exists():  # what the Makefile's rule does, for `python -m tooling.services up`
         home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
     lines.append(f"Dagster:    DAGSTER_HOME={home}")
-    lines.append(f"settings:   {env_file()}  (loaded by `python -m mlplatform.env CMD`, under what you export)")
+    lines.append(f"settings:   {env_file()}  (loaded by `python -m tooling.env CMD`, under what you export)")
     write_private(env_file(), "".join(f"{k}={v}\n" for k, v in sorted(env.items())))
     if with_ui:
         lines.append(f"MLflow UI:  {start_mlflow_ui()}")

@@ -23,7 +23,7 @@ class SettingError(ValueError):
 FEATURE_TYPES = {"numeric", "categorical", "boolean"}
 REDELIVERY_POLICIES = {"reject", "replace_by_id"}
 PROBLEM_TYPES = {"binary_classification", "regression"}
-CADENCES = {"daily", "weekly", "monthly"}
+CADENCES = {"hourly", "daily", "weekly", "monthly", "yearly"}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from scipy import special, stats
 
-from drift.kernels import Keys, segments
+from mlplatform.drift.kernels import Keys, segments
 
 # ks_2samp(method='auto') computes the exact p-value when max(n1, n2) <= 10 000 (a local constant in scipy).
 KS_MAX_AUTO_N = 10_000

@@ -1,5 +1,5 @@
 """Fast univariate drift detection on polars (see :mod:`drift.engine`, which also maps the layers)."""
 
-from drift.engine import METHODS, ChunkSpec, DriftEngine
+from mlplatform.drift.engine import METHODS, ChunkSpec, DriftEngine
 
 __all__ = ["METHODS", "ChunkSpec", "DriftEngine"]

@@ -7,12 +7,12 @@ import json
 import os
 import sys
 
-from mlplatform.services import load_env_file
+from tooling.services import load_env_file
 
 
 def _lakefs():
     from resources.lakefs import LakeFSResource
-    from resources.settings import SettingError
+    from mlplatform.spec import SettingError
 
     missing = [k for k in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY")
                if not os.environ.get(k)]
@@ -32,8 +32,8 @@ def _instance():
 
 def _simulator(scale: int = 1):
     from mlplatform.batches import Landing
-    from mlplatform.simulator import Simulator
-    from resources.settings import dataset_spec, state_dir
+    from tooling.simulator import Simulator
+    from mlplatform.spec import dataset_spec, state_dir
 
     spec = dataset_spec()
     return Simulator(spec, Landing(state_dir() / "landing" / spec.name), scale=scale)
@@ -86,14 +86,14 @@ def cmd_branches(args) -> int:
 
 
 def _spec():
-    from resources.settings import dataset_spec
+    from mlplatform.spec import dataset_spec
 
     return dataset_spec()
 
 
 def _mlflow():
     from resources.mlflow import MLflowResource
-    from resources.settings import SettingError, dataset_name
+    from mlplatform.spec import SettingError, dataset_name
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -254,7 +254,7 @@ def lifecycle_state(instance, mlflow, spec) -> dict:
 
     from mlplatform import registry
     from mlplatform.audit import AuditTrail
-    from sensors.lifecycle import _latest, _val, evaluate_triggers
+    from sensors.lifecycle import evaluate_triggers, latest_materializations, meta_value
 
     out: dict = {"model": mlflow.model_name, "aliases": {}}
     for alias, version in sorted(registry.aliases(mlflow).items()):
@@ -271,18 +271,18 @@ def lifecycle_state(instance, mlflow, spec) -> dict:
                              "action": (f"gate:{decisions[-1].evidence.get('decision')}"
                                         if decisions[-1].action == "gate_decision" else decisions[-1].action),
                              "why": decisions[-1].reason} if decisions else None)
-    drift = _latest(instance, "drift_report")
+    drift = latest_materializations(instance, "drift_report")
     if drift:
-        summary = _val(drift[0].asset_materialization.metadata, "summary", {}) or {}
+        summary = meta_value(drift[0].asset_materialization.metadata, "summary", {}) or {}
         out["latest_drift"] = {"partition": drift[0].partition_key, "n_alerts": summary.get("n_alerts"),
                                "alerting_features": summary.get("alerting_features"),
                                "multivariate_alert": summary.get("multivariate", {}).get("alert")}
-    est = _latest(instance, "performance_estimate")
+    est = latest_materializations(instance, "performance_estimate")
     if est:
         meta = est[0].asset_materialization.metadata
         metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
-        out["latest_estimate"] = {"partition": est[0].partition_key, metric: _val(meta, f"estimated_{metric}"),
-                                  "champion_test_score": _val(meta, "champion_test_score"), "alert": _val(meta, "alert")}
+        out["latest_estimate"] = {"partition": est[0].partition_key, metric: meta_value(meta, f"estimated_{metric}"),
+                                  "champion_test_score": meta_value(meta, "champion_test_score"), "alert": meta_value(meta, "alert")}
     keys = [dg.AssetKey(k) for k in spec.freshness]
     records = instance.get_freshness_state_records(keys)
     out["freshness"] = {k.to_user_string(): (records[k].freshness_state.value if k in records else "UNKNOWN")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.fn(args)
     except Exception as exc:  # noqa: BLE001 - the operator gets one clear line, not a stack trace
         from resources.lakefs import LakeFSError
-        from resources.settings import SettingError
+        from mlplatform.spec import SettingError
 
         from mlplatform.registry import RegistryError
         from resources.mlflow import MLflowUnavailable

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from mlplatform.batches import DONE_SUFFIX, Landing, partitions_def, window
-from resources.settings import DatasetSpec
+from mlplatform.batches import DONE_SUFFIX, Landing, partition_keys, window
+from mlplatform.spec import DatasetSpec
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Simulator:
         df = self.production()
         tmin, tmax = df["_t"].min(), df["_t"].max()
         keys = []
-        for key in partitions_def(self.spec).get_partition_keys():
+        for key in partition_keys(self.spec):
             start, end = window(self.spec, key)
             if end > tmin and start <= tmax:
                 keys.append(key)
