@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import os
 import zoneinfo
 from dataclasses import dataclass, field
@@ -71,6 +70,13 @@ class DatasetSpec:
     max_unseen_category_fraction: float = 0.05
     redelivery: str = "reject"
     path: str = ""
+    # Sources given as files instead of a loader: paths or globs (relative to the spec's folder), read as
+    # Parquet or CSV (by extension unless `source.format` says). `time_type` says how the time column is stored.
+    source_reference: str = ""
+    source_production: str = ""
+    source_labels: str = ""
+    source_format: str = ""
+    time_type: str = "datetime"
 
     @property
     def is_classification(self) -> bool:
@@ -102,69 +108,11 @@ class DatasetSpec:
     def higher_is_better(self) -> bool:
         return self.metric not in {"rmse", "mae", "log_loss", "brier"}
 
-    def check_time_column(self, frame, part: str) -> None:
-        """The source's time column must hold timestamps, and production ones must fall inside a batch
-        period: otherwise every caller (simulator, reference_data) would silently see zero batches."""
-        import pandas as pd
-
-        t = self.time_column
-        if t not in frame.columns:
-            raise SettingError(f"{self.path}: setting 'time_column' names {t!r}, which the {part} data of "
-                               f"{self.loader!r} does not have (columns: {list(frame.columns)[:20]})")
-        col = frame[t]
-        if col.dtype.kind in "iufb":
-            raise SettingError(
-                f"{self.path}: setting 'time_column' {t!r} holds numbers in the {part} data of {self.loader!r} "
-                f"(range found {col.min()}..{col.max()}), not timestamps: convert it to dates/times in the loader")
-        try:
-            values = pd.to_datetime(col, utc=False) if col.dtype.kind != "M" else col
-        except (ValueError, TypeError) as exc:
-            raise SettingError(f"{self.path}: setting 'time_column' {t!r} of the {part} data of {self.loader!r} "
-                               f"cannot be read as timestamps ({exc})") from None
-        if getattr(values.dt, "tz", None) is not None:
-            values = values.dt.tz_convert(self.timezone).dt.tz_localize(None)
-        if part != "production" or values.isna().all():
-            return
-        start, end = pd.Timestamp(self.batch_start), pd.Timestamp(self.batch_end)
-        inside = ((values >= start) & (values < end)).sum()
-        if inside == 0:
-            raise SettingError(
-                f"{self.path}: no production value of time_column {t!r} falls inside the batch periods "
-                f"[{self.batch_start}, {self.batch_end}) (settings 'batch.start'/'batch.end'); range found "
-                f"{values.min()}..{values.max()}")
-
     def load_source(self):
-        """(reference, production, production_labels) from the spec's loader, as pandas.
+        """(reference, production, production_labels) as pandas: see mlplatform.sources."""
+        from mlplatform.sources import load_source
 
-        The loader's output is cached as Parquet under the state dir: importing a package such as
-        nannyml costs ~10 s, and the source does not change for a given loader.
-        """
-        import pandas as pd
-
-        cache = Path(os.environ.get("MLP_CACHE_DIR", str(ROOT / ".state" / "cache"))) / "sources" \
-            / self.loader.replace(":", "__")
-        parts = ("reference", "production", "labels")
-        if all((cache / f"{p}.parquet").exists() for p in parts):
-            frames = [pd.read_parquet(cache / f"{p}.parquet") for p in parts]
-        else:
-            module, _, func = self.loader.partition(":")
-            os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
-            try:
-                fn = getattr(importlib.import_module(module), func)
-            except (ImportError, AttributeError) as exc:
-                raise SettingError(f"{self.path}: source.loader {self.loader!r} cannot be imported: {exc}") from None
-            frames = list(fn())
-            cache.mkdir(parents=True, exist_ok=True)
-            for p, f in zip(parts, frames):
-                f.to_parquet(cache / f".{p}.tmp")
-                (cache / f".{p}.tmp").replace(cache / f"{p}.parquet")
-        reference, production, labels = frames
-        self.check_time_column(reference, "reference")
-        self.check_time_column(production, "production")
-        drop = set(self.drop_columns)
-        return (reference.drop(columns=[c for c in drop if c in reference.columns]),
-                production.drop(columns=[c for c in drop if c in production.columns]),
-                labels)
+        return load_source(self)
 
 
 def _require(raw: dict, key: str, path: Path, kind: type | tuple = object):
@@ -255,7 +203,7 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
     return DatasetSpec(
         name=_require(raw, "name", path, str),
         description=str(raw.get("description", "")),
-        loader=_require(raw, "source.loader", path, str),
+        loader=str((raw.get("source") or {}).get("loader") or ""),
         drop_columns=tuple(raw.get("source", {}).get("drop_columns") or ()),
         id_column=_require(raw, "id_column", path, str),
         time_column=_require(raw, "time_column", path, str),
@@ -280,6 +228,10 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         max_unseen_category_fraction=float(unseen),
         redelivery=redelivery,
         path=str(path),
+        source_reference=str((raw.get("source") or {}).get("reference") or ""),
+        source_production=str((raw.get("source") or {}).get("production") or ""),
+        source_labels=str((raw.get("source") or {}).get("labels") or ""),
+        source_format=str((raw.get("source") or {}).get("format") or ""),
     )
 
 
