@@ -82,9 +82,9 @@ def parse_duration(value: Any) -> dt.timedelta:
         return value
     text = str(value).strip()
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?[smhd]", text):
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?[smhd]", text) and float(text[:-1]) > 0:
         return dt.timedelta(**{units[text[-1]]: float(text[:-1])})
-    raise PydanticCustomError("duration", "must be a duration like 90s, 15m, 36h or 30d")
+    raise PydanticCustomError("duration", "must be a positive duration like 90s, 15m, 36h or 30d")
 
 
 def _duration_text(value: dt.timedelta) -> str:
@@ -619,8 +619,8 @@ def _describe(err: dict, raw: Any) -> str:
         model = _model_at(loc[:-1])
         known = list(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        return (f"setting {setting!r}{about} is not a known setting" + (f" (did you mean {close[0]!r}?)" if close else "")
-                + (f"; known here: {known}" if known else ""))
+        return (f"setting {setting!r}{about} is not a known setting"
+                + (f" (did you mean {close[0]!r}?)" if close else "") + (f"; known here: {known}" if known else ""))
     if kind == "literal_error":
         return f"setting {setting!r}{about} must be one of {ctx.get('expected', '').replace(' or ', ', ')}{got}"
     what = {"int_type": "must be an integer", "int_parsing": "must be an integer",
@@ -640,7 +640,8 @@ def _describe(err: dict, raw: Any) -> str:
     if what is None:  # our own checks (PydanticCustomError) and anything else: pydantic's message
         what = err["msg"]
     # a whole section's check names its values itself
-    return f"setting {setting!r}{about} {what}" + ("" if isinstance(value, (dict, BaseModel)) or "got " in what else got)
+    named = isinstance(value, (dict, BaseModel)) or "got " in what
+    return f"setting {setting!r}{about} {what}" + ("" if named else got)
 
 
 def validate_spec(raw: Any, path: str | Path) -> SpecModel:

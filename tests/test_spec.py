@@ -70,7 +70,7 @@ def test_a_wrong_type_names_the_file_and_the_setting_path(tmp_path):
     with pytest.raises(SettingError, match=r"setting 'label_delay_days' must be an integer, got '30'"):
         load_spec(path)
     path = variant(tmp_path, lambda d: d["freshness"]["features"].update(warn="3 days"))
-    with pytest.raises(SettingError, match=r"setting 'freshness\.features\.warn' must be a duration like 90s"):
+    with pytest.raises(SettingError, match=r"setting 'freshness\.features\.warn' must be a positive duration like 90s"):
         load_spec(path)
     path = variant(tmp_path, lambda d: d["features"][1]["categories"].append(True))
     with pytest.raises(SettingError, match=r"'features\[1\]\.categories' \(salary_range\) holds true .*quote"):
