@@ -38,9 +38,8 @@ def drift_engine(spec: DatasetSpec):
     mon = spec.monitoring
     cont = [f.name for f in spec.features if f.type == "numeric"] + [f.name for f in spec.engineered_features]
     cat = [f.name for f in spec.features if f.type in ("categorical", "boolean")]
-    return DriftEngine(continuous=cont, categorical=cat, methods=tuple(mon.get("drift_methods", ("psi", "ks"))),
-                       psi_bins=int(mon.get("psi_bins", 10)), min_chunk_rows=int(mon.get("min_chunk_rows", 200)),
-                       threshold="std", std_multiplier=float(mon.get("std_multiplier", 3.0)))
+    return DriftEngine(continuous=cont, categorical=cat, methods=mon.drift_methods, psi_bins=mon.psi_bins,
+                       min_chunk_rows=mon.min_chunk_rows, threshold="std", std_multiplier=mon.std_multiplier)
 
 
 def period_string(spec: DatasetSpec) -> str:
@@ -107,7 +106,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
         engine = drift_engine(spec)
-        chunk_rows = max(int(spec.monitoring.get("reference_chunk_rows", 5000)), engine.min_chunk_rows)
+        chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
         engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
         over_time = engine.calculate(history, ChunkSpec(kind="period", period=period_string(spec),
                                                         timestamp_column=spec.time_column))
@@ -170,7 +169,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
             features, _ = read_upstream_table(context, lakefs, "features")
             batch = batch.join(features.select(spec.id_column, *spec.model_feature_names), on=spec.id_column)
         est = estimate_performance(spec, ref, batch, lakefs, context)
-        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        metric = spec.estimated_metric
         return dg.Output(pl.DataFrame([est]), metadata={
             f"estimated_{metric}": dg.MetadataValue.float(est["estimated"]),
             "lower_bound": dg.MetadataValue.float(est["lower"] if est["lower"] is not None else float("nan")),
@@ -194,7 +193,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
                              f"no {spec.id_column!r}")
         y, p = joined[spec.target].to_numpy(), joined["prediction"].to_numpy()
         realized = modeling.metrics(y, p, spec)
-        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        metric = spec.estimated_metric
         row = {"partition": context.partition_key, "rows": joined.height, "model_version":
                batch_predictions["model_version"][0], **{f"realized_{k}": v for k, v in realized.items()}}
         found = latest_checked_materialization(context.instance, dg.AssetKey("performance_estimate"),
@@ -281,7 +280,7 @@ def estimate_performance(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFra
     os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
     import nannyml as nml
 
-    metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+    metric = spec.estimated_metric
     t = spec.time_column
     r = ref.select(t, spec.target, "prediction").to_pandas()
     a = batch.select(t, "prediction").to_pandas()

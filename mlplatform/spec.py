@@ -1,47 +1,467 @@
-"""Settings: the data-set spec and the one function that chooses the environment (local / prod)."""
+"""Settings: the data-set spec and the one function that chooses the environment (local / prod).
+
+A data set is described by one YAML file under platform/datasets/. The pydantic models below are the spec's
+single definition: every setting, its type, its default and its checks live here, nowhere else. `load_spec`
+validates a file against them and returns a `DatasetSpec`: a flat, frozen object (the names callers use:
+`spec.cadence`, `spec.time_column`, ...) with the typed sections `monitoring`, `automation` and `freshness`.
+Any error names the file and the setting path (`car_loan.yaml: setting 'batch.cadence' must be one of ...`).
+The JSON Schema editors use (platform/datasets/spec.schema.json) is generated from the same models:
+`python -m mlplatform.spec --schema`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import difflib
+import json
 import os
+import re
+import sys
+import types
+import typing
 import zoneinfo
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field,
+                      PlainValidator, Tag, ValidationError, WithJsonSchema, model_validator)
+from pydantic_core import PydanticCustomError
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS_DIR = ROOT / "platform" / "datasets"
+SCHEMA_PATH = DATASETS_DIR / "spec.schema.json"
 
 
 class SettingError(ValueError):
     """A configuration value is missing or malformed; the message names the setting and file."""
 
 
-FEATURE_TYPES = {"numeric", "categorical", "boolean"}
-REDELIVERY_POLICIES = {"reject", "replace_by_id"}
-PROBLEM_TYPES = {"binary_classification", "regression"}
-CADENCES = {"hourly", "daily", "weekly", "monthly", "yearly"}
+# --- the vocabularies -----------------------------------------------------------------------------------------------
+FeatureType = Literal["numeric", "categorical", "boolean"]
+ProblemType = Literal["binary_classification", "regression"]
+Cadence = Literal["hourly", "daily", "weekly", "monthly", "yearly"]  # = mlplatform.batches.CADENCES (a test holds it)
+Redelivery = Literal["reject", "replace_by_id"]
+TimeType = Literal["datetime", "date", "iso_string", "year", "epoch_s", "epoch_ms"]
+FileFormat = Literal["parquet", "csv"]
+# = mlplatform.drift.engine.METHODS (a test holds it; the engine is not imported here: it pulls numpy and polars)
+DriftMethod = Literal["psi", "ks", "chi2", "jensen_shannon", "wasserstein", "hellinger", "l_infinity"]
+
+FEATURE_TYPES = set(typing.get_args(FeatureType))
+PROBLEM_TYPES = set(typing.get_args(ProblemType))
+CADENCES = set(typing.get_args(Cadence))
+REDELIVERY_POLICIES = set(typing.get_args(Redelivery))
+TIME_TYPES = set(typing.get_args(TimeType))
+DRIFT_METHODS = typing.get_args(DriftMethod)
+FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# training.metric: what mlplatform.modeling.metric_fn can score (the promotion gate's bootstrap)
+TRAINING_METRICS = {"binary_classification": ("roc_auc", "pr_auc"), "regression": ("rmse", "mae")}
+# monitoring.estimated_metrics: what NannyML can estimate (CBPE / DLE) AND modeling.metrics realizes later
+ESTIMATED_METRICS = {"binary_classification": ("roc_auc",), "regression": ("rmse", "mae")}
+LOWER_IS_BETTER = {"rmse", "mae", "log_loss", "brier"}
 
 
-@dataclass(frozen=True)
-class Feature:
+# --- value types ----------------------------------------------------------------------------------------------------
+def _problem(at: str, message: str) -> PydanticCustomError:
+    """An error inside a model's own check, pointed at one of its settings (`at`, relative to the model)."""
+    return PydanticCustomError("setting", message, {"at": at} if at else {})
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+T = typing.TypeVar("T")
+Seq = Annotated[tuple[T, ...], BeforeValidator(_as_tuple)]  # a YAML list, held as a tuple (frozen)
+
+
+def parse_duration(value: Any) -> dt.timedelta:
+    """'90s', '15m', '36h', '30d' -> timedelta."""
+    if isinstance(value, dt.timedelta):
+        return value
+    text = str(value).strip()
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?[smhd]", text) and float(text[:-1]) > 0:
+        return dt.timedelta(**{units[text[-1]]: float(text[:-1])})
+    raise PydanticCustomError("duration", "must be a positive duration like 90s, 15m, 36h or 30d")
+
+
+def _duration_text(value: dt.timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[dt.timedelta, PlainValidator(parse_duration),
+                     WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?[smhd]$",
+                                     "description": "a duration: 90s, 15m, 36h, 30d"})]
+
+
+def _bound(value: Any) -> str:
+    """A batch bound: a date (YYYY-MM-DD) or, for hourly batches, a date and time; held as text."""
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=None).isoformat(sep=" ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, str):
+        try:
+            return value if len(value) == 10 and dt.date.fromisoformat(value) else \
+                dt.datetime.fromisoformat(value).replace(tzinfo=None).isoformat(sep=" ")
+        except ValueError:
+            pass
+    raise PydanticCustomError("bound", "must be a date YYYY-MM-DD (or 'YYYY-MM-DD HH:MM' for hourly batches)")
+
+
+BatchBound = Annotated[str, PlainValidator(_bound),
+                       WithJsonSchema({"type": "string",
+                                       "pattern": r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2})?)?$"})]
+
+
+def _timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise PydanticCustomError("timezone", "must be an IANA timezone such as UTC or Europe/Paris") from None
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= value < 1:
+        raise PydanticCustomError("fraction", "must be a number in [0, 1)")
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    raise PydanticCustomError("scalar", "must be a single value (a number, text or true/false)")
+
+
+Scalar = Annotated[Any, PlainValidator(_scalar), WithJsonSchema({"type": ["string", "number", "boolean"]})]
+
+
+def _categories(value: Any) -> Any:
+    """YAML reads yes/no/on/off as booleans and 1 as a number; a category is text."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, c in enumerate(value):
+        if isinstance(c, bool):
+            raise PydanticCustomError("setting", f"holds {str(c).lower()} at position {i}: YAML reads "
+                                      "yes/no/on/off/true/false as booleans; quote the category")
+        out.append(str(c) if isinstance(c, (int, float)) else c)
+    return tuple(out)
+
+
+class _Section(BaseModel):
+    # strict: YAML's "5" is not the number 5; extra="forbid": a typo'd key is an error naming it
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+# --- the sections ---------------------------------------------------------------------------------------------------
+class Source(_Section):
+    """Where the rows come from: either a Python loader, or files (Parquet or CSV)."""
+
+    loader: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """`module:function` returning (reference, production, production_labels) as pandas DataFrames."""
+    reference: str | None = None
+    """Files source: path or glob of the reference (training history) rows, relative to the spec's folder."""
+    production: str | None = None
+    """Files source: path or glob of the production rows (the batches to score)."""
+    labels: str | None = None
+    """Files source: path or glob of the production labels (id and target)."""
+    format: FileFormat | None = None
+    """Files source: parquet or csv; default: by each file's extension (.parquet, .pq, .csv)."""
+    drop_columns: Seq[str] = ()
+    """Source columns to drop (for example, another model's predictions)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        if self.loader and self.reference:
+            raise _problem("", "gives both 'loader' and 'reference': a source is either a loader or files")
+        if not self.loader and not self.reference:
+            raise _problem("", "needs either 'loader' (module:function) or 'reference' (a file or glob)")
+        if self.loader:
+            for key in ("production", "labels", "format"):
+                if getattr(self, key) is not None:
+                    raise _problem(key, f"applies to file sources ('reference'), not to 'loader' {self.loader}")
+        elif self.format is None:
+            for key in ("reference", "production", "labels"):
+                value = getattr(self, key)
+                if value is not None and Path(value).suffix.lower() not in FILE_FORMATS:
+                    raise _problem("format", f"is needed: {key} {value!r} does not end in "
+                                             f"{', '.join(FILE_FORMATS)}")
+        return self
+
+
+class TimeColumn(_Section):
+    """The event-time column and how it is stored."""
+
     name: str
-    type: str
+    type: TimeType = "datetime"
+    """datetime (timestamps) | date | iso_string (ISO-8601 text) | year (integer) | epoch_s | epoch_ms."""
+
+
+def _time_column_form(value: Any) -> str | None:
+    return "column-name" if isinstance(value, str) else "column-mapping" if isinstance(value, dict) else None
+
+
+TimeColumnSetting = Annotated[
+    Union[Annotated[str, Tag("column-name")], Annotated[TimeColumn, Tag("column-mapping")]],
+    Discriminator(_time_column_form, custom_error_type="setting",
+                  custom_error_message="must be a column name or a mapping {name: ..., type: ...}")]
+_UNION_TAGS = {"column-name", "column-mapping"}
+
+
+class Target(_Section):
+    name: str
+    """The label column."""
+    problem_type: ProblemType
+    positive_class: Scalar = 1
+    """Binary classification: the label value counted as positive."""
+
+
+class Feature(_Section):
+    """A raw input column the model reads: numeric (optional min/max), categorical (its categories) or boolean."""
+
+    name: str
+    type: FeatureType
     min: float | None = None
+    """Numeric: the smallest valid value (contracts count values below it as out of range)."""
     max: float | None = None
-    categories: tuple[str, ...] | None = None
+    """Numeric: the largest valid value."""
+    categories: Annotated[Seq[str] | None, BeforeValidator(_categories)] = None
+    """Categorical (required): the known categories; others count as unseen."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"type": {"const": "categorical"}}}, "then": {"required": ["categories"]}}]})
+
+    @model_validator(mode="after")
+    def _by_type(self) -> Feature:
+        if self.type == "categorical" and not self.categories:
+            raise _problem("categories", "is missing: a categorical feature lists its categories")
+        if self.type != "categorical" and self.categories is not None:
+            raise _problem("categories", f"applies to categorical features, not to a {self.type} one")
+        for key in ("min", "max"):
+            if self.type != "numeric" and getattr(self, key) is not None:
+                raise _problem(key, f"applies to numeric features, not to a {self.type} one")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _problem("max", f"({self.max}) is below min ({self.min})")
+        return self
 
 
-@dataclass(frozen=True)
-class EngineeredFeature:
-    name: str
-    expression: str  # DuckDB SQL over the raw columns, used by dbt (batch) and serving alike
+class EngineeredFeature(_Section):
+    """A row-level feature defined once: dbt builds it in batch, the serving path runs the same SQL."""
+
+    name: str = Field(min_length=1)
+    expression: str = Field(min_length=1)
+    """DuckDB SQL over the raw columns."""
 
 
-@dataclass(frozen=True)
+class Batch(_Section):
+    cadence: Cadence
+    """One production partition per period."""
+    start: BatchBound
+    """The first period starts at the first boundary at or after this."""
+    end: BatchBound
+    """Exclusive."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Batch:
+        if dt.datetime.fromisoformat(self.end) <= dt.datetime.fromisoformat(self.start):
+            raise _problem("end", f"({self.end}) must be after batch.start ({self.start})")
+        return self
+
+
+class Contracts(_Section):
+    """What a landing file must satisfy (else it is quarantined with its reason)."""
+
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    """Naive event times are in this timezone; tz-aware ones are converted to it."""
+    max_unseen_category_fraction: Annotated[float, AfterValidator(_fraction)] = 0.05
+    """Above this share of unseen categories in a column, a file is quarantined."""
+
+
+class Landing(_Section):
+    redelivery: Redelivery = "reject"
+    """A file repeating ids already in its batch: reject (quarantine) | replace_by_id."""
+
+
+class Split(_Section):
+    """Time-ordered fractions of the reference rows."""
+
+    train: float = Field(0.6, gt=0)
+    validation: float = Field(0.2, gt=0)
+    test: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        if abs(self.train + self.validation + self.test - 1.0) > 1e-9:
+            raise _problem("", "must give train, validation and test fractions > 0 summing to 1, got "
+                               f"{self.as_dict()}")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+class Training(_Section):
+    split: Split = Split()
+    metric: str
+    """roc_auc | pr_auc (binary classification), rmse | mae (regression)."""
+    floor: float
+    """A candidate scoring worse than this is never promoted."""
+    margin: float = Field(ge=0)
+    """Not promoted if the CI of (candidate - champion) admits a loss bigger than this."""
+
+
+class Monitoring(_Section):
+    estimated_metrics: Seq[str] = ()
+    """Metrics NannyML estimates before labels arrive (the first one is used); default: the training metric."""
+    min_chunk_rows: int = Field(200, ge=1)
+    """Drift: chunks with fewer rows are not judged."""
+    reference_chunk_rows: int = Field(5000, ge=1)
+    """Drift: the reference is cut into chunks of this many rows to set the thresholds."""
+    psi_bins: int = Field(10, ge=2)
+    drift_methods: Seq[DriftMethod] = DRIFT_METHODS
+    std_multiplier: float = Field(3.0, gt=0)
+    """Drift thresholds: the reference chunks' mean +/- this many standard deviations."""
+
+
+class VolumeTrigger(_Section):
+    """Retrain when enough new labelled rows arrived since the last training (either threshold)."""
+
+    enabled: bool = True
+    min_new_labelled_rows: int | None = Field(None, ge=1)
+    """Absent: no row-count threshold."""
+    min_fraction: float | None = Field(0.5, gt=0)
+    """New labelled rows as a fraction of the last training set; null: no fraction threshold."""
+
+
+class DriftTrigger(_Section):
+    """Retrain when the latest drift report alerts on enough features (or multivariate)."""
+
+    enabled: bool = True
+    min_alerting_features: int = Field(1, ge=1)
+    method: DriftMethod | None = None
+    """Count only alerts by this method (one of monitoring.drift_methods); absent: any method."""
+    on_multivariate_alert: bool = False
+
+
+class PerformanceTrigger(_Section):
+    """Retrain when the estimated performance of the champion falls below a floor or its test score."""
+
+    enabled: bool = True
+    floor: float | None = None
+    """Absent: training.floor."""
+    margin_below_champion_test: float | None = Field(None, ge=0)
+    """Also retrain when the estimate is worse than the champion's test score by more than this; absent: off."""
+
+
+class Rollback(_Section):
+    """Roll the champion back when its realized metric is worse than the previous champion's by more than margin."""
+
+    enabled: bool = True
+    margin: float = Field(0.02, ge=0)
+    """In the estimated metric's units."""
+
+
+class Automation(_Section):
+    retrain_schedule: str = Field("", pattern=r"^$|^\S+( \S+){4}$")
+    """Cron (5 fields) for scheduled retraining; empty: off."""
+    volume: VolumeTrigger = VolumeTrigger()
+    drift: DriftTrigger = DriftTrigger()
+    performance: PerformanceTrigger = PerformanceTrigger()
+    min_minutes_between_retrains: float = Field(60, ge=0)
+    rollback: Rollback = Rollback()
+
+
+class FreshnessWindow(_Section):
+    """An asset's freshness SLA: warn / fail when its last materialization is older."""
+
+    warn: Duration | None = None
+    fail: Duration
+
+    @model_validator(mode="after")
+    def _warn_first(self) -> FreshnessWindow:
+        if self.warn is not None and self.warn >= self.fail:
+            raise _problem("warn", f"({_duration_text(self.warn)}) must be shorter than fail "
+                                   f"({_duration_text(self.fail)})")
+        return self
+
+
+class SpecModel(_Section):
+    """A data set: its source, columns, batches, contracts, training, monitoring and automation."""
+
+    model_config = ConfigDict(title="Data-set spec")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    source: Source
+    id_column: str
+    time_column: TimeColumnSetting
+    """A datetime column's name, or {name: ..., type: datetime|date|iso_string|year|epoch_s|epoch_ms}."""
+    target: Target
+    features: Seq[Feature] = Field(min_length=1)
+    engineered_features: Seq[EngineeredFeature] = ()
+    label_delay_days: int = Field(ge=0)
+    """A label arrives this long after its batch period ends."""
+    batch: Batch
+    contracts: Contracts = Contracts()
+    landing: Landing = Landing()
+    training: Training
+    monitoring: Monitoring = Monitoring()
+    automation: Automation = Automation()
+    freshness: dict[str, FreshnessWindow] = {}
+    """Per asset name: its warn / fail window (the UI shows each asset's SLA); absent: none."""
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> SpecModel:
+        problem = self.target.problem_type
+        if self.training.metric not in TRAINING_METRICS[problem]:
+            raise _problem("training.metric", f"must be one of {list(TRAINING_METRICS[problem])} for {problem}, "
+                                              f"got {self.training.metric!r}")
+        estimated = self.monitoring.estimated_metrics or (self.training.metric,)
+        for i, m in enumerate(estimated):
+            if m not in ESTIMATED_METRICS[problem]:
+                at = f"monitoring.estimated_metrics[{i}]" if self.monitoring.estimated_metrics else \
+                    "monitoring.estimated_metrics"
+                raise _problem(at, f"must be one of {list(ESTIMATED_METRICS[problem])} for {problem} (estimated "
+                                   f"by NannyML, then realized once labels land), got {m!r}")
+        method = self.automation.drift.method
+        if method is not None and method not in self.monitoring.drift_methods:
+            raise _problem("automation.drift.method", f"{method!r} is not among monitoring.drift_methods "
+                                                      f"{list(self.monitoring.drift_methods)}: it could never fire")
+        names = [f.name for f in self.features] + [f.name for f in self.engineered_features]
+        time_name = self.time_column if isinstance(self.time_column, str) else self.time_column.name
+        reserved = {self.id_column: "id_column", time_name: "time_column", self.target.name: "target.name"}
+        for i, n in enumerate(names):
+            at = f"features[{i}].name" if i < len(self.features) else \
+                f"engineered_features[{i - len(self.features)}].name"
+            if n in names[:i]:
+                raise _problem(at, "is given twice")
+            if n in reserved:
+                raise _problem(at, f"is also {reserved[n]}")
+            if n in self.source.drop_columns:
+                raise _problem(at, "is also in source.drop_columns")
+        # Defaults that depend on another setting, filled here (still the one place defaults live).
+        if not self.monitoring.estimated_metrics:
+            object.__setattr__(self, "monitoring", self.monitoring.model_copy(update={"estimated_metrics": estimated}))
+        if self.automation.performance.floor is None:
+            perf = self.automation.performance.model_copy(update={"floor": self.training.floor})
+            object.__setattr__(self, "automation", self.automation.model_copy(update={"performance": perf}))
+        return self
+
+
+# --- the flat object callers use -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
+    """A validated spec, flat. Built only by `load_spec` (from SpecModel, which holds every default);
+    `dataclasses.replace(spec, cadence=...)` gives a variant."""
+
     name: str
     description: str
     loader: str
@@ -61,26 +481,47 @@ class DatasetSpec:
     metric: str
     floor: float
     margin: float
-    monitoring: dict[str, Any] = field(default_factory=dict)
-    automation: dict[str, Any] = field(default_factory=dict)
-    freshness: dict[str, dict[str, dt.timedelta]] = field(default_factory=dict)
+    monitoring: Monitoring
+    automation: Automation
+    freshness: dict[str, FreshnessWindow]
     # Landing-zone contract: the timezone naive event times are in (tz-aware ones are converted to it),
     # the fraction of unseen categories a file may hold before it is quarantined, the re-delivery policy.
-    timezone: str = "UTC"
-    max_unseen_category_fraction: float = 0.05
-    redelivery: str = "reject"
-    path: str = ""
+    timezone: str
+    max_unseen_category_fraction: float
+    redelivery: str
+    path: str
     # Sources given as files instead of a loader: paths or globs (relative to the spec's folder), read as
-    # Parquet or CSV (by extension unless `source.format` says). `time_type` says how the time column is stored.
-    source_reference: str = ""
-    source_production: str = ""
-    source_labels: str = ""
-    source_format: str = ""
-    time_type: str = "datetime"
+    # Parquet or CSV ("" = by extension). `time_type` says how the time column is stored.
+    source_reference: str
+    source_production: str
+    source_labels: str
+    source_format: str
+    time_type: str
+
+    @classmethod
+    def from_model(cls, m: SpecModel, path: str | Path) -> DatasetSpec:
+        tc = m.time_column if isinstance(m.time_column, TimeColumn) else TimeColumn(name=m.time_column)
+        return cls(
+            name=m.name, description=m.description, loader=m.source.loader or "",
+            drop_columns=m.source.drop_columns, id_column=m.id_column, time_column=tc.name, target=m.target.name,
+            problem_type=m.target.problem_type, positive_class=m.target.positive_class, features=m.features,
+            engineered_features=m.engineered_features, label_delay_days=m.label_delay_days,
+            cadence=m.batch.cadence, batch_start=m.batch.start, batch_end=m.batch.end,
+            split=m.training.split.as_dict(), metric=m.training.metric, floor=m.training.floor,
+            margin=m.training.margin, monitoring=m.monitoring, automation=m.automation, freshness=dict(m.freshness),
+            timezone=m.contracts.timezone, max_unseen_category_fraction=m.contracts.max_unseen_category_fraction,
+            redelivery=m.landing.redelivery, path=str(path), source_reference=m.source.reference or "",
+            source_production=m.source.production or "", source_labels=m.source.labels or "",
+            source_format=m.source.format or "", time_type=tc.type)
 
     @property
     def is_classification(self) -> bool:
         return self.problem_type == "binary_classification"
+
+    @property
+    def estimated_metric(self) -> str:
+        """The metric NannyML estimates and the monitoring compares (monitoring.estimated_metrics[0])."""
+        return self.monitoring.estimated_metrics[0]
 
     @property
     def feature_names(self) -> list[str]:
@@ -106,7 +547,7 @@ class DatasetSpec:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric not in {"rmse", "mae", "log_loss", "brier"}
+        return self.metric not in LOWER_IS_BETTER
 
     def load_source(self):
         """(reference, production, production_labels) as pandas: see mlplatform.sources."""
@@ -115,15 +556,103 @@ class DatasetSpec:
         return load_source(self)
 
 
-def _require(raw: dict, key: str, path: Path, kind: type | tuple = object):
-    cur: Any = raw
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
-            raise SettingError(f"{path}: setting {key!r} is missing")
-        cur = cur[part]
-    if not isinstance(cur, kind):
-        raise SettingError(f"{path}: setting {key!r} must be {getattr(kind, '__name__', kind)}, got {cur!r}")
-    return cur
+# --- loading --------------------------------------------------------------------------------------------------------
+def _setting_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """Annotated[X, ...] -> X; X | None -> X; the time_column union -> TimeColumn (the one model in it)."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (Union, types.UnionType):
+            inner = [_unwrap(a) for a in typing.get_args(tp) if a is not type(None)]
+            structured = [a for a in inner if typing.get_origin(a) in (tuple, dict)
+                          or isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(structured) != 1:
+                return tp
+            tp = structured[0]
+        else:
+            return tp
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model whose settings sit at `loc` (for naming the known keys next to a typo)."""
+    cur: Any = SpecModel
+    for part in loc:
+        if isinstance(cur, type) and issubclass(cur, BaseModel):
+            field = cur.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            cur = field.annotation
+        elif isinstance(part, int) and typing.get_origin(cur) is tuple:
+            cur = typing.get_args(cur)[0]
+        elif typing.get_origin(cur) is dict:
+            cur = typing.get_args(cur)[1]
+        else:
+            return None
+        cur = _unwrap(cur)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _describe(err: dict, raw: Any) -> str:
+    loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "setting" and ctx.get("at"):
+        loc = loc + tuple(int(p) if p.isdigit() else p
+                          for p in re.findall(r"[^.\[\]]+", str(ctx["at"])))
+    setting = _setting_path(loc) or "(top level)"
+    about = ""  # the feature a features[i] error is about
+    if len(loc) >= 2 and loc[0] in ("features", "engineered_features") and isinstance(loc[1], int):
+        try:
+            about = f" ({raw[loc[0]][loc[1]]['name']})"
+        except (KeyError, IndexError, TypeError):
+            pass
+    got = f", got {value!r}"
+    if kind == "missing":
+        return f"setting {setting!r}{about} is missing"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        return (f"setting {setting!r}{about} is not a known setting"
+                + (f" (did you mean {close[0]!r}?)" if close else "") + (f"; known here: {known}" if known else ""))
+    if kind == "literal_error":
+        return f"setting {setting!r}{about} must be one of {ctx.get('expected', '').replace(' or ', ', ')}{got}"
+    what = {"int_type": "must be an integer", "int_parsing": "must be an integer",
+            "int_from_float": "must be a whole number", "float_type": "must be a number",
+            "float_parsing": "must be a number", "bool_type": "must be true or false",
+            "bool_parsing": "must be true or false", "string_type": "must be text",
+            "model_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+            "dict_type": "must be a mapping", "tuple_type": "must be a list", "list_type": "must be a list",
+            "greater_than": f"must be > {ctx.get('gt')}", "greater_than_equal": f"must be >= {ctx.get('ge')}",
+            "less_than": f"must be < {ctx.get('lt')}", "less_than_equal": f"must be <= {ctx.get('le')}",
+            "too_short": f"must have at least {ctx.get('min_length')} item(s)",
+            "string_too_short": "must not be empty",
+            "string_pattern_mismatch": {"loader": "must be module:function", "name": "must be a lower-case "
+                                        "identifier (a-z, 0-9, _)", "retrain_schedule": "must be a cron "
+                                        "expression of 5 fields, or empty"}.get(
+                                            str(loc[-1]) if loc else "", f"must match {ctx.get('pattern')}")}.get(kind)
+    if what is None:  # our own checks (PydanticCustomError) and anything else: pydantic's message
+        what = err["msg"]
+    # a whole section's check names its values itself
+    named = isinstance(value, (dict, BaseModel)) or "got " in what
+    return f"setting {setting!r}{about} {what}" + ("" if named else got)
+
+
+def validate_spec(raw: Any, path: str | Path) -> SpecModel:
+    """Validate a parsed spec; every problem is named with its file and setting path (one per line)."""
+    if not isinstance(raw, dict):
+        raise SettingError(f"{path}: expected a mapping at the top level")
+    try:
+        return SpecModel.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: {_describe(e, raw)}" for e in exc.errors(include_url=False)]
+        raise SettingError("\n".join(lines)) from None
 
 
 def load_spec(name_or_path: str | Path) -> DatasetSpec:
@@ -138,115 +667,20 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SettingError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SettingError(f"{path}: expected a mapping at the top level")
-
-    features = []
-    for i, f in enumerate(_require(raw, "features", path, list)):
-        if not isinstance(f, dict) or "name" not in f:
-            raise SettingError(f"{path}: setting 'features[{i}]' needs a name")
-        ftype = f.get("type")
-        if ftype not in FEATURE_TYPES:
-            raise SettingError(f"{path}: setting 'features[{i}].type' ({f['name']}) must be one of "
-                               f"{sorted(FEATURE_TYPES)}, got {ftype!r}")
-        cats = f.get("categories")
-        if ftype == "categorical" and not cats:
-            raise SettingError(f"{path}: setting 'features[{i}].categories' ({f['name']}) is missing")
-        features.append(Feature(str(f["name"]), ftype, f.get("min"), f.get("max"),
-                                tuple(str(c) for c in cats) if cats else None))
-    engineered = []
-    for i, f in enumerate(raw.get("engineered_features") or []):
-        if not isinstance(f, dict) or not f.get("name") or not f.get("expression"):
-            raise SettingError(f"{path}: setting 'engineered_features[{i}]' needs a name and an expression")
-        engineered.append(EngineeredFeature(str(f["name"]), str(f["expression"])))
-
-    problem = _require(raw, "target.problem_type", path, str)
-    if problem not in PROBLEM_TYPES:
-        raise SettingError(f"{path}: setting 'target.problem_type' must be one of {sorted(PROBLEM_TYPES)}, "
-                           f"got {problem!r}")
-    cadence = _require(raw, "batch.cadence", path, str)
-    if cadence not in CADENCES:
-        raise SettingError(f"{path}: setting 'batch.cadence' must be one of {sorted(CADENCES)}, got {cadence!r}")
-    for key in ("batch.start", "batch.end"):
-        value = str(_require(raw, key, path))
-        try:
-            dt.date.fromisoformat(value)
-        except ValueError:
-            raise SettingError(f"{path}: setting {key!r} must be a date YYYY-MM-DD, got {value!r}") from None
-    split = _require(raw, "training.split", path, dict)
-    if set(split) != {"train", "validation", "test"} or abs(sum(split.values()) - 1.0) > 1e-9 \
-            or any(v <= 0 for v in split.values()):
-        raise SettingError(f"{path}: setting 'training.split' must give train, validation and test "
-                           f"fractions > 0 summing to 1, got {split!r}")
-    contracts_raw = raw.get("contracts") or {}
-    landing_raw = raw.get("landing") or {}
-    if not isinstance(contracts_raw, dict) or not isinstance(landing_raw, dict):
-        raise SettingError(f"{path}: settings 'contracts' and 'landing' must be mappings")
-    timezone = str(contracts_raw.get("timezone", "UTC"))
-    try:
-        zoneinfo.ZoneInfo(timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise SettingError(f"{path}: setting 'contracts.timezone' must be an IANA timezone such as UTC or "
-                           f"Europe/Paris, got {timezone!r}") from None
-    unseen = contracts_raw.get("max_unseen_category_fraction", 0.05)
-    if isinstance(unseen, bool) or not isinstance(unseen, (int, float)) or not 0 <= unseen < 1:
-        raise SettingError(f"{path}: setting 'contracts.max_unseen_category_fraction' must be a number in "
-                           f"[0, 1), got {unseen!r}")
-    redelivery = landing_raw.get("redelivery", "reject")
-    if redelivery not in REDELIVERY_POLICIES:
-        raise SettingError(f"{path}: setting 'landing.redelivery' must be one of {sorted(REDELIVERY_POLICIES)}, "
-                           f"got {redelivery!r}")
-    delay = _require(raw, "label_delay_days", path, int)
-    if delay < 0:
-        raise SettingError(f"{path}: setting 'label_delay_days' must be >= 0, got {delay}")
-
-    return DatasetSpec(
-        name=_require(raw, "name", path, str),
-        description=str(raw.get("description", "")),
-        loader=str((raw.get("source") or {}).get("loader") or ""),
-        drop_columns=tuple(raw.get("source", {}).get("drop_columns") or ()),
-        id_column=_require(raw, "id_column", path, str),
-        time_column=_require(raw, "time_column", path, str),
-        target=_require(raw, "target.name", path, str),
-        problem_type=problem,
-        positive_class=raw["target"].get("positive_class", 1),
-        features=tuple(features),
-        engineered_features=tuple(engineered),
-        label_delay_days=delay,
-        cadence=cadence,
-        batch_start=str(raw["batch"]["start"]),
-        batch_end=str(raw["batch"]["end"]),
-        split={k: float(v) for k, v in split.items()},
-        metric=_require(raw, "training.metric", path, str),
-        floor=float(_require(raw, "training.floor", path, (int, float))),
-        margin=float(_require(raw, "training.margin", path, (int, float))),
-        monitoring=dict(raw.get("monitoring") or {}),
-        automation=dict(raw.get("automation") or {}),
-        freshness={asset: {k: parse_duration(v, f"freshness.{asset}.{k}", path) for k, v in windows.items()}
-                   for asset, windows in (raw.get("freshness") or {}).items()},
-        timezone=timezone,
-        max_unseen_category_fraction=float(unseen),
-        redelivery=redelivery,
-        path=str(path),
-        source_reference=str((raw.get("source") or {}).get("reference") or ""),
-        source_production=str((raw.get("source") or {}).get("production") or ""),
-        source_labels=str((raw.get("source") or {}).get("labels") or ""),
-        source_format=str((raw.get("source") or {}).get("format") or ""),
-    )
+    return DatasetSpec.from_model(validate_spec(raw, path), path)
 
 
-def parse_duration(value: Any, key: str, path: Path) -> dt.timedelta:
-    """'90s', '15m', '36h', '30d' -> timedelta; anything else names the setting."""
-    text = str(value).strip()
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    if len(text) >= 2 and text[-1] in units:
-        try:
-            return dt.timedelta(**{units[text[-1]]: float(text[:-1])})
-        except ValueError:
-            pass
-    raise SettingError(f"{path}: setting {key!r} must be a duration like 90s, 15m, 36h or 30d, got {value!r}")
+def json_schema() -> dict:
+    """The JSON Schema of a spec file, generated from SpecModel (editors: yaml-language-server)."""
+    schema = SpecModel.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# --- environment ----------------------------------------------------------------------------------------------------
 def environment() -> str:
     """The one place that chooses the environment: MLP_ENV=local (default) or prod."""
     env = os.environ.get("MLP_ENV", "local")
@@ -270,3 +704,29 @@ def state_dir() -> Path:
     """The one folder of local runtime state (lakeFS data, MLflow store, Dagster home, landing zone, DuckDB,
     audit trail, generated settings): MLP_STATE_DIR, default `.state/` in the repo (git-ignored; `make clean`)."""
     return Path(os.environ.get("MLP_STATE_DIR", str(ROOT / ".state")))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mlplatform.spec --schema [--stdout]`: (re)write platform/datasets/spec.schema.json (or print it);
+    `python -m mlplatform.spec NAME_OR_PATH...`: validate specs."""
+    if "--schema" in argv:
+        if "--stdout" in argv:
+            sys.stdout.write(schema_text())
+        else:
+            SCHEMA_PATH.write_text(schema_text())
+            print(f"wrote {SCHEMA_PATH.relative_to(ROOT)}")
+        return 0
+    names = [a for a in argv if not a.startswith("-")] or sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
+    status = 0
+    for name in names:
+        try:
+            spec = load_spec(name)
+            print(f"{spec.path}: ok")
+        except SettingError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

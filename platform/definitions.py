@@ -41,8 +41,8 @@ def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
         attrs = {}
         windows = spec.freshness.get(name)
         if windows:
-            attrs["freshness_policy"] = dg.FreshnessPolicy.time_window(fail_window=windows["fail"],
-                                                                       warn_window=windows.get("warn"))
+            attrs["freshness_policy"] = dg.FreshnessPolicy.time_window(fail_window=windows.fail,
+                                                                       warn_window=windows.warn)
         if name in FOLLOWERS:
             attrs["automation_condition"] = follow_inputs()
         return asset_spec.replace_attributes(**attrs) if attrs else asset_spec

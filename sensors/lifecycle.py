@@ -55,8 +55,8 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
     last_model = _checked(instance, "candidate_model", limit=20)
     trained_at = last_model[0].timestamp if last_model else 0.0
 
-    vol = auto.get("volume", {})
-    if vol.get("enabled", True):
+    vol = auto.volume
+    if vol.enabled:
         per_partition = {}  # partition -> its latest checked materialization: each partition's rows count once
         for r in _checked(instance, "raw_labels", limit=500):
             per_partition.setdefault(r.partition_key, r)
@@ -66,44 +66,45 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
         base = int(meta_value(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
         frac = rows / base if base else float("inf")
         top = max((r.storage_id for r in new), default=0)
-        if new and top > seen.get("volume", 0) and (rows >= vol.get("min_new_labelled_rows", 10**12)
-                                                     or frac >= vol.get("min_fraction", float("inf"))):
+        if new and top > seen.get("volume", 0) and (
+                (vol.min_new_labelled_rows is not None and rows >= vol.min_new_labelled_rows)
+                or (vol.min_fraction is not None and frac >= vol.min_fraction)):
             fired.append(Trigger("volume", f"{rows} labelled rows arrived since the last training "
                                            f"({frac:.0%} of its {base} training rows)",
                                  {"new_labelled_rows": rows, "fraction": round(frac, 4),
                                   "partitions": sorted({r.partition_key for r in new if r.partition_key})}, top))
 
-    drift = auto.get("drift", {})
-    if drift.get("enabled", True):
+    drift = auto.drift
+    if drift.enabled:
         rec = _checked(instance, "drift_report", limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
             summary = meta_value(rec[0].asset_materialization.metadata, "summary", {}) or {}
-            method = drift.get("method")
+            method = drift.method
             by_feature = summary.get("alerts_by_feature", {})
             feats = sorted(f for f, ms in by_feature.items() if not method or method in ms)
             mv = bool(summary.get("multivariate", {}).get("alert"))
-            if len(feats) >= drift.get("min_alerting_features", 1) or (mv and drift.get("on_multivariate_alert")):
+            if len(feats) >= drift.min_alerting_features or (mv and drift.on_multivariate_alert):
                 fired.append(Trigger("drift", f"{len(feats)} feature(s) drift by {method or 'any method'}"
                                               f"{' and a multivariate alert' if mv else ''} in batch "
                                               f"{rec[0].partition_key}",
                                      {"features": feats, "multivariate_alert": mv, "partition": rec[0].partition_key},
                                      rec[0].storage_id))
 
-    perf = auto.get("performance", {})
-    if perf.get("enabled", True):
+    perf = auto.performance
+    if perf.enabled:
         rec = _checked(instance, "performance_estimate", limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
             meta = rec[0].asset_materialization.metadata
-            metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+            metric = spec.estimated_metric
             est = float(meta_value(meta, f"estimated_{metric}", float("nan")))
             champ = float(meta_value(meta, "champion_test_score", float("nan")))
             higher = spec.higher_is_better
-            below_floor = est < perf["floor"] if higher else est > perf["floor"]
-            margin = perf.get("margin_below_champion_test")
+            below_floor = est < perf.floor if higher else est > perf.floor
+            margin = perf.margin_below_champion_test
             below_champ = margin is not None and ((est < champ - margin) if higher else (est > champ + margin))
             if below_floor or below_champ:
                 fired.append(Trigger("performance", f"estimated {metric} {est:.4f} in batch {rec[0].partition_key} "
-                                     + ("is below the floor " + str(perf["floor"]) if below_floor else
+                                     + ("is below the floor " + str(perf.floor) if below_floor else
                                         f"is below the champion's test score {champ:.4f} by more than {margin}"),
                                      {"estimated": est, "champion_test_score": champ,
                                       "partition": rec[0].partition_key}, rec[0].storage_id))
@@ -165,7 +166,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         fired = evaluate_triggers(context.instance, spec, state["seen"])
         if not fired:
             return dg.SkipReason("no trigger has new evidence")
-        min_gap = float(auto.get("min_minutes_between_retrains", 60)) * 60
+        min_gap = auto.min_minutes_between_retrains * 60
         now = time.time()
         if now - state["last_fired"] < min_gap:
             # The evidence is held, not consumed: the cursor only moves past evidence handed to a run, so it
@@ -186,14 +187,14 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
                description="Request a rollback run when the champion does worse than the previous champion on the "
                            "same rows (the sensor reads; the rollback_champion job acts).")
     def rollback_on_regression(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
-        rb = auto.get("rollback", {})
-        if not rb.get("enabled", True):
+        rb = auto.rollback
+        if not rb.enabled:
             return dg.SkipReason("automated rollback is switched off")
         seen = int(context.cursor or 0)
         recs = [r for r in _checked(context.instance, "realized_performance", limit=5) if r.storage_id > seen]
         if not recs:
             return dg.SkipReason("no new realized performance")
-        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        metric = spec.estimated_metric
         from mlplatform import registry
 
         al = None
@@ -203,14 +204,14 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
             if cur is None or prev is None:
                 continue
             worse = (prev - cur) if spec.higher_is_better else (cur - prev)
-            if worse > rb.get("margin", 0.02):
+            if worse > rb.margin:
                 al = al if al is not None else registry.aliases(mlflow)  # a read; fails closed
                 champ = al.get(registry.CHAMPION)
                 if champ != str(meta_value(meta, "model_version")) or not al.get(registry.PREVIOUS):
                     continue  # the champion changed since (or nothing to go back to): evidence about another state
                 context.update_cursor(str(max(r.storage_id for r in recs)))
                 reason = (f"realized {metric} of champion v{champ} is {cur:.4f} vs {prev:.4f} for v"
-                          f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.get('margin')})")
+                          f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.margin})")
                 return dg.RunRequest(
                     run_key=f"rollback-{champ}-{rec.storage_id}",
                     run_config={"ops": {"roll_back_champion": {"config": {
@@ -223,8 +224,8 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         return dg.SkipReason("champion is not worse than the previous champion")
 
     schedules = []
-    if auto.get("retrain_schedule"):
-        schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto["retrain_schedule"],
+    if auto.retrain_schedule:
+        schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto.retrain_schedule,
                                                job=retrain_job, tags={"retrain/trigger": "schedule"},
                                                default_status=dg.DefaultScheduleStatus.RUNNING))
     return {"jobs": [*arrivals["jobs"], retrain_job, rollback_champion],

@@ -280,7 +280,7 @@ def lifecycle_state(instance, mlflow, spec) -> dict:
     est = latest_materializations(instance, "performance_estimate")
     if est:
         meta = est[0].asset_materialization.metadata
-        metric = spec.monitoring.get("estimated_metrics", [spec.metric])[0]
+        metric = spec.estimated_metric
         out["latest_estimate"] = {"partition": est[0].partition_key, metric: meta_value(meta, f"estimated_{metric}"),
                                   "champion_test_score": meta_value(meta, "champion_test_score"), "alert": meta_value(meta, "alert")}
     keys = [dg.AssetKey(k) for k in spec.freshness]
