@@ -43,7 +43,7 @@ def drift_engine(spec: DatasetSpec):
 
 
 def period_string(spec: DatasetSpec) -> str:
-    return {"daily": "1d", "weekly": "1w", "monthly": "1mo"}[spec.cadence]
+    return {"hourly": "1h", "daily": "1d", "weekly": "1w", "monthly": "1mo", "yearly": "1y"}[spec.cadence]
 
 
 def reference_features(features: pl.DataFrame) -> pl.DataFrame:

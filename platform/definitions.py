@@ -47,6 +47,13 @@ def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
             attrs["automation_condition"] = follow_inputs()
         return asset_spec.replace_attributes(**attrs) if attrs else asset_spec
 
+    known = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    unknown = sorted(set(spec.freshness) - known)
+    if unknown:
+        from mlplatform.spec import SettingError
+
+        raise SettingError(f"{spec.path}: setting 'freshness' names {unknown}, which are not assets of the graph; "
+                           f"assets: {sorted(known)}")
     return defs.map_asset_specs(func=policy)
 
 

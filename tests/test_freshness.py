@@ -59,3 +59,15 @@ def test_an_asset_left_stale_past_its_window_turns_to_fail(lakefs, mlflow_uri, s
         assert state_at(5) == FreshnessState.PASS
         assert state_at(90) == FreshnessState.WARN
         assert state_at(150) == FreshnessState.FAIL
+
+
+def test_a_freshness_setting_naming_no_asset_is_an_error_naming_it(tmp_path, monkeypatch):
+    from mlplatform.spec import SettingError
+
+    text = (ROOT / "platform" / "datasets" / "car_loan.yaml").read_text()
+    assert "  features:" in text
+    bad = tmp_path / "car_loan.yaml"
+    bad.write_text(text.replace("  features:", "  featurez:", 1))
+    monkeypatch.setenv("MLP_DATASET", str(bad))
+    with pytest.raises(SettingError, match=r"car_loan\.yaml: setting 'freshness' names \['featurez'\]"):
+        load_defs()

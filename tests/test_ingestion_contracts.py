@@ -269,15 +269,17 @@ def test_the_landing_settings_are_validated_by_name(tmp_path):
 
 
 def test_a_source_time_column_of_integers_or_outside_every_batch_is_an_error(spec):
+    from mlplatform.sources import check_time_column
+
     years = pd.DataFrame({"timestamp": [2017, 2018, 2019]})
     with pytest.raises(SettingError, match=r"'time_column' 'timestamp' holds numbers .*range found 2017\.\.2019"):
-        spec.check_time_column(years, "production")
+        check_time_column(spec, years, "production")
     late = pd.DataFrame({"timestamp": ["2025-01-01 00:00:00", "2025-02-01 00:00:00"]})
     with pytest.raises(SettingError, match=r"no production value of time_column 'timestamp' falls inside the batch "
                                            r"periods \[2018-10-01, 2019-09-01\).*range found 2025-01-01"):
-        spec.check_time_column(late, "production")
-    spec.check_time_column(late, "reference")  # the history may lie anywhere
-    spec.check_time_column(pd.DataFrame({"timestamp": ["2018-11-02 10:00:00"]}), "production")
+        check_time_column(spec, late, "production")
+    check_time_column(spec, late, "reference")  # the history may lie anywhere
+    check_time_column(spec, pd.DataFrame({"timestamp": ["2018-11-02 10:00:00"]}), "production")
 
 
 def test_a_csv_row_with_a_missing_field_in_the_middle_is_ragged(tmp_path):
