@@ -340,3 +340,22 @@ def test_the_simulator_lands_records_in_the_declared_time_type_and_they_conform(
     assert out["timestamp"].min() == dt.datetime(2017, 2, 18)
     labels = pl.read_parquet(landing.labels_dir("2017-02-18") / "labels-2017-02-18.parquet")
     assert labels.height == 24 and labels.columns == ["id", "y_true"]
+
+
+@pytest.mark.parametrize("cadence, time_type, first", [("hourly", "iso_string", ["2017-02-17-00:00",
+                                                                                "2017-02-17-01:00"]),
+                                                       ("yearly", "year", ["2017", "2018"])])
+def test_the_simulator_replays_files_at_hourly_and_yearly_cadences(tmp_path, cadence, time_type, first):
+    prod = PROD if cadence == "hourly" else rows(1000, 3, dt.datetime(2017, 1, 1), dt.timedelta(days=366))
+    write(stored(REF, time_type), tmp_path / "ref.parquet")
+    write(stored(prod, time_type), tmp_path / "prod.csv")
+    end = "2017-02-18" if cadence == "hourly" else "2020-01-01"
+    spec = write_spec(tmp_path, {"reference": "ref.parquet", "production": "prod.csv"}, time_type,
+                      cadence=cadence, start="2017-01-01" if cadence == "yearly" else "2017-02-17", end=end)
+    landing = Landing(tmp_path / "landing")
+    released = Simulator(spec, landing).release(2)
+    assert released.records == first
+    landed = pl.read_parquet(landing.records_dir(first[1]) / f"batch-{first[1]}.parquet")
+    out = contracts.conform(landed, spec, "batch")
+    assert out.height == 1 and out["timestamp"][0] == dt.datetime.strptime(
+        first[1], "%Y-%m-%d-%H:%M" if cadence == "hourly" else "%Y")
