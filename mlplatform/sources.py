@@ -55,6 +55,8 @@ def parse_times(values: pl.Series, time_type: str, tz: str = "UTC") -> pl.Series
     name = values.name
     if time_type not in TIME_TYPES:
         raise TimeValuesError(f"time column {name!r}: unknown type {time_type!r}; expected one of {list(TIME_TYPES)}")
+    if isinstance(values.dtype, (pl.Categorical, pl.Enum)):  # e.g. a pandas `category` column of text
+        values = values.cast(pl.String)
     src = values.dtype
     if isinstance(src, pl.Datetime):
         if src.time_zone is not None:

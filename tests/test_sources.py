@@ -293,6 +293,8 @@ def test_epoch_milliseconds_read_as_seconds_say_why_no_batch_matches(tmp_path):
 def test_parse_times_reads_an_offset_and_refuses_a_mix():
     got = parse_times(pl.Series("t", ["2017-02-17T10:00:00+02:00", "2017-02-17T08:30:00Z"]), "iso_string")
     assert got.to_list() == [dt.datetime(2017, 2, 17, 8), dt.datetime(2017, 2, 17, 8, 30)]
+    as_category = pl.Series("t", ["2017-02-17", "2017-02-18"], dtype=pl.Categorical)
+    assert parse_times(as_category, "date").to_list() == [dt.datetime(2017, 2, 17), dt.datetime(2017, 2, 18)]
     with pytest.raises(TimeValuesError, match="mixes"):
         parse_times(pl.Series("t", ["2017-02-17T10:00:00+02:00", "2017-02-17T08:30:00"]), "iso_string")
 
