@@ -216,6 +216,17 @@ def _timestamps(df: pl.DataFrame, name: str, file: str, tz: str) -> pl.Expr:
     raise FileRejected(f"{file}: time column {name!r} should hold timestamps but has type {src}", "types", name)
 
 
+def _declared_times(df: pl.DataFrame, name: str, file: str, spec: DatasetSpec) -> pl.Expr:
+    """A time column stored as the spec declares (`time_column.type`: date, iso_string, year, epoch_s,
+    epoch_ms), read by the same parser as the source files (mlplatform.sources.parse_times)."""
+    from mlplatform.sources import TimeValuesError, parse_times
+
+    try:
+        return pl.lit(parse_times(df[name], spec.time_type, spec.timezone))
+    except TimeValuesError as exc:
+        raise FileRejected(f"{file}: {exc}", "types", name) from None
+
+
 def _cast(df: pl.DataFrame, name: str, dtype: Any, file: str) -> pl.Expr:
     src = df.schema[name]
     col = pl.col(name)
@@ -252,7 +263,8 @@ def _conform(df: pl.DataFrame, spec: DatasetSpec, file: str, expected: dict[str,
         if name == spec.id_column:
             expr = _whole_ids(df, name, file)
         elif name == spec.time_column:
-            expr = _timestamps(df, name, file, spec.timezone)
+            expr = _timestamps(df, name, file, spec.timezone) if spec.time_type == "datetime" \
+                else _declared_times(df, name, file, spec)
         else:
             expr = _cast(df, name, dtype, file)
         cols.append(expr.alias(name))

@@ -12,7 +12,8 @@ from pathlib import Path
 import polars as pl
 
 from mlplatform.batches import DONE_SUFFIX, Landing, partition_keys, window
-from mlplatform.spec import DatasetSpec
+from mlplatform.sources import format_times, has_production, parse_times, source_name
+from mlplatform.spec import DatasetSpec, SettingError
 
 
 @dataclass
@@ -46,15 +47,21 @@ class Simulator:
     def production(self) -> pl.DataFrame:
         """Production rows with their labels, sorted by event time (labels are held back until due)."""
         if self._production is None:
+            if not has_production(self.spec):
+                raise SettingError(
+                    f"{self.spec.path}: data set {self.spec.name} has no production source (setting "
+                    f"'source.production' is not set), so the simulator has nothing to release: land batch files "
+                    f"in {self.landing.root}/records/<batch>/ (and labels in {self.landing.root}/labels/<batch>/) "
+                    f"yourself, or set source.production to replay files")
             _, production, labels = self.spec.load_source()
+            if production.empty:
+                raise SettingError(f"{self.spec.path}: the production source of {self.spec.name} "
+                                   f"({source_name(self.spec, 'production')}) has no rows: nothing to release")
             df = pl.from_pandas(production)
             lab = pl.from_pandas(labels).select(self.spec.id_column, self.spec.target)
             df = df.join(lab, on=self.spec.id_column, how="left")
             t = self.spec.time_column
-            if df.schema[t] == pl.String:
-                df = df.with_columns(pl.col(t).str.to_datetime(time_unit="us").alias("_t"))
-            else:
-                df = df.with_columns(pl.col(t).cast(pl.Datetime("us")).alias("_t"))
+            df = df.with_columns(parse_times(df[t], self.spec.time_type, self.spec.timezone).alias("_t"))
             if self.scale > 1:  # a larger copy for benchmarks: resampled rows with fresh ids
                 n = df.height
                 df = pl.concat([df.with_columns((pl.col(self.spec.id_column) + (i * 10 * n)))
@@ -83,6 +90,9 @@ class Simulator:
         for key in pending:
             start, end = window(self.spec, key)
             rows = df.filter((pl.col("_t") >= start) & (pl.col("_t") < end)).select(features)
+            if self.spec.time_type != "datetime":  # landed as the producer stores it (time_column.type)
+                t = self.spec.time_column
+                rows = rows.with_columns(format_times(rows[t], self.spec.time_type, self.spec.timezone).alias(t))
             self._write(self.landing.records_dir(key) / f"batch-{key}.parquet", rows)
             state["released"].append(key)
         labels = self._due_labels(state)
@@ -90,7 +100,8 @@ class Simulator:
             start, end = window(self.spec, key)
             rows = df.filter((pl.col("_t") >= start) & (pl.col("_t") < end)).select(
                 self.spec.id_column, self.spec.target).drop_nulls(self.spec.target)
-            self._write(self.landing.labels_dir(key) / f"labels-{key}.parquet", rows)
+            if rows.height:  # a source without labels (no labels file, no target column) delivers none
+                self._write(self.landing.labels_dir(key) / f"labels-{key}.parquet", rows)
             state["labels_released"].append(key)
         self._save(state)
         return Release(pending, labels, self.clock(state))
