@@ -25,6 +25,7 @@ import dagster as dg
 import polars as pl
 
 from mlplatform import contracts
+from mlplatform.sources import source_name
 from mlplatform.batches import Landing, window
 from resources.partitions import partitions_def
 from resources.lakefs import LakeFSResource
@@ -233,7 +234,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
     def reference_data(context: dg.AssetExecutionContext):
         reference, _, _ = spec.load_source()
         raw = pl.from_pandas(reference)
-        source = f"{spec.loader} (reference)"
+        source = source_name(spec, 'reference')
         violations: list[contracts.Violation] = []
         try:
             df = contracts.conform(raw, spec, source, with_target=True)

@@ -188,12 +188,8 @@ class Source(_Section):
             for key in ("production", "labels", "format"):
                 if getattr(self, key) is not None:
                     raise _problem(key, f"applies to file sources ('reference'), not to 'loader' {self.loader}")
-        elif self.format is None:
-            for key in ("reference", "production", "labels"):
-                value = getattr(self, key)
-                if value is not None and Path(value).suffix.lower() not in FILE_FORMATS:
-                    raise _problem("format", f"is needed: {key} {value!r} does not end in "
-                                             f"{', '.join(FILE_FORMATS)}")
+        # Without `format`, each matched file's extension decides (a glob may mix CSV and Parquet); a file
+        # with no known extension is named by mlplatform.sources when it is read.
         return self
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
 
-from mlplatform.spec import DatasetSpec, SettingError, load_spec
+from mlplatform.spec import DatasetSpec, load_spec
 
 FEATURES = [
     {"name": "car_age", "type": "numeric", "min": 0, "max": 50},
@@ -22,10 +21,8 @@ FEATURES = [
 
 def write_spec(folder: Path, source: dict, time_type: str = "datetime", name: str = "files_demo",
                cadence: str = "daily", start: str = "2017-02-17", end: str = "2017-02-20", **extra) -> DatasetSpec:
-    """Write `<folder>/<name>.yaml` (car_price's columns, rows from `source`) and load it.
-
-    The time column's type is written as `time_column: {name:, type:}`. Until the spec reads that form, the
-    plain name is written and the type set on the loaded spec (the files and the sources are the same)."""
+    """Write `<folder>/<name>.yaml` (car_price's columns, rows from `source`, the time column's storage declared
+    as `time_column: {name:, type:}`) and load it."""
     raw = {
         "name": name, "description": "rows from files, no code",
         "source": source,
@@ -44,13 +41,6 @@ def write_spec(folder: Path, source: dict, time_type: str = "datetime", name: st
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
-        spec = load_spec(path)
-    except SettingError as exc:
-        if "time_column" not in str(exc):
-            raise
-        path.write_text(yaml.safe_dump({**raw, "time_column": "timestamp"}, sort_keys=False))
-        spec = load_spec(path)
-    if spec.time_type != time_type:
-        spec = dataclasses.replace(spec, time_type=time_type)
+    spec = load_spec(path)
+    assert spec.time_type == time_type
     return spec
