@@ -96,7 +96,7 @@ def main() -> None:
         log("training + registering the champion (untimed)")
         ts = quick_training_set(spec, n=50000)
         reg = train_and_register(spec, ts, TrainConfig(), mlflow, lakefs, "unknown", "bench-scoring", "bench",
-                                 audit=resources["audit"].trail())
+                                 audit=resources["audit"])
         registry.set_alias(mlflow, registry.CHAMPION, reg["version"])
         champion = registry.load_booster(mlflow, reg["version"])
         best_it = champion.best_iteration or None

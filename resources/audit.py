@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from mlplatform.audit import AuditTrail
+from mlplatform.audit import AuditError, AuditTrail
 
 
 class AuditResource(dg.ConfigurableResource):
@@ -22,7 +22,13 @@ class AuditResource(dg.ConfigurableResource):
 
     def trail(self) -> AuditTrail:
         if self._trail is None:
-            self._trail = AuditTrail(Path(self.path))
+            import sqlite3
+
+            try:
+                self._trail = AuditTrail(Path(self.path))
+            except (OSError, sqlite3.Error) as exc:
+                raise AuditError(f"the audit trail {self.path} cannot be opened ({type(exc).__name__}: {exc}); "
+                                 f"its path comes from MLP_AUDIT_DB, else <MLP_STATE_DIR>/audit/audit.db") from exc
         return self._trail
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
+from mlplatform.audit import default_path as audit_default_path
 from mlplatform.spec import DatasetSpec
 from resources.environment import Settings, build_resources
 from resources.lakefs import LakeFSResource
@@ -15,11 +16,12 @@ __all__ = ["settings_for", "resources_for", "production_rows", "quick_training_s
 
 
 def settings_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow_uri: str | None = None) -> Settings:
-    """The settings of a test: its lakeFS server and repository, its state folder, its data set and MLflow store."""
+    """The settings of a test: its lakeFS server and repository, its state folder, its data set and MLflow store.
+    The audit trail is the one the tests read with `AuditTrail()` (MLP_AUDIT_DB, else <MLP_STATE_DIR>/audit)."""
     env = {"LAKEFS_ENDPOINT": lakefs.endpoint, "LAKEFS_ACCESS_KEY_ID": lakefs.access_key_id,
            "LAKEFS_SECRET_ACCESS_KEY": lakefs.secret_access_key}
     return testbed_settings(env, lakefs.repository, state, spec, mlflow_uri or "",
-                            lakefs_storage_namespace=lakefs.storage_namespace)
+                            lakefs_storage_namespace=lakefs.storage_namespace, audit_path=audit_default_path())
 
 
 def resources_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow_uri: str | None = None) -> dict:
