@@ -107,12 +107,18 @@ class Settings:
         """Self, or SettingError naming every environment variable among `names` that is not set."""
         missing = [ENV_VARS[n] for n in names if not getattr(self, n)]
         if missing:
-            raise SettingError(f"setting(s) {', '.join(missing)} not set" + (f" ({why} needs them)" if why else "")
-                               + ": run `make up`, or export them for your services")
+            hint = f" ({why} needs them): export them" if why else ": run `make up`, or export them for your services"
+            raise SettingError(f"setting(s) {', '.join(missing)} not set{hint}")
         return self
 
     def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; what was derived (audit path from the state folder, MLflow experiment and model
+        from the data set) follows the change unless it was set to something else."""
+        derived = {"audit_path": self.state_dir / "audit" / "audit.db", "mlflow_experiment": self.dataset,
+                   "mlflow_model_name": f"{self.dataset}-model"}
+        follow = {k: None if k == "audit_path" else "" for k, v in derived.items()
+                  if k not in changes and getattr(self, k) == v}
+        return dataclasses.replace(self, **{**follow, **changes})
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that give these settings (for a subprocess): `from_env` reads them back."""

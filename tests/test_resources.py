@@ -120,6 +120,14 @@ def test_settings_travel_to_a_subprocess_through_the_environment(tmp_path):
     assert Settings.from_env(settings.to_env()) == settings
 
 
+def test_a_changed_state_folder_or_data_set_carries_what_derives_from_it(tmp_path):
+    settings = Settings(state_dir=tmp_path / "a", dataset="car_loan", mlflow_experiment="shared")
+    moved = settings.replace(state_dir=tmp_path / "b", dataset="other")
+    assert moved.audit_path == tmp_path / "b" / "audit" / "audit.db"
+    assert (moved.mlflow_model_name, moved.mlflow_experiment) == ("other-model", "shared")  # given: kept
+    assert settings.replace(audit_path=tmp_path / "x.db", state_dir=tmp_path / "c").audit_path == tmp_path / "x.db"
+
+
 def test_a_malformed_setting_is_named(clean_env):
     with pytest.raises(SettingError, match="MLP_ENV"):
         Settings.from_env({"MLP_ENV": "staging"})
