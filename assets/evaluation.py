@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from mlplatform import modeling, registry
-from mlplatform.audit import AuditTrail
+from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.publish import EXPERIMENT_TAG, GATE_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
@@ -83,7 +83,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
                                        description="Floor from config; not significantly worse than the champion")],
     )
     def evaluation_report(context: dg.AssetExecutionContext, config: GateConfig, candidate_model: dict,
-                          training_set: pl.DataFrame, mlflow: MLflowResource):
+                          training_set: pl.DataFrame, mlflow: MLflowResource, audit: AuditResource):
         import mlflow as mlf
 
         version = str(candidate_model["version"])
@@ -124,7 +124,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
         # The gate only decides. Aliases move when this run is published (its data merged into main),
         # so a run that fails after this point moves nothing.
         outcome = registry.apply_gate(
-            mlflow, AuditTrail(), spec, version, passed, reason,
+            mlflow, audit.trail(), spec, version, passed, reason,
             {"metrics": m_new, "champion_metrics": m_old, "comparison": comparison, "dagster_run_id": context.run_id,
              "lakefs_commit": candidate_model["training_set_commit"], "champion_version": champ_version},
             manual=config.manual_approval, actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
@@ -159,9 +159,10 @@ def build_evaluation(spec: DatasetSpec) -> list:
         description="Model card (Markdown and JSON): use, lineage, metrics, slices, gate and approval.",
     )
     def model_card(context: dg.AssetExecutionContext, candidate_model: dict, evaluation_report: dict,
-                   training_set: pl.DataFrame, mlflow: MLflowResource, lakefs: LakeFSResource) -> dict:
+                   training_set: pl.DataFrame, mlflow: MLflowResource, lakefs: LakeFSResource,
+                   audit: AuditResource) -> dict:
         card = make_card(spec, candidate_model, evaluation_report, training_set, lakefs,
-                         AuditTrail().history(mlflow.model_name, candidate_model["version"]))
+                         audit.trail().history(mlflow.model_name, candidate_model["version"]))
         md = card_markdown(card)
         client = mlflow.client()
         client.log_text(candidate_model["run_id"], md, "model_card.md")

@@ -11,6 +11,7 @@ import polars as pl
 
 from mlplatform import modeling
 from mlplatform.audit import AuditTrail
+from resources.audit import AuditResource
 from resources.io import git_commit, latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
@@ -91,12 +92,14 @@ def build_training(spec: DatasetSpec) -> list:
         description="A LightGBM candidate trained on the training set, tracked and registered in MLflow.",
     )
     def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
-                        mlflow: MLflowResource, lakefs: LakeFSResource) -> dg.Output:
-        record_retrain_trigger(context.run, mlflow.model_name)
+                        mlflow: MLflowResource, lakefs: LakeFSResource, audit: AuditResource) -> dg.Output:
+        if context.run.tags.get("retrain/trigger"):  # requested by a trigger: its audit entry, once
+            record_retrain_trigger(context.run, mlflow.model_name, audit.trail())
         found = latest_checked_materialization(context.instance, dg.AssetKey("training_set"), None, context.run_id)
         ts_commit = found[0] if found else "unknown"
         result = train_and_register(spec, training_set, config, mlflow, lakefs, ts_commit, context.run_id,
-                                    actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
+                                    actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}",
+                                    audit=audit)
         if result.get("reused"):
             context.log.info(f"v{result['version']} has the same fingerprint (training data, code, params) and its "
                              f"training data is on main: reused, no new version registered")
@@ -118,11 +121,15 @@ def build_training(spec: DatasetSpec) -> list:
 
 def record_retrain_trigger(run: dg.DagsterRun, model: str, audit: AuditTrail | None = None) -> bool:
     """Write the `retrain_triggered` audit entry of a run requested by a trigger, from its `retrain/*` tags,
-    once per run (the sensor only requests the run; it writes nothing). True if written now."""
+    once per run (the sensor only requests the run; it writes nothing). True if written now. Without `audit`,
+    the trail the resource factory configures for this environment."""
     trigger = run.tags.get("retrain/trigger")
     if not trigger:
         return False
-    audit = audit or AuditTrail()
+    if audit is None:
+        from resources.environment import default_audit_trail
+
+        audit = default_audit_trail()
     if any(e.action == "retrain_triggered" and e.evidence.get("dagster_run_id") == run.run_id
            for e in audit.history(model)):
         return False
@@ -215,8 +222,9 @@ def _discard_versions(mlflow: MLflowResource, mlflow_run_id: str, version: str |
 
 
 def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig, mlflow: MLflowResource,
-                       lakefs: LakeFSResource, ts_commit: str, run_id: str, actor: str) -> dict:
-    """Train, log and register one model version; on any failure no version is left behind.
+                       lakefs: LakeFSResource, ts_commit: str, run_id: str, actor: str, audit: AuditResource) -> dict:
+    """Train, log and register one model version; on any failure no version is left behind (the audit trail is
+    opened when the version is registered, so a trail that cannot be written is such a failure).
 
     A version with the same fingerprint (data, code, params) whose data is on main is reused instead."""
     import time
@@ -301,7 +309,7 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
                                                                 tags=tags))
             version = str(mv.version)
             stage = "writing the audit entry of"
-            AuditTrail().record("registered", mlflow.model_name, version,
+            audit.trail().record("registered", mlflow.model_name, version,
                                 f"trained on lakeFS commit {ts_commit[:12]}",
                                 {"run_id": run.info.run_id, "dagster_run_id": run_id, "lakefs_commit": ts_commit,
                                  "fingerprint": fp, f"validation_{params['metric']}": trained.validation_score}, actor)

@@ -7,13 +7,8 @@ predictions, one estimate per monthly production batch, compared with the realiz
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+from common import RESULTS, car_loan, quick_training_set
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -21,13 +16,12 @@ import polars as pl  # noqa: E402
 from mlplatform import modeling  # noqa: E402
 from mlplatform.batches import partition_of  # noqa: E402
 from mlplatform.features import online_features  # noqa: E402
-from mlplatform.spec import load_spec  # noqa: E402
 
 
 def main() -> None:
     import nannyml as nml
 
-    spec = load_spec("car_loan")
+    spec = car_loan()
     reference, production, labels = spec.load_source()
     t = spec.time_column
 
@@ -37,7 +31,7 @@ def main() -> None:
         return online_features(d.select(spec.raw_columns), spec).join(
             d.select(spec.id_column, *( [spec.target] if spec.target in d.columns else [])), on=spec.id_column)
 
-    ref = modeling.time_split(feats(reference), spec)
+    ref = quick_training_set(spec, n=len(reference))  # the whole reference, the platform's way
     trained = modeling.train(ref, spec, modeling.lgb_params(spec, {}, 42), 400, 30)
     test = ref.filter(pl.col("split") == "test")
     test = test.with_columns(pl.Series("prediction", modeling.predict(trained.booster, test, spec)))
@@ -68,7 +62,7 @@ def main() -> None:
               f"{abs(x['estimated'] - x['realized']):>9.4f}  {x['alert']}")
     print(f"mean absolute error of the CBPE estimate: {mae:.4f} over {len(rows)} batches "
           f"(champion test ROC AUC {modeling.metrics(test[spec.target].to_numpy(), test['prediction'].to_numpy(), spec)['roc_auc']:.4f})")
-    out = ROOT / "bench" / "results" / "cbpe.json"
+    out = RESULTS / "cbpe.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"batches": rows, "mae": mae}, indent=1))
 

@@ -8,12 +8,11 @@ bench/results/drift.json.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+import common  # noqa: F401 - first: the project on sys.path, telemetry off
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,9 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from common import ROOT  # noqa: E402
 from mlplatform.drift.engine import ChunkSpec, DriftEngine  # noqa: E402
 
 CONTINUOUS = ["car_value", "debt_to_income_ratio", "loan_length", "driver_tenure"]

@@ -13,9 +13,7 @@ result). Exits non-zero if they differ.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+import common  # noqa: F401 - first: the project on sys.path, telemetry off
 
 import argparse
 import importlib
@@ -26,9 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import ROOT  # noqa: E402
 
 from bench_drift import CATEGORICAL, CONTINUOUS, ENGINE_METHODS, SPEC, load, resample_index, to_polars  # noqa: E402
 

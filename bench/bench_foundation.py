@@ -34,10 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "foundation.json"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # mlplatform/, resources/ (platform/ is loaded as a file, never imported)
+from common import RESULTS, ROOT, log, settings_for
+
+RESULTS = RESULTS / "foundation.json"
 
 MB = 1024 * 1024
 CHUNK = 1 * MB  # os.urandom chunk used to refill the reusable object buffer
@@ -103,10 +102,6 @@ def tree_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def bytecode_context() -> dict:
@@ -285,8 +280,9 @@ def bench_branches(res, blockstore: Path, label: str, n_objects: int, object_siz
 
 
 def bench_lakefs(args) -> tuple[dict, dict, str]:
-    from tooling.services import LakeFSServer, free_port, lakefs_version
+    from resources.environment import build_resources
     from resources.lakefs import LakeFSResource
+    from tooling.services import LakeFSServer, free_port, lakefs_version
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-foundation-lakefs-"))
     server = LakeFSServer(tmp, port=free_port())
@@ -294,11 +290,9 @@ def bench_lakefs(args) -> tuple[dict, dict, str]:
         t0 = time.perf_counter()
         server.start()
         log(f"lakeFS {lakefs_version()} at {server.endpoint} (data in {tmp}), up in {time.perf_counter() - t0:.1f}s")
-        env = server.env()
 
         def resource(repo: str) -> LakeFSResource:
-            return LakeFSResource(endpoint=env["LAKEFS_ENDPOINT"], access_key_id=env["LAKEFS_ACCESS_KEY_ID"],
-                                  secret_access_key=env["LAKEFS_SECRET_ACCESS_KEY"], repository=repo)
+            return build_resources(settings_for(server, tmp / "state", mlflow=False, repository=repo))["lakefs"]
 
         log(f"commit: {args.commit_iters} x (put ~{args.rows}-row parquet + commit)")
         commit = bench_commit(resource("bench-commit"), args.commit_iters, args.rows)

@@ -43,29 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "bench_pipeline.json"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import QUIET, RESULTS, ROOT, car_loan, log, private_platform
 
-os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+RESULTS = RESULTS / "bench_pipeline.json"
 
 STAGES = ("release", "reference", "ingest", "dbt", "training")
-
-
-# Dagster's console logger at WARNING: the run's DEBUG events would drown the results table.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def maxrss_mb(who: int) -> float:
@@ -100,21 +84,18 @@ def child(args) -> None:
     from assets.features import build_features
     from assets.ingestion import build_ingestion
     from assets.training import build_training
-    from mlplatform.batches import Landing
-    from tooling.simulator import Simulator
-    from resources.lakefs import LakeFSResource
+    from resources.environment import LAKEFS, Settings, build_resources
     from resources.publish import publish_run
-    from tests.helpers import car_loan, resources_for
+    from tooling.simulator import Simulator
 
-    state = Path(os.environ["MLP_STATE_DIR"])
+    # The parent's settings (its lakeFS server, repository and state folder), passed in the environment.
+    settings = Settings.from_env().require(*LAKEFS)
+    state = settings.state_dir
     if args.scale > 1 and args.scale_reference:
         scale_reference(args.scale)
     spec = car_loan()
-    lakefs = LakeFSResource(endpoint=os.environ["LAKEFS_ENDPOINT"], access_key_id=os.environ["LAKEFS_ACCESS_KEY_ID"],
-                            secret_access_key=os.environ["LAKEFS_SECRET_ACCESS_KEY"],
-                            repository=os.environ["LAKEFS_REPOSITORY"])
-    lakefs.ensure_repository()
-    resources = resources_for(lakefs, state, spec)
+    resources = build_resources(settings)
+    lakefs = resources["lakefs"]
     ingestion = build_ingestion(spec)
     features = build_features(spec)
     training = build_training(spec)[:2]
@@ -141,7 +122,7 @@ def child(args) -> None:
 
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         t0 = time.perf_counter()
-        sim = Simulator(spec, Landing(state / "landing" / spec.name), scale=args.scale)
+        sim = Simulator(spec, resources["landing"].zone(), scale=args.scale)
         rel = sim.release(10_000)
         stage("release", t0, batches=len(rel.records), label_batches=len(rel.labels))
         prod_rows = sim.production().height
@@ -196,18 +177,10 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 
 def run_scale(scale: int, scale_ref: bool, tmp_root: Path) -> dict:
-    from tooling.services import LakeFSServer, free_port
-
-    tmp = Path(tempfile.mkdtemp(prefix=f"scale{scale}_", dir=tmp_root))
-    server = LakeFSServer(tmp / "lakefs", port=free_port()).start()
-    try:
-        state = tmp / "state"
-        state.mkdir()
-        (tmp / "dbt-logs").mkdir()
-        env = {**os.environ, **server.env(), "MLP_STATE_DIR": str(state),
-               "LAKEFS_REPOSITORY": f"bench-{uuid.uuid4().hex[:8]}", "DBT_LOG_PATH": str(tmp / "dbt-logs"),
-               "PYTHONPATH": str(ROOT)}
-        child_out = tmp / "child.json"
+    with private_platform(f"scale{scale}_", mlflow=False, export=False, tmp_root=tmp_root) as bench:
+        (bench.tmp / "dbt-logs").mkdir()
+        env = {**os.environ, **bench.env(), "DBT_LOG_PATH": str(bench.tmp / "dbt-logs"), "PYTHONPATH": str(ROOT)}
+        child_out = bench.tmp / "child.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--scale", str(scale), "--child-out",
                str(child_out)] + ([] if scale_ref else ["--no-scale-reference"])
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -226,12 +199,10 @@ def run_scale(scale: int, scale_ref: bool, tmp_root: Path) -> dict:
         # ru_maxrss of RUSAGE_CHILDREN is a max over every waited-for descendant so far (monotonic).
         out["parent_children_maxrss_mb_after"] = after.ru_maxrss / 1024.0
         out["child_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        server = bench.server
         pid = int(server.pid_file.read_text()) if server.pid_file.exists() else None
         out["lakefs_peak_rss_mb"] = vm_hwm_mb(pid) if pid else None
         return out
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

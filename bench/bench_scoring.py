@@ -32,34 +32,15 @@ import io
 import json
 import os
 import platform as _platform
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "bench_scoring.json"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import QUIET, RESULTS, ROOT, car_loan, log, private_platform, quick_training_set
 
-os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-
+RESULTS = RESULTS / "bench_scoring.json"
 PARTITION = "2018-11-01"
-
-
-# Dagster's console logger at WARNING: the run's DEBUG events would drown the results table.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def production_features(spec, n_rows: int):
@@ -104,38 +85,18 @@ def main() -> None:
     from assets.training import TrainConfig, train_and_register
     from mlplatform import modeling, registry
     from mlplatform.batches import window
-    from tooling.services import LakeFSServer, free_port, lakefs_version
+    from tooling.services import lakefs_version
     from resources.io import serialize
-    from resources.lakefs import LakeFSResource
-    from tests.helpers import car_loan, quick_training_set, resources_for
 
     spec = car_loan()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_scoring_"))
-    server = None
     results = []
-    try:
-        state = tmp / "state"
-        state.mkdir()
-        os.environ["MLP_STATE_DIR"] = str(state)
-        server = LakeFSServer(tmp / "lakefs", port=free_port()).start()
-        env = server.env()
-        os.environ.update(env)
-        repo = f"bench-{uuid.uuid4().hex[:8]}"
-        os.environ["LAKEFS_REPOSITORY"] = repo
-        lakefs = LakeFSResource(endpoint=env["LAKEFS_ENDPOINT"], access_key_id=env["LAKEFS_ACCESS_KEY_ID"],
-                                secret_access_key=env["LAKEFS_SECRET_ACCESS_KEY"], repository=repo)
-        lakefs.ensure_repository()
-        (state / "mlflow").mkdir()
-        mlflow_uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-        home = tmp / "dagster_home"
-        home.mkdir()
-        resources = resources_for(lakefs, state, spec, mlflow_uri)
-        mlflow = resources["mlflow"]
+    with private_platform("bench_scoring_") as bench:
+        resources, lakefs, mlflow = bench.resources, bench.lakefs, bench.mlflow
 
         log("training + registering the champion (untimed)")
         ts = quick_training_set(spec, n=50000)
-        reg = train_and_register(spec, ts, TrainConfig(), mlflow, lakefs, "unknown", "bench-scoring", "bench")
+        reg = train_and_register(spec, ts, TrainConfig(), mlflow, lakefs, "unknown", "bench-scoring", "bench",
+                                 audit=resources["audit"])
         registry.set_alias(mlflow, registry.CHAMPION, reg["version"])
         champion = registry.load_booster(mlflow, reg["version"])
         best_it = champion.best_iteration or None
@@ -145,7 +106,7 @@ def main() -> None:
         out_branch = "bench-scoring-out"
         lakefs.ensure_branch(out_branch)
 
-        with dg.instance_for_test(temp_dir=str(home)) as instance:
+        with dg.instance_for_test(temp_dir=str(bench.dagster_home)) as instance:
             for n_rows in args.sizes:
                 feats = production_features(spec, n_rows)
                 x = modeling.feature_matrix(feats, spec).to_numpy()
@@ -218,10 +179,6 @@ def main() -> None:
                     "platform_functions_breakdown_median_s": parts,
                     "same_predictions": same, "mean_prediction": means, "samples": samples,
                 })
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     goal = 0.7
     result = {

@@ -6,30 +6,29 @@
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+from common import RESULTS, car_loan
 
 import dagster as dg  # noqa: E402
 import polars as pl  # noqa: E402
 
-from resources.landing import LandingZoneResource  # noqa: E402
-from resources.mlflow import MLflowResource  # noqa: E402
-from mlplatform.spec import load_spec  # noqa: E402
+from resources.environment import Settings, build_resources  # noqa: E402
 from sensors.lifecycle import build_lifecycle  # noqa: E402
 
 
 def main() -> None:
-    spec = load_spec("car_loan")
+    spec = car_loan()
     sensors = {s.name: s for s in build_lifecycle(spec)["sensors"]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["MLP_STATE_DIR"] = str(tmp)
+        # The platform's resources for this state folder (no lakeFS: the sensors only read).
+        platform = build_resources(Settings(state_dir=tmp, dataset=spec.name,
+                                       mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"))
+        landing = Path(platform["landing"].root)
         (tmp / "home").mkdir()
         with dg.instance_for_test(temp_dir=str(tmp / "home")) as instance:
             # A year of history: 12 batches x (records, labels, drift, estimate, realized) events.
@@ -42,13 +41,12 @@ def main() -> None:
                                   ("realized_performance", {"realized_roc_auc": 0.96, "previous_roc_auc": 0.96,
                                                             "model_version": "1"})):
                     instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=p, metadata=meta))
-                d = tmp / "landing" / "records" / p
+                d = landing / "records" / p
                 d.mkdir(parents=True)
                 pl.DataFrame({"id": [1]}).write_parquet(d / "batch.parquet")
                 (d / "batch.parquet.done").touch()  # complete at once: the tick requests instead of waiting
-            mlflow = MLflowResource(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", model_name="car_loan-model")
-            resources = {"landing_arrivals": {"landing": LandingZoneResource(root=str(tmp / "landing"))},
-                         "retrain_on_evidence": {}, "rollback_on_regression": {"mlflow": mlflow}}
+            resources = {"landing_arrivals": {"landing": platform["landing"]},
+                         "retrain_on_evidence": {}, "rollback_on_regression": {"mlflow": platform["mlflow"]}}
             results = {}
             for name, res in resources.items():
                 times, cursor = [], None
@@ -63,7 +61,7 @@ def main() -> None:
     print(f"{'sensor':<26}{'median ms':>10}{'max ms':>10}{'first tick ms':>15}")
     for name, r in results.items():
         print(f"{name:<26}{r['median_ms']:>10}{r['max_ms']:>10}{r['first_ms']:>15}")
-    out = ROOT / "bench" / "results" / "sensors.json"
+    out = RESULTS / "sensors.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
 

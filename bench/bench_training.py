@@ -31,33 +31,15 @@ import functools
 import json
 import os
 import platform as _platform
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "bench_training.json"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import QUIET, RESULTS, ROOT, car_loan, log, private_platform, quick_training_set
 
-os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-
-
-# Dagster's console logger at WARNING: the run's DEBUG events would drown the results table.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+RESULTS = RESULTS / "bench_training.json"
 
 
 # --- timing wrappers for the breakdown ----------------------------------------------------------
@@ -134,9 +116,8 @@ def main() -> None:
 
     from assets.training import TrainConfig, build_training
     from mlplatform import modeling
-    from tooling.services import LakeFSServer, free_port, lakefs_version
-    from resources.lakefs import LakeFSResource
-    from tests.helpers import car_loan, quick_training_set, resources_for
+    from resources.environment import build_resources
+    from tooling.services import lakefs_version
 
     spec = car_loan()
     ts = quick_training_set(spec, n=args.rows)
@@ -152,25 +133,8 @@ def main() -> None:
     xva, yva = modeling.feature_matrix(va, spec), va[spec.target].to_numpy()
     matrix_s = time.perf_counter() - t0
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
-    server = None
-    try:
-        state = tmp / "state"
-        state.mkdir()
-        os.environ["MLP_STATE_DIR"] = str(state)
-        server = LakeFSServer(tmp / "lakefs", port=free_port()).start()
-        os.environ.update(server.env())
-        repo = f"bench-{uuid.uuid4().hex[:8]}"
-        os.environ["LAKEFS_REPOSITORY"] = repo
-        env = server.env()
-        lakefs = LakeFSResource(endpoint=env["LAKEFS_ENDPOINT"], access_key_id=env["LAKEFS_ACCESS_KEY_ID"],
-                                secret_access_key=env["LAKEFS_SECRET_ACCESS_KEY"], repository=repo)
-        lakefs.ensure_repository()
-        (state / "mlflow").mkdir()
-        mlflow_uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-        home = tmp / "dagster_home"
-        home.mkdir()
+    with private_platform("bench_training_") as bench:
+        resources = bench.resources
 
         @dg.asset(name="training_set")
         def fixed_training_set():
@@ -180,8 +144,7 @@ def main() -> None:
         assets = [fixed_training_set, candidate_model]
         install_wrappers()
 
-        with dg.instance_for_test(temp_dir=str(home)) as instance:
-            resources = resources_for(lakefs, state, spec, mlflow_uri)
+        with dg.instance_for_test(temp_dir=str(bench.dagster_home)) as instance:
             r = dg.materialize(assets, selection=["training_set"], instance=instance, resources=resources,
                                run_config=QUIET)
             assert r.success
@@ -192,7 +155,7 @@ def main() -> None:
                 TIMES.clear()
                 t0 = time.perf_counter()
                 res = dg.materialize(assets, selection=["candidate_model"], instance=instance,
-                                     resources=resources_for(lakefs, state, spec, mlflow_uri), run_config=QUIET)
+                                     resources=build_resources(bench.settings), run_config=QUIET)
                 wall = time.perf_counter() - t0
                 assert res.success
                 md = res.asset_materializations_for_node("candidate_model")[0].metadata
@@ -216,10 +179,6 @@ def main() -> None:
                 log(f"rep {i + 1}: platform {plat[-1]['wall_s']:.2f}s (train {plat[-1]['train_seconds']:.2f}s)")
                 bare.append(bare_once())
                 log(f"rep {i + 1}: bare     {bare[-1]['wall_s']:.2f}s")
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     med = statistics.median
     p_med = med(x["wall_s"] for x in plat)

@@ -12,7 +12,7 @@ from assets.ingestion import build_ingestion
 from assets.monitoring import build_monitoring
 from assets.serving import build_serving
 from assets.training import build_training
-from resources.environment import build_resources
+from resources.environment import Settings, build_resources
 from mlplatform.spec import DatasetSpec, dataset_spec
 from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
@@ -70,7 +70,8 @@ def build_definitions() -> dg.Definitions:
                      "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
                      default_status=dg.DefaultSensorStatus.RUNNING)],
         schedules=lifecycle["schedules"],
-        resources=build_resources(),
+        # Secrets and endpoints as dg.EnvVars: resolved when a run starts, never read into the definitions.
+        resources=build_resources(Settings.from_env(), deferred=True),
         # In-process: steps of a run commit to one lakeFS branch one after another, so each commit
         # holds exactly its own asset (lakeFS commits everything staged on a branch).
         executor=dg.in_process_executor,

@@ -7,6 +7,8 @@ from urllib.parse import urlparse
 
 import dagster as dg
 
+from resources.lakefs import LakeFSResource
+
 
 def httpfs_package_file() -> Path:
     import duckdb
@@ -49,13 +51,12 @@ def s3_settings(endpoint: str, key: str, secret: str) -> dict[str, str]:
 
 
 class DuckDBResource(dg.ConfigurableResource):
-    """A DuckDB database file whose connections can read and write lakeFS objects as s3://repo/ref/path."""
+    """A DuckDB database file whose connections can read and write lakeFS objects as s3://repo/ref/path,
+    through the S3 gateway of the `lakefs` resource it depends on (its endpoint and keys, never a copy)."""
 
     database: str
     state_dir: str
-    lakefs_endpoint: str = ""
-    lakefs_access_key_id: str = ""
-    lakefs_secret_access_key: str = ""
+    lakefs: dg.ResourceDependency[LakeFSResource]
 
     def connect(self, read_only: bool = False, in_memory: bool = False):
         import duckdb
@@ -68,21 +69,20 @@ class DuckDBResource(dg.ConfigurableResource):
             "extension_directory": str(ext_dir),
         })
         con.execute("LOAD httpfs")
-        if self.lakefs_endpoint:
-            from mlplatform.redact import redacting
+        from mlplatform.redact import redacting
 
-            with redacting((self.lakefs_secret_access_key,)):  # an error quoting the statement hides the key
-                for k, v in s3_settings(self.lakefs_endpoint, self.lakefs_access_key_id,
-                                        self.lakefs_secret_access_key).items():
-                    con.execute(f"SET {k} = '{v}'")
+        with redacting((self.lakefs.secret_access_key,)):  # an error quoting the statement hides the key
+            for k, v in self._s3().items():
+                con.execute(f"SET {k} = '{v}'")
         return con
+
+    def _s3(self) -> dict[str, str]:
+        return s3_settings(self.lakefs.endpoint, self.lakefs.access_key_id, self.lakefs.secret_access_key)
 
     def dbt_env(self) -> dict[str, str]:
         """Environment for dbt's profiles.yml (same database, same extension directory, same gateway). The lakeFS
         keys travel only in this environment: nothing here writes them to a file."""
         env = {"MLP_DUCKDB_PATH": self.database,
                "MLP_DUCKDB_EXT_DIR": str(extension_dir(Path(self.state_dir)))}
-        if self.lakefs_endpoint:
-            s3 = s3_settings(self.lakefs_endpoint, self.lakefs_access_key_id, self.lakefs_secret_access_key)
-            env.update({f"MLP_{k.upper()}": v for k, v in s3.items()})
+        env.update({f"MLP_{k.upper()}": v for k, v in self._s3().items()})
         return {**os.environ, **env}

@@ -4,11 +4,11 @@ then apply the run's gate decision: model aliases move only once the data they w
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 
 import dagster as dg
 
+from mlplatform.audit import AuditTrail
 from resources.lakefs import LakeFSResource, MergeConflict, run_branch
 from resources.mlflow import MLflowResource
 
@@ -60,24 +60,39 @@ def commit_on_main(lakefs: LakeFSResource, commit: str) -> bool:
 
 
 def _mlflow_for(run: dg.DagsterRun, mlflow: MLflowResource | None) -> MLflowResource:
-    """The MLflow store of the run's model: the given resource, else the environment's MLFLOW_TRACKING_URI."""
+    """The MLflow store of the run's model: the given resource (another model's: the same store), else the
+    environment's (the resource factory's settings)."""
+    from resources.environment import Settings, SettingError, mlflow_resource
+
     name, experiment = run.tags[MODEL_NAME_TAG], run.tags.get(EXPERIMENT_TAG, "mlplatform")
     if mlflow is not None and mlflow.model_name == name:
         return mlflow
-    uri = mlflow.tracking_uri if mlflow is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        raise RuntimeError(f"run {run.run_id} decided to move aliases of {name}, but setting MLFLOW_TRACKING_URI "
+    if mlflow is not None:
+        return MLflowResource(tracking_uri=mlflow.tracking_uri, artifact_root=mlflow.artifact_root,
+                              ui_url=mlflow.ui_url, retries=mlflow.retries, timeout_seconds=mlflow.timeout_seconds,
+                              model_name=name, experiment=experiment)
+    settings = Settings.from_env()
+    if not settings.mlflow_tracking_uri:
+        raise SettingError(f"run {run.run_id} decided to move aliases of {name}, but setting MLFLOW_TRACKING_URI "
                            f"is not set: export it and run `mlp publish`")
-    return MLflowResource(tracking_uri=uri, model_name=name, experiment=experiment)
+    return mlflow_resource(settings.replace(mlflow_model_name=name, mlflow_experiment=experiment))
+
+
+def _audit(audit: AuditTrail | None) -> AuditTrail:
+    """The given audit trail, else the one the resource factory configures for this environment."""
+    if audit is not None:
+        return audit
+    from resources.environment import default_audit_trail
+
+    return default_audit_trail()
 
 
 def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.DagsterRun, commit: str,
-                mlflow: MLflowResource | None = None, audit=None) -> tuple[bool, str]:
+                mlflow: MLflowResource | None = None, audit: AuditTrail | None = None) -> tuple[bool, str]:
     """Apply the run's gate decision now that its data is on main: (settled, detail). Idempotent.
 
     Not settled (retry later) when MLflow or the audit trail cannot be written."""
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail
 
     decision, version = run.tags.get(GATE_TAG), run.tags.get(MODEL_VERSION_TAG)
     if not decision or not version:
@@ -90,7 +105,7 @@ def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.Da
         if not commit_on_main(lakefs, trained_on):
             return True, (f"; v{version} NOT promoted: its training-set commit {trained_on[:12] or '?'} is not on "
                           f"{lakefs.main_branch} of {lakefs.repository}")
-        done = registry.promote_published(m, audit or AuditTrail(), version, decision, run.run_id, commit,
+        done = registry.promote_published(m, _audit(audit), version, decision, run.run_id, commit,
                                           actor="platform:publish")
     except Exception as exc:  # noqa: BLE001 - kept for a retry: the branch stays until the move is done
         return False, (f"; aliases not moved yet ({type(exc).__name__}: {registry._redact(str(exc))[:300]}); "
@@ -99,7 +114,7 @@ def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.Da
 
 
 def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
-                mlflow: MLflowResource | None = None, audit=None) -> PublishOutcome:
+                mlflow: MLflowResource | None = None, audit: AuditTrail | None = None) -> PublishOutcome:
     """Merge `run-<run_id>` into main if the run is SUCCESS with no failed blocking check; else keep it.
     Then apply the run's gate decision (aliases move only once its data is on main)."""
     branch = run_branch(run_id)
@@ -136,15 +151,15 @@ def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: st
                           promotion_pending=not settled)
 
 
-def publish_pending(instance: dg.DagsterInstance, lakefs: LakeFSResource,
-                    mlflow: MLflowResource | None = None) -> list[PublishOutcome]:
+def publish_pending(instance: dg.DagsterInstance, lakefs: LakeFSResource, mlflow: MLflowResource | None = None,
+                    audit: AuditTrail | None = None) -> list[PublishOutcome]:
     """Publish every finished run whose branch still exists (idempotent)."""
     out = []
     for info in lakefs.branches(prefix="run-"):
         run = instance.get_run_by_id(info.run_id) if info.run_id else None
         if run is not None and run.tags.get(KEPT_TAG):
             continue
-        out.append(publish_run(instance, lakefs, info.run_id or "", mlflow))
+        out.append(publish_run(instance, lakefs, info.run_id or "", mlflow, audit))
     return out
 
 

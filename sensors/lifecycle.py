@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from sensors.arrivals import build_arrivals
+from resources.audit import AuditResource
 from resources.mlflow import MLflowResource
 from mlplatform.spec import DatasetSpec
 
@@ -129,9 +130,9 @@ class RollbackConfig(dg.Config):
 
 @dg.op(description="Move `champion` back to `previous` (audit intent, alias moves, outcome), if the evidence's "
                    "champion is still the champion.")
-def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource) -> None:
+def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource,
+                       audit: AuditResource) -> None:
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail
 
     current = registry.aliases(mlflow)
     if current.get(registry.CHAMPION) != config.expected_champion:
@@ -139,7 +140,7 @@ def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, m
                          f"already rolled back or replaced since the evidence; nothing to do")
         return
     frm, to = registry.rollback(
-        mlflow, AuditTrail(), config.reason, actor=config.requested_by, expected_champion=config.expected_champion,
+        mlflow, audit.trail(), config.reason, actor=config.requested_by, expected_champion=config.expected_champion,
         evidence={"partition": config.partition, "dagster_run_id": config.evidence_run_id,
                   "evidence_storage_id": config.evidence_storage_id, "champion_score": config.champion_score,
                   "previous_score": config.previous_score, "rollback_run_id": context.run_id})

@@ -4,6 +4,7 @@ Publishing a run also applies its gate decision: model aliases move only once it
 
 import dagster as dg
 
+from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.publish import publish_run
@@ -13,8 +14,9 @@ from resources.publish import publish_run
                       default_status=dg.DefaultSensorStatus.RUNNING,  # publishing must not wait for a person
                       description="Merges a successful run's lakeFS branch into main (write-audit-publish), then "
                                   "moves the model aliases its gate decided.")
-def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource):
-    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow)
+def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource,
+                            audit: AuditResource):
+    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow, audit.trail())
     context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
     if outcome.status == "conflict" or outcome.promotion_pending:
         # Reported on the run; the branch is kept, so the next publish (any new run, or `mlp publish`) retries.

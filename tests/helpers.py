@@ -2,37 +2,31 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import polars as pl
 
-from mlplatform import modeling
-from mlplatform.features import online_features
-from resources.io import LakeFSIOManager
-from resources.landing import LandingZoneResource
+from mlplatform.audit import default_path as audit_default_path
+from mlplatform.spec import DatasetSpec
+from resources.environment import Settings, build_resources
 from resources.lakefs import LakeFSResource
-from resources.mlflow import MLflowResource
-from mlplatform.spec import DatasetSpec, load_spec
+from tooling.testbed import car_loan, quick_training_set, testbed_settings
+
+__all__ = ["settings_for", "resources_for", "production_rows", "quick_training_set", "car_loan"]
+
+
+def settings_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow_uri: str | None = None) -> Settings:
+    """The settings of a test: its lakeFS server and repository, its state folder, its data set and MLflow store.
+    The audit trail is the one the tests read with `AuditTrail()` (MLP_AUDIT_DB, else <MLP_STATE_DIR>/audit)."""
+    env = {"LAKEFS_ENDPOINT": lakefs.endpoint, "LAKEFS_ACCESS_KEY_ID": lakefs.access_key_id,
+           "LAKEFS_SECRET_ACCESS_KEY": lakefs.secret_access_key}
+    return testbed_settings(env, lakefs.repository, state, spec, mlflow_uri or "",
+                            lakefs_storage_namespace=lakefs.storage_namespace, audit_path=audit_default_path())
 
 
 def resources_for(lakefs: LakeFSResource, state: Path, spec: DatasetSpec, mlflow_uri: str | None = None) -> dict:
-    from resources.duckdb import DuckDBResource
-
-    res = {
-        "lakefs": lakefs,
-        "io_manager": LakeFSIOManager(lakefs=lakefs),
-        # Tests write whole files before they materialize, so a file counts as complete at once; the settle
-        # time itself is proven in tests/test_arrivals.py.
-        "landing": LandingZoneResource(root=str(state / "landing" / spec.name), settle_seconds=0),
-        "duckdb": DuckDBResource(database=str(state / "duckdb" / f"{spec.name}.duckdb"), state_dir=str(state),
-                                 lakefs_endpoint=lakefs.endpoint, lakefs_access_key_id=lakefs.access_key_id,
-                                 lakefs_secret_access_key=lakefs.secret_access_key),
-    }
-    if mlflow_uri:
-        res["mlflow"] = MLflowResource(tracking_uri=mlflow_uri, model_name=f"{spec.name}-model",
-                                       experiment=spec.name)
-    return res
+    """The platform's resources, from the one factory, for a test's lakeFS repository, state folder and MLflow."""
+    return build_resources(settings_for(lakefs, state, spec, mlflow_uri))
 
 
 def production_rows(spec: DatasetSpec, start, end, n: int | None = None) -> pl.DataFrame:
@@ -43,20 +37,3 @@ def production_rows(spec: DatasetSpec, start, end, n: int | None = None) -> pl.D
     df = df.with_columns(pl.col(t).str.to_datetime(time_unit="us")) if df.schema[t] == pl.String else df
     df = df.filter((pl.col(t) >= start) & (pl.col(t) < end)).select(spec.raw_columns)
     return df.head(n) if n else df
-
-
-def quick_training_set(spec: DatasetSpec, n: int = 6000, seed_shift: int = 0) -> pl.DataFrame:
-    """A training set built the platform's way (same feature SQL, time split) from the reference data."""
-    reference, _, _ = spec.load_source()
-    ref = pl.from_pandas(reference)
-    t = spec.time_column
-    ref = ref.with_columns(pl.col(t).str.to_datetime(time_unit="us")) if ref.schema[t] == pl.String else ref
-    ref = ref.slice(seed_shift, n)
-    feats = online_features(ref.select(spec.raw_columns), spec)
-    ex = feats.join(ref.select(spec.id_column, spec.target), on=spec.id_column)
-    return modeling.time_split(ex, spec)
-
-
-def car_loan() -> DatasetSpec:
-    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
-    return load_spec("car_loan")

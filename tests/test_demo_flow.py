@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from resources.environment import Settings, build_resources
 from tooling.demo import PER_BATCH, TRAINING
-from resources.lakefs import LakeFSResource
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = 2
@@ -48,8 +48,7 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
                 "NML_DISABLE_USAGE_LOGGING": "1", "DBT_SEND_ANONYMOUS_USAGE_STATS": "False", "DO_NOT_TRACK": "1",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "DAGSTER_DISABLE_TELEMETRY": "1",
                 "PYTHONDONTWRITEBYTECODE": "1"})
-    lakefs = LakeFSResource(endpoint=lakefs_env["LAKEFS_ENDPOINT"], access_key_id=lakefs_env["LAKEFS_ACCESS_KEY_ID"],
-                            secret_access_key=lakefs_env["LAKEFS_SECRET_ACCESS_KEY"], repository=repo)
+    lakefs = build_resources(Settings.from_env(env))["lakefs"]  # what the demo's commands build from `env`
     import lakefs as lakefs_sdk
 
     assert not any(r.id == repo for r in lakefs_sdk.repositories(client=lakefs.client)), "not an empty start"
@@ -80,12 +79,8 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
     assert [b.name for b in lakefs.branches()] == [], "run branches left unpublished (or kept as failed)"
 
     # MLflow has a champion, trained on a commit that is on main
-    from resources.mlflow import MLflowResource
-    from mlplatform.spec import dataset_name
-
     settings = dict(line.split("=", 1) for line in (state / "mlp.env").read_text().splitlines())
-    mlflow = MLflowResource(tracking_uri=settings["MLFLOW_TRACKING_URI"], model_name=f"{dataset_name()}-model",
-                            experiment=dataset_name())
+    mlflow = build_resources(Settings.from_env({**settings, **env}))["mlflow"]  # mlp.env under the caller's
     champion = mlflow.alias_version("champion")
     assert champion is not None, "\n".join(log)
     commit = champion.tags.get("lakefs_commit")

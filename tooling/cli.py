@@ -10,18 +10,22 @@ import sys
 from tooling.services import load_env_file
 
 
-def _lakefs():
-    from resources.lakefs import LakeFSResource
-    from mlplatform.spec import SettingError
+def _resources(*required: str) -> dict:
+    """The platform's resources from the one factory, for this process's environment; SettingError naming each
+    of the `required` settings' environment variables that is not set."""
+    from resources.environment import Settings, build_resources
 
-    missing = [k for k in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY")
-               if not os.environ.get(k)]
-    if missing:
-        raise SettingError(f"setting(s) {missing} not set: run `make up`, or export them for your lakeFS")
-    return LakeFSResource(endpoint=os.environ["LAKEFS_ENDPOINT"],
-                          access_key_id=os.environ["LAKEFS_ACCESS_KEY_ID"],
-                          secret_access_key=os.environ["LAKEFS_SECRET_ACCESS_KEY"],
-                          repository=os.environ.get("LAKEFS_REPOSITORY", "mlplatform"))
+    return build_resources(Settings.from_env().require(*required))
+
+
+def _lakefs():
+    from resources.environment import LAKEFS
+
+    return _resources(*LAKEFS)["lakefs"]
+
+
+def _audit():
+    return _resources()["audit"].trail()
 
 
 def _instance():
@@ -31,12 +35,10 @@ def _instance():
 
 
 def _simulator(scale: int = 1):
-    from mlplatform.batches import Landing
     from tooling.simulator import Simulator
-    from mlplatform.spec import dataset_spec, state_dir
+    from mlplatform.spec import dataset_spec
 
-    spec = dataset_spec()
-    return Simulator(spec, Landing(state_dir() / "landing" / spec.name), scale=scale)
+    return Simulator(dataset_spec(), _resources()["landing"].zone(), scale=scale)
 
 
 def cmd_simulate(args) -> int:
@@ -55,12 +57,14 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_publish(args) -> int:
+    from resources.environment import LAKEFS
     from resources.publish import publish_pending, publish_run
 
-    lakefs, instance = _lakefs(), _instance()
-    mlflow = _mlflow() if os.environ.get("MLFLOW_TRACKING_URI") else None
-    outcomes = ([publish_run(instance, lakefs, args.run_id, mlflow)] if args.run_id
-                else publish_pending(instance, lakefs, mlflow))
+    res, instance = _resources(*LAKEFS), _instance()
+    lakefs, audit = res["lakefs"], res["audit"].trail()
+    mlflow = res.get("mlflow")  # present when MLFLOW_TRACKING_URI is set
+    outcomes = ([publish_run(instance, lakefs, args.run_id, mlflow, audit)] if args.run_id
+                else publish_pending(instance, lakefs, mlflow, audit))
     for o in outcomes:
         print(f"{o.run_id}: {o.status}: {o.detail}" + (f" (commit {o.commit})" if o.commit else ""))
     print(f"main is at {lakefs.head()}  {lakefs.commit_url(lakefs.head())}")
@@ -92,40 +96,35 @@ def _spec():
 
 
 def _mlflow():
-    from resources.mlflow import MLflowResource
-    from mlplatform.spec import SettingError, dataset_name
+    from resources.environment import MLFLOW
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise SettingError("setting MLFLOW_TRACKING_URI is not set: run `make up`, or export it")
-    return MLflowResource(tracking_uri=uri, model_name=f"{dataset_name()}-model", experiment=dataset_name())
+    return _resources(*MLFLOW)["mlflow"]
 
 
 def cmd_approve(args) -> int:
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail
 
-    registry.approve(_mlflow(), AuditTrail(), str(args.version), args.by, args.reason)
+    registry.approve(_mlflow(), _audit(), str(args.version), args.by, args.reason)
     print(f"version {args.version} approved by {args.by} and promoted to champion")
     return 0
 
 
 def cmd_rollback(args) -> int:
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail, default_actor
+    from mlplatform.audit import default_actor
 
-    old, new = registry.rollback(_mlflow(), AuditTrail(), args.reason, actor=default_actor())
+    old, new = registry.rollback(_mlflow(), _audit(), args.reason, actor=default_actor())
     print(f"champion rolled back from version {old} to version {new}")
     return 0
 
 
-def reproduce(version: str, mlflow=None, lakefs=None, spec=None) -> dict:
+def reproduce(version: str, mlflow=None, lakefs=None, spec=None, audit=None) -> dict:
     """Rebuild a version's training set from its lakeFS commit, retrain, compare test predictions."""
     import numpy as np
     import polars as pl
 
     from mlplatform import modeling, registry
-    from mlplatform.audit import AuditTrail, default_actor
+    from mlplatform.audit import default_actor
     from resources.io import load_asset
 
     mlflow, lakefs, spec = mlflow or _mlflow(), lakefs or _lakefs(), spec or _spec()
@@ -139,7 +138,7 @@ def reproduce(version: str, mlflow=None, lakefs=None, spec=None) -> dict:
     diff = float(np.max(np.abs(modeling.predict(trained.booster, test, spec) - modeling.predict(registered, test, spec))))
     result = {"version": version, "lakefs_commit": commit, "test_rows": test.height, "max_abs_diff": diff,
               "identical": diff <= 1e-12}
-    AuditTrail().record("reproduced", mlflow.model_name, version,
+    (audit or _audit()).record("reproduced", mlflow.model_name, version,
                         f"retrained from lakeFS commit {commit[:12]}: max |diff| {diff:.3g} on {test.height} rows",
                         result, default_actor())
     return result
@@ -152,9 +151,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_history(args) -> int:
-    from mlplatform.audit import AuditTrail
-
-    trail = AuditTrail()
+    trail = _audit()
     model = _mlflow().model_name
     for e in trail.history(model, args.version):
         print(f"{e.seq:>4} {e.at[:19]} {e.actor:<28} {e.action:<18} v{e.version or '-':<4} {e.reason}")
@@ -168,10 +165,9 @@ def doctor(mlflow, lakefs, instance=None, audit=None) -> list[str]:
     import dagster as dg
 
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail
     from resources.publish import GATE_TAG, PUBLISHED_TAG, commit_on_main
 
-    trail = audit or AuditTrail()
+    trail = audit or _audit()
     model, store = mlflow.model_name, registry.store_name(mlflow)
     problems = []
     broken = trail.verify()
@@ -248,12 +244,11 @@ def _sensor_cursor(instance, name: str) -> str | None:
     return None
 
 
-def lifecycle_state(instance, mlflow, spec) -> dict:
+def lifecycle_state(instance, mlflow, spec, audit=None) -> dict:
     """Everything the operator view shows, as data (the `status` command prints it)."""
     import dagster as dg
 
     from mlplatform import registry
-    from mlplatform.audit import AuditTrail
     from sensors.lifecycle import evaluate_triggers, latest_materializations, meta_value
 
     out: dict = {"model": mlflow.model_name, "aliases": {}}
@@ -261,7 +256,7 @@ def lifecycle_state(instance, mlflow, spec) -> dict:
         tags = registry.version_tags(mlflow, version)
         out["aliases"][alias] = {"version": version, "training_commit": tags.get("lakefs_commit", "?"),
                                  "dagster_run_id": tags.get("dagster_run_id", "?")}
-    trail = AuditTrail().history(mlflow.model_name)
+    trail = (audit or _audit()).history(mlflow.model_name)
     retrains = [e for e in trail if e.action == "retrain_triggered"]
     decisions = [e for e in trail if e.action in ("gate_decision", "rejected", "promoted", "awaiting_approval",
                                                   "rolled_back", "approved")]

@@ -62,16 +62,18 @@ def publish() -> None:
 
 
 def summary() -> None:
-    from tooling.cli import _lakefs
     from mlplatform.redact import redact_uri
+    from resources.environment import LAKEFS
+    from tooling.cli import _resources
 
-    lakefs = _lakefs()
+    res = _resources(*LAKEFS)
+    lakefs, mlflow = res["lakefs"], res.get("mlflow")
     head = lakefs.head()
     print("\n== where to look")
     print(f"lakeFS main:   {head}  {lakefs.commit_url(head)}")
     print(f"  objects:     {redact_uri(lakefs.endpoint)}/repositories/{lakefs.repository}/objects?ref=main")
-    print(f"MLflow:        {redact_uri(os.environ.get('MLFLOW_TRACKING_URI', ''))}  "
-          f"(UI: `make dev`, then http://127.0.0.1:5000)")
+    print(f"MLflow:        {redact_uri(mlflow.tracking_uri) if mlflow else '(MLFLOW_TRACKING_URI not set)'}  "
+          f"(UI: `make dev`, then {mlflow.ui_url if mlflow else 'http://127.0.0.1:5000'})")
     print(f"Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')})")
     print("Lifecycle:     .venv/bin/python -m tooling.env mlp status   (below)\n")
     from tooling.cli import main as mlp
