@@ -151,8 +151,11 @@ def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors,
     again_result, _ = tick(s, instance, cursor=cursor, mlflow=two_versions)
     assert requests(again_result) == []  # fires once
 
+    from resources.audit import AuditResource
+
+    audit = AuditResource(path=str(AuditTrail().path))  # the trail this test reads
     run = rollback_champion.execute_in_process(run_config=req.run_config, instance=instance, tags=req.tags,
-                                               resources={"mlflow": two_versions})
+                                               resources={"mlflow": two_versions, "audit": audit})
     assert run.success
     assert registry.aliases(two_versions) == {"champion": "1", "challenger": "2"}
     intent, last = AuditTrail().history()[-2:]
@@ -162,7 +165,7 @@ def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors,
     assert last.evidence["rollback_run_id"] == run.run_id
     # Requested twice (a re-executed run): the champion is no longer v2, so nothing more moves.
     assert rollback_champion.execute_in_process(run_config=req.run_config, instance=instance,
-                                                resources={"mlflow": two_versions}).success
+                                                resources={"mlflow": two_versions, "audit": audit}).success
     assert registry.aliases(two_versions) == {"champion": "1", "challenger": "2"}
     assert [e.action for e in AuditTrail().history()] == ["rollback_intent", "rolled_back"]
 
