@@ -271,7 +271,8 @@ def main() -> None:
         return f"  {name:<44}{old:>10.3f}{unit:<2}{new:>10.3f}{unit:<2}{new / old:>9.3f}"
 
     print(f"\nBefore/after: old {trees['old'].head()} ({trees['old'].root}) vs new {trees['new'].head()} "
-          f"({trees['new'].root}); {args.rounds} alternating rounds, medians")
+          f"({trees['new'].root}); {args.rounds} alternating rounds, medians; load average at start "
+          f"{loadavg[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"  {'figure':<44}{'old':>12}{'new':>12}{'new/old':>9}")
     L = summary["load"]
     print(line("load: import dagster", L["old"]["import_dagster_s"], L["new"]["import_dagster_s"], "s"))
