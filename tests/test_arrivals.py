@@ -483,6 +483,7 @@ def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, 
     for p in keys:
         land(root, "records", p, "batch.parquet")
     t = Tick(sensor, instance, zone)
+    assert sorted(t.keys()) == [("ingest_batch", p) for p in sorted(keys)]  # every partition gets ingested first
     for req in t.requests:
         succeed(instance, launch(instance, req), materialize="raw_records")
     t0 = time.perf_counter()

@@ -140,8 +140,8 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
              "evaluation_report", "model_card"]
     r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
     publish_run(instance, lakefs, r.run_id)
-    r = dg.materialize(assets, selection=train, instance=instance, resources=res)
-    publish_run(instance, lakefs, r.run_id)
+    good = dg.materialize(assets, selection=train, instance=instance, resources=res)
+    publish_run(instance, lakefs, good.run_id)
     # A deliberately worse model (shuffled labels) is made champion by hand, bypassing the gate.
     r = dg.materialize(assets, selection=train, instance=instance, resources=res, raise_on_error=False,
                        run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}})
@@ -162,7 +162,8 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     finally:
         os.killpg(daemon.pid, 15)
         daemon.wait(30)
-    assert registry.version_tags(m, "1")  # the restored champion is the original version 1
+    # The restored champion is the original version 1: the model of the good training run.
+    assert registry.aliases(m)["champion"] == "1" and registry.version_tags(m, "1")["dagster_run_id"] == good.run_id
     last = [e for e in AuditTrail().history(m.model_name) if e.action == "rolled_back"][-1]
     assert last.actor == "sensor:rollback_on_regression"
     assert last.evidence["from_version"] == "2" and last.evidence["to_version"] == "1"

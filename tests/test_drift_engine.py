@@ -91,6 +91,7 @@ def test_ks_statistic_and_p_value_equal_scipy_ks_2samp(frames, engine_and_result
         ref_values = ref.get_column(feature).drop_nulls().to_numpy()
         stat = _values(result, feature, "ks")
         pval = _values(result, feature, "ks", "p_value")
+        assert len(stat) == len(pval) == len(_chunks(ana)) == 10, feature  # every chunk compared, none extra
         for i, chunk in enumerate(_chunks(ana)):
             expected = stats.ks_2samp(ref_values, chunk.get_column(feature).drop_nulls().to_numpy())
             assert abs(stat[i] - expected.statistic) < 1e-9, (feature, i)
@@ -105,6 +106,7 @@ def test_ks_exact_p_value_path_for_small_samples_equals_scipy():
     engine = DriftEngine(continuous=["x"], methods=("ks",), min_chunk_rows=10)
     engine.fit(ref, ChunkSpec(kind="size", size=1000))
     result = engine.calculate(ana, ChunkSpec(kind="size", size=1000))
+    assert len(_values(result, "x", "ks")) == 2
     for i, chunk in enumerate([ana[:1000], ana[1000:]]):
         expected = stats.ks_2samp(ref["x"].to_numpy(), chunk["x"].to_numpy())
         assert abs(_values(result, "x", "ks")[i] - expected.statistic) < 1e-9
@@ -199,6 +201,7 @@ def test_chi2_statistic_and_p_value_equal_scipy_chi2_contingency(frames, engine_
         ref_counts = ref.get_column(feature).cast(pl.String).value_counts()
         stat = _values(result, feature, "chi2")
         pval = _values(result, feature, "chi2", "p_value")
+        assert len(stat) == len(pval) == len(_chunks(ana)) == 10, feature
         for i, chunk in enumerate(_chunks(ana)):
             counts = chunk.get_column(feature).cast(pl.String).value_counts()
             table = ref_counts.join(counts, on=feature, how="full", coalesce=True).fill_null(0)
@@ -276,6 +279,8 @@ def test_psi_equals_textbook_formula_on_reference_quantile_bins(frames, engine_a
     ref, ana = frames
     engine, result = engine_and_result
     eps = engine.psi_smoothing
+    for feature in CONTINUOUS + CATEGORICAL:
+        assert len(_values(result, feature, "psi")) == len(_chunks(ana)) == 10, feature
     for feature in ["car_value", "loan_length"]:
         r = ref.get_column(feature).to_numpy()
         inner = np.unique(np.quantile(r, np.linspace(0, 1, engine.psi_bins + 1)[1:-1]))
@@ -344,6 +349,7 @@ def test_count_and_period_chunking(frames):
 
 # ------------------------------------------------------------------------------------------ bad input
 def _no_nan_with_ok(result: pl.DataFrame) -> None:
+    assert result.height > 0  # the checks below must cover rows
     ok = result.filter(pl.col("status") == "ok")
     assert ok.get_column("value").null_count() == 0
     assert not ok.get_column("value").is_nan().any()
@@ -484,5 +490,6 @@ def test_vectorised_kstwo_sf_matches_scipy_kstwo_sf():
         d = np.unique(np.r_[rng.uniform(0, 0.1, 60), rng.uniform(0, 1, 20), np.arange(1, 120) / n, 0.0, 1.0])
         ours = _kstwo_sf(d, np.full(d.size, float(n)))
         expected = stats.kstwo.sf(d, n)
+        assert ours.shape == expected.shape == d.shape and d.size > 100
         for a, b in zip(ours.tolist(), expected.tolist()):
             assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300), (n, a, b)

@@ -49,6 +49,19 @@ def requests(result):
     return []
 
 
+def skipped(result) -> str:
+    """The reason a tick requested nothing: a quiet tick must say why, not just return no request."""
+    assert isinstance(result, dg.SkipReason), result
+    return result.skip_message
+
+
+def past_the_interval(cursor: str) -> str:
+    """The retrain sensor's cursor as if its last run was requested a day ago: the minimum interval is over."""
+    state = json.loads(cursor)
+    state["last_fired"] -= 24 * 3600
+    return json.dumps(state)
+
+
 def drift_evidence(n_features, partition="2019-04-01", mv=False):
     feats = ["car_value", "salary_range", "debt_to_income_ratio", "loan_length", "driver_tenure"][:n_features]
     return {"alerts_by_feature": {f: ["jensen_shannon"] for f in feats}, "multivariate": {"alert": mv},
@@ -59,7 +72,7 @@ def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors
     s = sensors["retrain_on_evidence"]
     report(instance, "drift_report", "2019-04-01", summary=drift_evidence(2))
     result, cursor = tick(s, instance)
-    assert requests(result) == []  # 2 features < the 4 the spec asks for: quiet
+    assert skipped(result) == "no trigger has new evidence"  # 2 features < the 4 the spec asks for: quiet
     report(instance, "drift_report", "2019-05-01", summary=drift_evidence(5, "2019-05-01"))
     result, cursor = tick(s, instance, cursor=cursor)
     (req,) = requests(result)
@@ -67,8 +80,14 @@ def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors
     evidence = json.loads(req.tags["retrain/evidence"])
     assert evidence["drift"]["partition"] == "2019-05-01" and len(evidence["drift"]["features"]) == 5
     assert AuditTrail().history() == []  # the sensor only requests the run; the run writes the audit entry
-    result, cursor = tick(s, instance, cursor=cursor)
-    assert requests(result) == []  # the same event fires once
+    # The same event fires once: even with the minimum interval over, the consumed evidence requests nothing.
+    result, _ = tick(s, instance, cursor=past_the_interval(cursor))
+    assert skipped(result) == "no trigger has new evidence"
+    # and a new event does fire from that cursor: the quiet tick above is not a sensor that went deaf
+    report(instance, "drift_report", "2019-06-01", summary=drift_evidence(5, "2019-06-01"))
+    result, _ = tick(s, instance, cursor=past_the_interval(cursor))
+    (again,) = requests(result)
+    assert json.loads(again.tags["retrain/evidence"])["drift"]["partition"] == "2019-06-01"
 
 
 def test_a_storm_of_evidence_makes_one_run_and_the_minimum_interval_holds(sensors, instance, state):
@@ -82,11 +101,9 @@ def test_a_storm_of_evidence_makes_one_run_and_the_minimum_interval_holds(sensor
     assert set(req.tags["retrain/trigger"].split("+")) == {"volume", "drift", "performance"}
     report(instance, "drift_report", "2019-06-01", summary=drift_evidence(5, "2019-06-01"))
     result, cursor = tick(s, instance, cursor=cursor)
-    assert requests(result) == [] and "minimum" in result.skip_message
+    assert "minimum" in skipped(result)
     # The evidence that came inside the interval is held, not dropped: it fires once the interval has passed.
-    state = json.loads(cursor)
-    state["last_fired"] -= 24 * 3600
-    result, cursor = tick(s, instance, cursor=json.dumps(state))
+    result, cursor = tick(s, instance, cursor=past_the_interval(cursor))
     (held,) = requests(result)
     assert json.loads(held.tags["retrain/evidence"])["drift"]["partition"] == "2019-06-01"
 
@@ -95,7 +112,7 @@ def test_estimated_performance_triggers_below_the_floor_only(sensors, instance, 
     s = sensors["retrain_on_evidence"]
     report(instance, "performance_estimate", "2019-05-01", estimated_roc_auc=0.96, champion_test_score=0.97)
     result, cursor = tick(s, instance)
-    assert requests(result) == []
+    assert skipped(result) == "no trigger has new evidence"
     report(instance, "performance_estimate", "2019-06-01", estimated_roc_auc=0.85, champion_test_score=0.97)
     result, cursor = tick(s, instance, cursor=cursor)
     (req,) = requests(result)
@@ -108,7 +125,7 @@ def test_volume_triggers_when_enough_labelled_rows_arrive(sensors, instance, sta
     report(instance, "training_set", None, rows_train=60000)
     report(instance, "raw_labels", "2019-01-01", rows=5000)
     result, cursor = tick(s, instance)
-    assert requests(result) == []
+    assert skipped(result) == "no trigger has new evidence"
     report(instance, "raw_labels", "2019-02-01", rows=11000)
     result, cursor = tick(s, instance, cursor=cursor)
     (req,) = requests(result)
@@ -136,7 +153,7 @@ def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors,
     report(instance, "realized_performance", "2019-05-01", realized_roc_auc=0.96, previous_roc_auc=0.965,
            model_version="2")
     result, cursor = tick(s, instance, mlflow=two_versions)
-    assert requests(result) == []  # within the margin: quiet
+    assert skipped(result) == "champion is not worse than the previous champion"  # within the margin: quiet
     report(instance, "realized_performance", "2019-06-01", realized_roc_auc=0.80, previous_roc_auc=0.95,
            model_version="2")
     result, cursor = tick(s, instance, cursor=cursor, mlflow=two_versions)
@@ -149,7 +166,7 @@ def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors,
     again, _ = tick(s, instance, mlflow=two_versions)  # the same evidence from scratch: the same run key
     assert [r.run_key for r in requests(again)] == [req.run_key]
     again_result, _ = tick(s, instance, cursor=cursor, mlflow=two_versions)
-    assert requests(again_result) == []  # fires once
+    assert skipped(again_result) == "no new realized performance"  # fires once
 
     from resources.audit import AuditResource
 
@@ -223,11 +240,11 @@ def test_volume_counts_labels_from_successful_runs_once_per_partition(sensors, i
 
     assert not land("2019-01-01", 50000, fail=True).success  # a failed run's labels are no evidence
     result, cursor = tick(s, instance)
-    assert requests(result) == []
+    assert skipped(result) == "no trigger has new evidence"
     assert land("2019-01-01", 9000).success
     assert land("2019-01-01", 9000).success  # the same partition again: counted once, not twice
     result, cursor = tick(s, instance, cursor=cursor)
-    assert requests(result) == []  # 9000 < the 15000 new labelled rows the spec asks for
+    assert skipped(result) == "no trigger has new evidence"  # 9000 < the 15000 new labelled rows the spec asks for
     assert land("2019-02-01", 7000).success
     result, cursor = tick(s, instance, cursor=cursor)
     (req,) = requests(result)
