@@ -90,6 +90,15 @@ class Webhook:
         return hashlib.sha256(f"{self.format}|{self.url}".encode()).hexdigest()[:16]
 
     @property
+    def secrets(self) -> list[str]:
+        """The URL and its path (a Slack webhook's token is its path): never in a log or an error."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        return [s for s in (self.url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.path)
+                if len(s) > 1]
+
+    @property
     def shown(self) -> str:
         """For logs: scheme, host and the path's start; a token in the path is never printed whole."""
         from urllib.parse import urlsplit
@@ -319,7 +328,7 @@ class Outbox:
             try:
                 self.post(hook.url, payload(alert, hook.format, suppressed), s.timeout_seconds)
             except Exception as exc:  # noqa: BLE001 - a webhook's failure is logged and retried, never raised
-                error = redact(f"{type(exc).__name__}: {exc}", extra=[hook.url])[:500]
+                error = redact(f"{type(exc).__name__}: {exc}", extra=hook.secrets)[:500]
                 attempts += 1
                 if now - created >= s.retry_for_seconds:
                     self._update(key, hook_id, "attempts = ?, gave_up = ?, last_error = ?", (attempts, now, error))
