@@ -5,7 +5,6 @@ A webhook that fails is retried on later ticks; nothing here fails a platform ru
 from __future__ import annotations
 
 import json
-import warnings
 
 import dagster as dg
 
@@ -23,6 +22,13 @@ MONITORS = {"drift_report": "drift", "performance_estimate": "estimate"}
 def _value(meta: dict, key: str, default=None):
     v = meta.get(key)
     return default if v is None else getattr(v, "value", v)
+
+
+def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list:
+    """The run's check evaluations that failed, blocking, with severity ERROR (the ones that stop a publish)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    return [e for e in evaluations if not e.passed and e.blocking and e.severity == dg.AssetCheckSeverity.ERROR]
 
 
 def _deliver(context, outbox: Outbox, alerts: list[Alert]) -> str:
@@ -63,64 +69,52 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
     @dg.run_failure_sensor(name="alert_on_run_failure", minimum_interval_seconds=5,
                            default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Alerts the webhooks (alerts: in the spec, MLP_ALERT_WEBHOOKS) that a run "
-                                       "failed, with links to the run, its lakeFS commit and its model version.")
+                                       "failed, and which of its blocking checks failed, with links to the run, its "
+                                       "lakeFS commit and its model version.")
     def alert_on_run_failure(context: dg.RunFailureSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource):
         s = settings()
         run = context.dagster_run
         version = run.tags.get(MODEL_VERSION_TAG)
         steps = sorted({e.step_key for e in _safe(lambda: context.get_step_failure_events(), []) if e.step_key})
+        commit = run_commit_url(lakefs, run, run.run_id)
         message = (context.failure_event.message or "").strip() if context.failure_event else ""
         alert = Alert(
             kind="run_failure", key=f"run_failure:{run.run_id}", severity="error", dataset=spec.name,
             title=f"Run {run.run_id[:8]} of {run.job_name} failed",
             text=f"{message or 'the run failed'}" + (f"; failed steps: {', '.join(steps)}" if steps else ""),
-            dagster_run_url=s.run_url(run.run_id), lakefs_commit_url=run_commit_url(lakefs, run, run.run_id),
+            dagster_run_url=s.run_url(run.run_id), lakefs_commit_url=commit,
             mlflow_url=mlflow.model_version_url(version) if version else None,
             fields={"job": run.job_name, "run_id": run.run_id,
                     **({"partition": run.tags["dagster/partition"]} if run.tags.get("dagster/partition") else {}),
                     **({"failed_steps": ", ".join(steps)} if steps else {})})
-        context.log.info(_deliver(context, Outbox(s), [alert]))
+        # A blocking check that fails (severity ERROR) fails its run: its alert is raised here, once per check.
+        checks = [failed_check_alert(s, ev, run, commit) for ev in failed_blocking_checks(context.instance, run.run_id)]
+        context.log.info(_deliver(context, Outbox(s), [alert, *checks]))
 
     @dg.sensor(name="alert_on_platform_events", minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Alerts the webhooks on failed blocking checks, freshness FAIL, drift and estimated-"
-                           "performance alerts, retrain requests, promotions and rollbacks; retries failed "
-                           "deliveries.")
+               description="Alerts the webhooks on freshness FAIL, drift and estimated-performance alerts, "
+                           "retrain requests, promotions and rollbacks; retries failed deliveries.")
     def alert_on_platform_events(context: dg.SensorEvaluationContext, lakefs: LakeFSResource,
                                  mlflow: MLflowResource):
         s = settings()
         cur = json.loads(context.cursor) if context.cursor else {}
-        alerts = [*_check_failures(context.instance, s, lakefs, cur), *_monitor_alerts(context.instance, s, mlflow, cur),
-                  *_freshness(context.instance, s, cur), *_audit(s, lakefs, mlflow, cur)]
+        alerts = [*_monitor_alerts(context.instance, s, mlflow, cur), *_freshness(context.instance, s, cur),
+                  *_audit(s, lakefs, mlflow, cur)]
         summary = _deliver(context, Outbox(s), alerts)
         context.update_cursor(json.dumps(cur, sort_keys=True))
         return dg.SkipReason(summary)
 
-    def _check_failures(instance, s, lakefs, cur) -> list[Alert]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # get_event_records: the one global read of check evaluations
-            records = instance.get_event_records(
-                dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION,
-                                      after_cursor=cur.get("checks", 0)), limit=500, ascending=True)
-        out = []
-        for rec in records:
-            cur["checks"] = max(cur.get("checks", 0), rec.storage_id)
-            ev = rec.event_log_entry.dagster_event.event_specific_data
-            if ev.passed or not ev.blocking or ev.severity != dg.AssetCheckSeverity.ERROR:
-                continue
-            asset = ev.asset_key.to_user_string()
-            run_id = rec.run_id
-            run = instance.get_run_by_id(run_id) if run_id else None
-            partition = (run.tags.get("dagster/partition") if run else None) or ""
-            out.append(Alert(
-                kind="check_failure", key=f"check_failure:{run_id}:{asset}:{ev.check_name}", severity="error",
-                dataset=spec.name, title=f"Blocking check {asset}:{ev.check_name} failed",
-                text=(ev.description or "the check failed") + f"; {asset} is not published (main untouched)",
-                dagster_run_url=s.run_url(run_id) if run_id else s.asset_url(asset),
-                lakefs_commit_url=run_commit_url(lakefs, run, run_id) if run_id else None,
-                fields={"asset": asset, "check": ev.check_name, **({"partition": partition} if partition else {}),
-                        "run_id": run_id or ""}))
-        return out
+    def failed_check_alert(s: AlertSettings, ev, run: dg.DagsterRun, commit: str | None) -> Alert:
+        asset = ev.asset_key.to_user_string()
+        partition = run.tags.get("dagster/partition") or ""
+        return Alert(
+            kind="check_failure", key=f"check_failure:{run.run_id}:{asset}:{ev.check_name}", severity="error",
+            dataset=spec.name, title=f"Blocking check {asset}:{ev.check_name} failed",
+            text=(ev.description or "the check failed") + f"; run {run.run_id[:8]} is not published (main untouched)",
+            dagster_run_url=s.run_url(run.run_id), lakefs_commit_url=commit,
+            fields={"asset": asset, "check": ev.check_name, **({"partition": partition} if partition else {}),
+                    "run_id": run.run_id})
 
     def _monitor_alerts(instance, s, mlflow, cur) -> list[Alert]:
         out = []
