@@ -66,7 +66,9 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
     def settings() -> AlertSettings:
         return AlertSettings.from_spec(spec)
 
-    @dg.run_failure_sensor(name="alert_on_run_failure", minimum_interval_seconds=5,
+    # Every run of the instance: also runs launched from the CLI (`dagster asset materialize`, `make demo`) or
+    # from another code location, which a run status sensor would otherwise not see.
+    @dg.run_failure_sensor(name="alert_on_run_failure", minimum_interval_seconds=5, monitor_all_code_locations=True,
                            default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Alerts the webhooks (alerts: in the spec, MLP_ALERT_WEBHOOKS) that a run "
                                        "failed, and which of its blocking checks failed, with links to the run, its "

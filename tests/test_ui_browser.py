@@ -186,6 +186,10 @@ def test_the_asset_graph_shows_every_group(page, webserver):
         assert node.first.inner_text().strip() == group
     shown = {el.get_attribute("data-tooltip") for el in graph.locator("[data-tooltip]").all()}
     assert set(GROUPS) <= shown, shown
+    from playwright.sync_api import expect
+
+    # the nodes' materialization statuses load (no group left "fetching statuses")
+    expect(page.get_by_text("fetching statuses")).to_have_count(0, timeout=60_000)
     _no_console_errors(page)
 
 
