@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -269,6 +269,9 @@ class Outbox:
         """Record an alert: 'queued' (to deliver), 'duplicate' (its key was seen), 'suppressed' (rate limit),
         'disabled' (alerts off, or its kind not in `alerts.events`), 'no_webhook' (nowhere to send it)."""
         s, now = self.settings, self.clock()
+        # A failure message can quote a credential (a URI with a password, a key from the environment).
+        alert = replace(alert, title=redact(alert.title), text=redact(alert.text),
+                        fields={k: redact(v) if isinstance(v, str) else v for k, v in alert.fields.items()})
         if not s.enabled or alert.kind not in s.kinds:
             status = "disabled"
         elif not s.webhooks:

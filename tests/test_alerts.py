@@ -223,3 +223,16 @@ def test_a_wrong_alerts_setting_is_named_with_its_path(tmp_path):
     path.write_text(open(load_spec("car_loan").path).read() + "\nalerts:\n  events: [run_failure, page_me]\n")
     with pytest.raises(SettingError, match=r"alerts\.events\[1\]"):
         load_spec(path)
+
+
+def test_a_credential_quoted_in_an_alert_is_masked_before_it_is_stored_or_sent(receiver, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAKEFS_SECRET_ACCESS_KEY", "s3cr3t-key-value-123456")
+    outbox = Outbox(_settings(receiver), tmp_path / "outbox.db", clock=Clock())
+    leaky = Alert(kind="run_failure", key="run_failure:leak", title="Run failed",
+                  text="auth failed for s3cr3t-key-value-123456 at postgresql://mlp:hunter2pass@db/mlflow",
+                  fields={"error": "key s3cr3t-key-value-123456"})
+    outbox.send([leaky])
+    sent = json.dumps(receiver.received)
+    assert "s3cr3t-key-value-123456" not in sent and "hunter2pass" not in sent
+    assert "auth failed for ***" in receiver.bodies("/json")[0]["text"]
+    assert b"s3cr3t-key-value-123456" not in (tmp_path / "outbox.db").read_bytes()
