@@ -146,6 +146,8 @@ class Console:
 def browser():
     from playwright.sync_api import sync_playwright
 
+    assert Path(CHROMIUM).exists(), ("the browser tests need Debian's 'chromium' package: `make chromium` (as root) "
+                                     "or `sudo apt-get install chromium`")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
