@@ -389,6 +389,34 @@ class FreshnessWindow(_Section):
         return self
 
 
+AlertKind = Literal["run_failure", "check_failure", "freshness", "drift", "estimate", "retrain", "promotion",
+                    "rollback"]  # = mlplatform.alerts.KINDS (a test holds it)
+
+
+class AlertWebhook(_Section):
+    """A webhook alerts are POSTed to: a generic JSON payload or a Slack-compatible one ({text, blocks})."""
+
+    url: str = Field(pattern=r"^https?://")
+    format: Literal["json", "slack"] = "json"
+
+
+class Alerts(_Section):
+    """Alerts delivered to webhooks (more webhooks: MLP_ALERT_WEBHOOKS; keep secret URLs there, not here)."""
+
+    enabled: bool = True
+    webhooks: Seq[AlertWebhook] = ()
+    events: Seq[AlertKind] = ("run_failure", "check_failure", "freshness", "drift", "estimate", "retrain",
+                              "promotion", "rollback")
+    """The event kinds that alert; the others are recorded only."""
+    rate_limit: int = Field(10, ge=1)
+    """At most this many alerts of one kind per rate_window; the rest are suppressed (and counted)."""
+    rate_window: Duration = Field("1h", validate_default=True)
+    retry_for: Duration = Field("24h", validate_default=True)
+    """A failed delivery is retried (with a growing delay) for this long after the alert, then dropped."""
+    dagster_url: str = Field("http://127.0.0.1:3000", pattern=r"^https?://")
+    """The Dagster UI that alert links point to (MLP_DAGSTER_URL overrides it)."""
+
+
 class SpecModel(_Section):
     """A data set: its source, columns, batches, contracts, training, monitoring and automation."""
 
@@ -413,6 +441,7 @@ class SpecModel(_Section):
     automation: Automation = Automation()
     freshness: dict[str, FreshnessWindow] = {}
     """Per asset name: its warn / fail window (the UI shows each asset's SLA); absent: none."""
+    alerts: Alerts = Field(default_factory=Alerts)
 
     @model_validator(mode="after")
     def _across_sections(self) -> SpecModel:
@@ -480,6 +509,7 @@ class DatasetSpec:
     monitoring: Monitoring
     automation: Automation
     freshness: dict[str, FreshnessWindow]
+    alerts: Alerts
     # Landing-zone contract: the timezone naive event times are in (tz-aware ones are converted to it),
     # the fraction of unseen categories a file may hold before it is quarantined, the re-delivery policy.
     timezone: str
@@ -505,6 +535,7 @@ class DatasetSpec:
             cadence=m.batch.cadence, batch_start=m.batch.start, batch_end=m.batch.end,
             split=m.training.split.as_dict(), metric=m.training.metric, floor=m.training.floor,
             margin=m.training.margin, monitoring=m.monitoring, automation=m.automation, freshness=dict(m.freshness),
+            alerts=m.alerts,
             timezone=m.contracts.timezone, max_unseen_category_fraction=m.contracts.max_unseen_category_fraction,
             redelivery=m.landing.redelivery, path=str(path), source_reference=m.source.reference or "",
             source_production=m.source.production or "", source_labels=m.source.labels or "",

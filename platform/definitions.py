@@ -14,6 +14,7 @@ from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import Settings, build_resources
 from mlplatform.spec import DatasetSpec, dataset_spec
+from sensors.alerts import build_alert_sensors
 from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
 
@@ -64,7 +65,7 @@ def build_definitions() -> dg.Definitions:
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
                 *build_serving(spec), *build_monitoring(spec)],
         jobs=lifecycle["jobs"],
-        sensors=[*publish_sensors, *lifecycle["sensors"],
+        sensors=[*publish_sensors, *lifecycle["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
                  dg.AutomationConditionSensorDefinition(
                      "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
