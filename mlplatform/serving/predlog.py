@@ -108,7 +108,7 @@ class PredictionLog:
         import polars as pl
 
         types = {"numeric": pl.Float64, "categorical": pl.String, "boolean": pl.Boolean}
-        s = {"request_id": pl.String, "entity_id": pl.String, "predicted_at": pl.Datetime("us"),
+        s = {"request_id": pl.String, "row_index": pl.Int32, "entity_id": pl.String, "predicted_at": pl.Datetime("us"),
              "event_time": pl.Datetime("us"), "variant": pl.String, "model_version": pl.String,
              "shadow": pl.Boolean, "routing_mode": pl.String}
         s.update({f.name: types[f.type] for f in self.spec.features})
@@ -127,7 +127,7 @@ def rows_for_log(prepared, predictions, request_id: str, variant: str, version: 
     eng = [f.name for f in spec.engineered_features]
     out = []
     for i, raw in enumerate(prepared.raw):
-        row = {"request_id": request_id, "entity_id": None if prepared.entity_ids[i] is None
+        row = {"request_id": request_id, "row_index": i, "entity_id": None if prepared.entity_ids[i] is None
                else str(prepared.entity_ids[i]), "predicted_at": now, "event_time": prepared.event_times[i],
                "variant": variant, "model_version": version, "shadow": shadow, "routing_mode": mode,
                "prediction": float(predictions[i]),
@@ -137,6 +137,23 @@ def rows_for_log(prepared, predictions, request_id: str, variant: str, version: 
         row.update(zip(eng, prepared.engineered[i]))
         out.append(row)
     return out
+
+
+LOG_KEY = ("request_id", "row_index", "shadow")
+
+
+def read_spool(spec: DatasetSpec, root: Path, partition: str):
+    """The logged rows of one partition (complete files only), one row per (request, row, shadow)."""
+    import polars as pl
+
+    from mlplatform.batches import is_data_file_name
+
+    d = Path(root) / partition
+    files = sorted(p for p in d.glob("*.parquet") if is_data_file_name(p.name)) if d.is_dir() else []
+    if not files:
+        return None, []
+    df = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    return df.unique(subset=list(LOG_KEY), keep="first", maintain_order=True), files
 
 
 def wait_written(plog: PredictionLog, rows: int, timeout: float = 10.0) -> bool:
