@@ -208,3 +208,70 @@ def test_an_alias_swap_under_load_fails_no_request_and_switches_version(spec, ts
     # within one reload interval (plus the poll's own MLflow reads and the download of the stored object)
     assert first_v2 - swapped_at[0] <= reload_s + 2.0, first_v2 - swapped_at[0]
     assert all(v == v2 for t, _, v in results if t > first_v2 + 0.5)
+
+
+def test_routing_from_a_file_and_mlflow_tags_is_hot_reloaded_canary_kill_switch_and_shadow(spec, ts, tracking,
+                                                                                           state, tmp_path):
+    from mlplatform.serving.app import create_app
+    from mlplatform.serving.routing import Router
+
+    v1 = register(tracking, spec, ts, seed=1, rounds=30)
+    v2 = register(tracking, spec, ts, seed=2, rounds=30)
+    registry.promote(tracking, v1)
+    registry.set_alias(tracking, "challenger", v2)
+    routing_file = tmp_path / "routing.yaml"
+    routing_file.write_text("mode: champion\n")
+    app = create_app(spec, tracking, ServingSettings(reload_seconds=0.3, compile=False,
+                                                     log=LogSettings(batch_rows=20, flush_seconds=0.2)),
+                     routing_file=routing_file)
+    served = Served(app)
+    row = request_rows(spec, ts.head(1))[0]
+    s = requests.Session()
+
+    def variants(ids) -> dict:
+        out = {}
+        for i in ids:
+            r = s.post(f"{served.url}/v1/models/{tracking.model_name}/predict", json=dict(row, id=i))
+            assert r.status_code == 200, r.text
+            b = r.json()
+            assert r.headers["x-variant"] == b["variant"] and b["model_version"] == {"champion": v1,
+                                                                                      "challenger": v2}[b["variant"]]
+            out[i] = b["variant"]
+        return out
+
+    def until(predicate, what: str, timeout: float = 10.0):
+        end = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < end, f"not reloaded within {timeout}s: {what}"
+            time.sleep(0.1)
+
+    try:
+        ids = range(5000, 5400)
+        assert set(variants(ids).values()) == {"champion"}
+        routing_file.write_text("mode: canary\ncanary_percent: 30\n")
+        until(lambda: app.state.server.state.router.routing.canary_percent == 30, "canary 30%")
+        got = variants(ids)
+        router = Router(app.state.server.state.router.routing, {"champion", "challenger"})
+        assert got == {i: router.decide(i).variant for i in ids}  # sticky, by the hash of the id
+        assert 0.2 < list(got.values()).count("challenger") / len(got) < 0.4
+        assert variants(ids) == got
+        # the kill switch as an MLflow tag on the registered model: everything back to the champion
+        tracking.client().set_registered_model_tag(tracking.model_name, "serving.kill_switch", "true")
+        until(lambda: app.state.server.state.router.mode == "kill_switch", "kill switch")
+        assert set(variants(ids).values()) == {"champion"}
+        tracking.client().delete_registered_model_tag(tracking.model_name, "serving.kill_switch")
+        routing_file.write_text("mode: champion\nshadow: true\n")
+        until(lambda: app.state.server.state.router.routing.shadow and
+              app.state.server.state.router.mode == "champion", "shadow")
+        assert set(variants(range(9000, 9050)).values()) == {"champion"}
+        # an invalid routing file keeps the last good routing, and says why on /readyz
+        routing_file.write_text("mode: canary\ncanary_percent: 250\n")
+        until(lambda: "canary_percent" in app.state.server.last_error, "bad file reported")
+        assert s.get(f"{served.url}/readyz").json()["error"].startswith("SettingError")
+        assert set(variants(range(9000, 9010)).values()) == {"champion"}
+    finally:
+        served.stop()
+    logged = pl.read_parquet(state / "online_predictions" / spec.name / "*" / "*.parquet")
+    shadow = logged.filter(pl.col("shadow"))
+    assert shadow.height == 60 and set(shadow["model_version"]) == {v2} and set(shadow["variant"]) == {"challenger"}
+    assert set(shadow["entity_id"]) == {str(i) for i in range(9000, 9050)} | {str(i) for i in range(9000, 9010)}
