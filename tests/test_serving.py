@@ -157,3 +157,35 @@ def test_the_prediction_log_writes_batches_of_rows_as_parquet_per_partition(spec
     assert df.height == 25 and sorted(df["request_id"].to_list()) == sorted(f"r{i}" for i in range(25))
     assert df.schema["car_value"] == pl.Float64 and df.schema["salary_range"] == pl.String
     assert not list(tmp_path.rglob(".*"))  # no half-written files left behind
+
+
+def mutations(spec, seed: int = 0, n: int = 3000):
+    """Rows with wrong types, out-of-range and odd values, missing and extra keys, odd shapes."""
+    import random
+
+    rnd = random.Random(seed)
+    odd = [None, "", "x" * 300, -1, 0, 1, 2 ** 70, -2 ** 70, 1e308, -1e308, 0.5, True, False, [], {}, [1, 2],
+           {"a": 1}, "NaN", "1e999", "20%", "50%", "0 - 20K €", "\u0000", "2019-01-01T00:00:00", float("inf")]
+    keys = [*spec.feature_names, spec.id_column, spec.time_column, "extra", ""]
+    for _ in range(n):
+        row = good_row()
+        for _ in range(rnd.randint(1, 3)):
+            k = rnd.choice(keys)
+            if rnd.random() < 0.15:
+                row.pop(k, None)
+            else:
+                row[k] = rnd.choice(odd)
+        yield [row] if rnd.random() < 0.9 else rnd.choice([row, [], [row, 5], "rows", None])
+
+
+def test_any_malformed_row_is_a_4xx_naming_a_field_never_another_error(spec):
+    for settings in (ServingSettings(), ServingSettings(unknown_category="reject"),
+                     parse_serving({"missing": {"default_policy": "reject"}}, spec)):
+        v = RowValidator(spec, settings)
+        for rows in mutations(spec):
+            try:
+                p = v.prepare(rows)
+            except RequestError as exc:
+                assert 400 <= exc.status < 500 and exc.loc and exc.loc[0] == "rows", (rows, exc.loc)
+                continue
+            assert p.matrix.shape == (len(rows), len(spec.model_feature_names))

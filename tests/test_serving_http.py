@@ -52,6 +52,12 @@ def request_rows(spec, df: pl.DataFrame) -> list[dict]:
     return out
 
 
+def orjson_bytes(body) -> bytes:
+    import json
+
+    return json.dumps(body).encode()  # big ints and Infinity as a client may send them
+
+
 class Served:
     def __init__(self, app):
         import uvicorn
@@ -148,10 +154,28 @@ def test_served_champion_equals_booster_predict_and_refusals_name_the_field(spec
             "application/json"]["schema"]["oneOf"][1]
         assert body_schema["properties"]["car_value"]["anyOf"][0] == {"type": "number", "minimum": 0,
                                                                       "maximum": 1000000}
+
+        # malformed bodies of every kind: a 4xx (or 200), never a 5xx
+        from .test_serving import mutations
+
+        statuses = set()
+        fuzz = [orjson_bytes(b) for b in mutations(spec, seed=3, n=300)]
+        fuzz += [b"", b"[]", b"null", b'{"rows": 5}', b'{"rows": [], "x": 1}', b"\xff\xfe", b'{"rows": [{"car_value": 1e999}]}',
+                 b'{"rows": [{"car_value": 123456789012345678901234567890}]}']
+        for i, raw in enumerate(fuzz):
+            for path in ("/v1/models/car_loan-model/predict", "/v2/models/car_loan-model/infer"):
+                r = s.post(f"{served.url}{path}", data=raw, headers={"content-type": "application/json",
+                                                                     "x-request-id": f"fuzz-{i}"})
+                statuses.add(r.status_code)
+                assert r.status_code < 500, (path, raw[:200], r.text)
+                if r.status_code >= 400:
+                    assert r.json()["detail"][0]["msg"]
+        assert {200, 400, 422} <= statuses
     finally:
         served.stop()
     # every scored row is in the log, with its variant, version and features
     logged = pl.read_parquet(state / "online_predictions" / spec.name / "*" / "*.parquet")
+    logged = logged.filter(~pl.col("request_id").str.starts_with("fuzz-"))
     assert logged.height == test.height + 1 + 5
     assert set(logged["model_version"]) == {v1} and set(logged["variant"]) == {"champion"}
     assert logged.filter(pl.col("entity_id") == str(rows[0][spec.id_column]))["prediction"][0] == \

@@ -72,7 +72,10 @@ class RowValidator:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RequestError(loc, f"feature {f.name!r} must be {_TYPE_NAMES[f.type]}, got "
                                         f"{type(v).__name__} {v!r:.40}")
-            x = float(v)
+            try:
+                x = float(v)
+            except OverflowError:
+                x = math.inf
             if not math.isfinite(x):
                 raise RequestError(loc, f"feature {f.name!r} must be a finite number, got {v!r}")
             if (f.min is not None and x < f.min) or (f.max is not None and x > f.max):
