@@ -144,9 +144,11 @@ def main() -> None:
         spec, tracking, version, how, trees, raw_rows, cols, mat_rows = setup(state)
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri
         ours_port, mlflow_port = free_port(), free_port()
+        routing_file = state / "routing.yaml"
+        routing_file.write_text("mode: champion\nshadow: false\n")
         procs = [
             subprocess.Popen([sys.executable, "-m", "mlplatform.serving", "--host", "127.0.0.1", "--port",
-                              str(ours_port)], cwd=ROOT, env=env),
+                              str(ours_port), "--routing-file", str(routing_file)], cwd=ROOT, env=env),
             subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                               f"models:/{tracking.model_name}@champion", "-h", "127.0.0.1", "-p", str(mlflow_port),
                               "-w", "1", "--env-manager", "local"], cwd=tmp, env=env,
@@ -178,6 +180,31 @@ def main() -> None:
                     print(f"{'':<22}{'ratio':<8}{r_ml['p50_ms'] / r_ours['p50_ms']:>8.1f}x"
                           f"{r_ml['p99_ms'] / r_ours['p99_ms']:>8.1f}x{r_ours['rps'] / r_ml['rps']:>9.1f}x"
                           f"   (mlflow/ours latency, ours/mlflow throughput)")
+            # Shadow on vs off: the challenger (here the same version under the `challenger` alias) scores
+            # every request on a background thread; the champion's latency should not move beyond noise.
+            from mlplatform import registry
+
+            registry.set_alias(tracking, "challenger", version)
+            shadow = {}
+            for on in (False, True, False, True):
+                routing_file.write_text(f"mode: champion\nshadow: {str(on).lower()}\n")
+                end = time.monotonic() + 60
+                while True:
+                    c = http.client.HTTPConnection("127.0.0.1", ours_port, timeout=5)
+                    c.request("GET", f"/v2/models/{tracking.model_name}")
+                    meta = json.loads(c.getresponse().read())
+                    if meta["routing"]["shadow"] == on and (not on or "challenger" in meta["aliases"]):
+                        break
+                    if time.monotonic() > end:
+                        raise RuntimeError("routing file not reloaded within 60 s")
+                    time.sleep(0.5)
+                shadow.setdefault(on, []).append(run_load(ours_port, ours_path, ours_single, 1, args.single))
+            for on in (False, True):
+                r = shadow[on]
+                print(f"{'1-row x1, shadow ' + ('on' if on else 'off'):<30}"
+                      f"p50 {statistics.median(x['p50_ms'] for x in r):6.2f} ms   "
+                      f"p99 {statistics.median(x['p99_ms'] for x in r):6.2f} ms   (median of {len(r)} runs)")
+            results["shadow"] = {"off": shadow[False], "on": shadow[True]}
             out = ROOT / "bench" / "results" / "bench_serving.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"model_version": version, "trees": trees, "runtime": how,
