@@ -139,7 +139,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         state = Path(tmp)
-        env = {**os.environ, "MLP_STATE_DIR": str(state), "MLP_DATASET": "car_loan"}
+        env = {**os.environ, "MLP_STATE_DIR": str(state), "MLP_DATASET": "car_loan",
+               # mlflow models serve runs `uvicorn` from PATH
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         os.environ.update({"MLP_STATE_DIR": str(state)})
         spec, tracking, version, how, trees, raw_rows, cols, mat_rows = setup(state)
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri
@@ -152,11 +154,15 @@ def main() -> None:
             subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                               f"models:/{tracking.model_name}@champion", "-h", "127.0.0.1", "-p", str(mlflow_port),
                               "-w", "1", "--env-manager", "local"], cwd=tmp, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                             stdout=(state / "mlflow-serve.log").open("w"), stderr=subprocess.STDOUT),
         ]
         try:
             wait_ready("127.0.0.1", ours_port, "/readyz", procs[0])
-            wait_ready("127.0.0.1", mlflow_port, "/ping", procs[1])
+            try:
+                wait_ready("127.0.0.1", mlflow_port, "/ping", procs[1])
+            except RuntimeError:
+                print((state / "mlflow-serve.log").read_text()[-3000:])
+                raise
             ours_path = f"/v1/models/{tracking.model_name}/predict"
             ours_single = [json.dumps(r).encode() for r in raw_rows]
             ours_batch = [json.dumps({"rows": raw_rows[i:i + 100]}).encode() for i in range(0, 2000, 100)]
