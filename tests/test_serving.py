@@ -189,3 +189,29 @@ def test_any_malformed_row_is_a_4xx_naming_a_field_never_another_error(spec):
                 assert 400 <= exc.status < 500 and exc.loc and exc.loc[0] == "rows", (rows, exc.loc)
                 continue
             assert p.matrix.shape == (len(rows), len(spec.model_feature_names))
+
+
+def test_shadow_scores_in_batches_off_the_response_path_with_the_same_results(spec):
+    import lightgbm as lgb
+    import numpy as np
+
+    from mlplatform.serving.models import ServedModel
+    from mlplatform.serving.shadow import ShadowScorer
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, len(spec.model_feature_names)))
+    booster = lgb.train({"objective": "binary", "verbosity": -1, "num_threads": 1}, lgb.Dataset(x, label=x[:, 0] > 0),
+                        num_boost_round=20)
+    model = ServedModel("7", booster)
+    v = RowValidator(spec, ServingSettings())
+    got = {}
+    scorer = ShadowScorer(lambda m, p, preds, rid, *rest: got.__setitem__(rid, (m.version, list(preds))),
+                          interval=3600, max_queue=5)  # drained by hand below
+    prepared = [v.prepare([good_row(car_value=1000.0 * i), good_row(loan_length=i + 1)]) for i in range(6)]
+    accepted = [scorer.submit(model, p, f"r{i}", "challenger", "champion", None) for i, p in enumerate(prepared)]
+    assert accepted == [True] * 5 + [False] and scorer.skipped == 2  # a full queue drops, never waits
+    scorer.drain()
+    assert sorted(got) == [f"r{i}" for i in range(5)]
+    for i in range(5):
+        assert got[f"r{i}"] == ("7", list(booster.predict(prepared[i].matrix)))
+    scorer.close()

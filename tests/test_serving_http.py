@@ -74,8 +74,10 @@ class Served:
             time.sleep(0.05)
 
     def stop(self):
+        """Graceful shutdown: the app's lifespan drains the shadow queue and flushes the prediction log."""
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the server did not shut down"
 
 
 @pytest.fixture
@@ -172,6 +174,7 @@ def test_served_champion_equals_booster_predict_and_refusals_name_the_field(spec
                     assert r.json()["detail"][0]["msg"]
         assert {200, 400, 422} <= statuses
     finally:
+        s.close()
         served.stop()
     # every scored row is in the log, with its variant, version and features
     logged = pl.read_parquet(state / "online_predictions" / spec.name / "*" / "*.parquet")
@@ -294,6 +297,7 @@ def test_routing_from_a_file_and_mlflow_tags_is_hot_reloaded_canary_kill_switch_
         assert s.get(f"{served.url}/readyz").json()["error"].startswith("SettingError")
         assert set(variants(range(9000, 9010)).values()) == {"champion"}
     finally:
+        s.close()
         served.stop()
     logged = pl.read_parquet(state / "online_predictions" / spec.name / "*" / "*.parquet")
     shadow = logged.filter(pl.col("shadow"))

@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from mlplatform.serving.predlog import PredictionLog, rows_for_log, spool_dir
 from mlplatform.serving.routing import (CHAMPION, Router, effective_routing, read_routing_file,
                                         routing_from_tags)
 from mlplatform.serving.settings import ServingSettings, load_serving_settings
+from mlplatform.serving.shadow import ShadowScorer
 from mlplatform.serving.validation import RequestError, RowValidator
 from mlplatform.spec import DatasetSpec
 from mlplatform.tracking import Tracking
@@ -129,7 +129,8 @@ class Metrics:
         self.errors = Counter("mlp_serving_errors", "Refused or failed requests by endpoint, variant and kind",
                               ["endpoint", "variant", "kind"], registry=self.registry)
         self.rows = Counter("mlp_serving_rows", "Rows scored by variant", ["variant"], registry=self.registry)
-        self.shadow = Counter("mlp_serving_shadow_rows", "Rows scored in shadow", ["status"], registry=self.registry)
+        self.shadow = Gauge("mlp_serving_shadow_rows", "Rows scored in shadow since start, by status", ["status"],
+                            registry=self.registry)
         self.version = Gauge("mlp_serving_model_version", "Version served per alias", ["alias"],
                              registry=self.registry)
         self.log_dropped = Gauge("mlp_serving_log_dropped_rows", "Prediction-log rows dropped (queue full)",
@@ -181,8 +182,12 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
     metrics = Metrics()
     plog = PredictionLog(spec, log_dir or spool_dir(spec, settings.log.spool_dir), settings.log.batch_rows,
                          settings.log.flush_seconds, settings.log.queue_rows) if settings.log.enabled else None
-    shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
-    shadow_pending = [0]
+    def log_shadow(model, prepared, preds, request_id, alias, mode, now, latency_ms):
+        if plog is not None:
+            plog.add(rows_for_log(prepared, preds, request_id, alias, model.version, True, mode, latency_ms, spec,
+                                  now))
+
+    shadow = ShadowScorer(log_shadow)
     names = {tracking.model_name, spec.name}
 
     def on_reload(state: State):
@@ -212,7 +217,7 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
     async def lifespan(_app):
         yield
         server.stop()
-        shadow_pool.shutdown(wait=True)
+        shadow.close()
         if plog is not None:
             plog.close()
 
@@ -247,28 +252,9 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
                                   latency, spec, now))
             metrics.log_dropped.set(plog.dropped)
         if decision.shadow and decision.shadow in state.models:
-            shadow_model = state.models[decision.shadow]
-            if shadow_pending[0] < 64:  # bounded: a slow shadow never queues without limit
-                shadow_pending[0] += 1
-                shadow_pool.submit(run_shadow, shadow_model, prepared, request_id, decision.shadow, mode, now)
-            else:
-                metrics.shadow.labels("skipped").inc(len(rows))
+            shadow.submit(state.models[decision.shadow], prepared, request_id, decision.shadow, mode, now)
         metrics.rows.labels(decision.variant).inc(len(rows))
         return preds, decision, model
-
-    def run_shadow(model, prepared, request_id, alias, mode, now):
-        try:
-            t0 = time.perf_counter()
-            preds = model.predict(prepared.matrix)
-            if plog is not None:
-                plog.add(rows_for_log(prepared, preds, request_id, alias, model.version, True, mode,
-                                      (time.perf_counter() - t0) * 1000, spec, now))
-            metrics.shadow.labels("ok").inc(len(preds))
-        except Exception:  # noqa: BLE001 - a shadow failure never reaches a client
-            metrics.shadow.labels("error").inc()
-            log.exception("shadow scoring by %s v%s failed", alias, model.version)
-        finally:
-            shadow_pending[0] -= 1
 
     def check_name(name: str):
         if name not in names:
@@ -403,6 +389,8 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
 
     @app.get("/metrics")
     async def prom():
+        for status, value in (("ok", shadow.scored), ("error", shadow.failed), ("skipped", shadow.skipped)):
+            metrics.shadow.labels(status).set(value)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     if start:
