@@ -303,3 +303,31 @@ def test_routing_from_a_file_and_mlflow_tags_is_hot_reloaded_canary_kill_switch_
     shadow = logged.filter(pl.col("shadow"))
     assert shadow.height == 60 and set(shadow["model_version"]) == {v2} and set(shadow["variant"]) == {"challenger"}
     assert set(shadow["entity_id"]) == {str(i) for i in range(9000, 9050)} | {str(i) for i in range(9000, 9010)}
+
+
+def test_a_server_started_before_any_champion_says_why_and_serves_once_one_is_promoted(spec, ts, tracking, state):
+    from mlplatform.serving.app import create_app
+
+    app = create_app(spec, tracking, ServingSettings(reload_seconds=0.3, compile=False))
+    served = Served(app)
+    s = requests.Session()
+    row = request_rows(spec, ts.head(1))[0]
+    url = f"{served.url}/v1/models/{tracking.model_name}/predict"
+    try:
+        assert s.get(f"{served.url}/healthz").status_code == 200
+        r = s.get(f"{served.url}/readyz")
+        assert r.status_code == 503 and r.json()["aliases"] == {}
+        r = s.post(url, json=row)
+        assert r.status_code == 503 and "no champion" in r.json()["detail"][0]["msg"]
+        assert s.get(f"{served.url}/v2/models/{tracking.model_name}/ready").status_code == 503
+        v1 = register(tracking, spec, ts, seed=1, rounds=20)
+        registry.promote(tracking, v1)
+        end = time.monotonic() + 20
+        while s.get(f"{served.url}/readyz").status_code != 200:
+            assert time.monotonic() < end, "champion not picked up"
+            time.sleep(0.1)
+        r = s.post(url, json=row)
+        assert r.status_code == 200 and r.json()["model_version"] == v1
+    finally:
+        s.close()
+        served.stop()
