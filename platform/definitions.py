@@ -10,6 +10,7 @@ from assets.evaluation import build_evaluation
 from assets.features import build_features
 from assets.ingestion import build_ingestion
 from assets.monitoring import build_monitoring
+from assets.online import build_online
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import Settings, build_resources
@@ -63,7 +64,7 @@ def build_definitions() -> dg.Definitions:
     lifecycle = build_lifecycle(spec)
     defs = dg.Definitions(
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-                *build_serving(spec), *build_monitoring(spec)],
+                *build_serving(spec), *build_monitoring(spec), *build_online(spec)],
         jobs=lifecycle["jobs"],
         sensors=[*publish_sensors, *lifecycle["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
