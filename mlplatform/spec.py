@@ -34,8 +34,8 @@ DATASETS_DIR = ROOT / "platform" / "datasets"
 SCHEMA_PATH = DATASETS_DIR / "spec.schema.json"
 
 
-class SettingError(ValueError):
-    """A configuration value is missing or malformed; the message names the setting and file."""
+from mlplatform.errors import SettingError  # re-exported: callers import it from here
+from mlplatform.serving.settings import ServingSettings
 
 
 # --- the vocabularies -----------------------------------------------------------------------------------------------
@@ -442,6 +442,8 @@ class SpecModel(_Section):
     freshness: dict[str, FreshnessWindow] = {}
     """Per asset name: its warn / fail window (the UI shows each asset's SLA); absent: none."""
     alerts: Alerts = Field(default_factory=Alerts)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    """The online server: routing, missing-feature and unknown-category policies, the prediction log."""
 
     @model_validator(mode="after")
     def _across_sections(self) -> SpecModel:
@@ -472,6 +474,16 @@ class SpecModel(_Section):
                 raise _problem(at, f"is also {reserved[n]}")
             if n in self.source.drop_columns:
                 raise _problem(at, "is also in source.drop_columns")
+        raw_names = [f.name for f in self.features]
+        unknown = sorted((set(self.serving.missing.features) | set(self.serving.missing.default_values)
+                          | set(self.serving.unknown_category_default)) - set(raw_names))
+        if unknown:
+            raise _problem("serving.missing", f"names unknown feature(s) {unknown}; the features are {raw_names}")
+        for n in raw_names:
+            if n not in self.serving.missing.features and n not in self.serving.missing.default_values \
+                    and self.serving.missing.default_policy == "default":
+                raise _problem(f"serving.missing.default_values.{n}",
+                               "is needed: serving.missing.default_policy is 'default'")
         # Defaults that depend on another setting, filled here (still the one place defaults live).
         if not self.monitoring.estimated_metrics:
             object.__setattr__(self, "monitoring", self.monitoring.model_copy(update={"estimated_metrics": estimated}))
@@ -510,6 +522,7 @@ class DatasetSpec:
     automation: Automation
     freshness: dict[str, FreshnessWindow]
     alerts: Alerts
+    serving: ServingSettings
     # Landing-zone contract: the timezone naive event times are in (tz-aware ones are converted to it),
     # the fraction of unseen categories a file may hold before it is quarantined, the re-delivery policy.
     timezone: str
@@ -535,7 +548,7 @@ class DatasetSpec:
             cadence=m.batch.cadence, batch_start=m.batch.start, batch_end=m.batch.end,
             split=m.training.split.as_dict(), metric=m.training.metric, floor=m.training.floor,
             margin=m.training.margin, monitoring=m.monitoring, automation=m.automation, freshness=dict(m.freshness),
-            alerts=m.alerts,
+            alerts=m.alerts, serving=m.serving,
             timezone=m.contracts.timezone, max_unseen_category_fraction=m.contracts.max_unseen_category_fraction,
             redelivery=m.landing.redelivery, path=str(path), source_reference=m.source.reference or "",
             source_production=m.source.production or "", source_labels=m.source.labels or "",

@@ -100,7 +100,7 @@ def test_an_uncompilable_expression_runs_in_one_duckdb_connection_per_thread(tmp
 
     spec = load_spec("car_loan")
     spec = dataclasses.replace(spec, engineered_features=spec.engineered_features + (
-        EngineeredFeature("long_loan", "case when loan_length > 48 then 1.0 else 0.0 end"),))
+        EngineeredFeature(name="long_loan", expression="case when loan_length > 48 then 1.0 else 0.0 end"),))
     online = OnlineFeatures(spec)
     assert [f.name for f in online.fallback] == ["long_loan"]
     rows = production_rows(spec, 1000)

@@ -16,12 +16,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlplatform.spec import DatasetSpec, SettingError
+from mlplatform.errors import SettingError
+
+if TYPE_CHECKING:
+    from mlplatform.spec import DatasetSpec
 
 MissingPolicy = Literal["reject", "default", "native_missing"]
 
@@ -122,10 +125,5 @@ def parse_serving(raw: Any, spec: DatasetSpec | None = None, where: str = "") ->
 
 
 def load_serving_settings(spec: DatasetSpec) -> ServingSettings:
-    """The spec file's `serving:` section (defaults when absent); errors name the file and the setting."""
-    path = Path(spec.path)
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    section = (raw or {}).get("serving") if isinstance(raw, dict) else None
-    if section is not None and not isinstance(section, dict):
-        raise SettingError(f"{path}: setting 'serving' must be a mapping")
-    return parse_serving(section, spec, str(path))
+    """The spec's `serving:` section (typed and checked by mlplatform.spec with the rest of the spec)."""
+    return spec.serving
