@@ -75,7 +75,11 @@ def summary() -> None:
     print(f"MLflow:        {redact_uri(mlflow.tracking_uri) if mlflow else '(MLFLOW_TRACKING_URI not set)'}  "
           f"(UI: `make dev`, then {mlflow.ui_url if mlflow else 'http://127.0.0.1:5000'})")
     print(f"Dagster UI:    make dev   (then http://127.0.0.1:3000; DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')})")
-    print("Lifecycle:     .venv/bin/python -m tooling.env mlp status   (below)\n")
+    print("Lifecycle:     .venv/bin/python -m tooling.env mlp status   (below)")
+    model = mlflow.model_name if mlflow else "<data set>-model"
+    print(f"Online:        make serve   (then curl -s 127.0.0.1:8080/v1/models/{model}/predict "
+          f"-H 'content-type: application/json' -d '{{\"rows\": [{{...one raw row...}}]}}'; "
+          f"schema at http://127.0.0.1:8080/docs)\n")
     from tooling.cli import main as mlp
 
     mlp(["status"])
