@@ -189,8 +189,10 @@ def measure_drift(tree: Tree, workloads: list[str], inner: int) -> dict:
 def measure_scoring(tree: Tree, rows: int, reps: int, scratch: Path) -> dict:
     out = scratch / f"scoring_{tree.label}_{time.time_ns()}.json"
     tree.run(["bench/bench_scoring.py", "--sizes", str(rows), "--reps", str(reps), "--out", str(out)])
-    (size,) = json.loads(out.read_text())["sizes"]
-    return {"median_s": size["median_s"],
+    report = json.loads(out.read_text())
+    (size,) = report["sizes"]
+    return {"median_s": size["median_s"], "model": report.get("model"),
+            "platform_functions_breakdown_median_s": size.get("platform_functions_breakdown_median_s"),
             "ratio_platform_functions_vs_bare": size["ratio_platform_functions_vs_bare"],
             "ratio_asset_vs_bare": size["ratio_asset_vs_bare"], "same_predictions": size.get("same_predictions")}
 
@@ -207,7 +209,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two small drift workloads and 20k scoring rows")
     ap.add_argument("--drift-inner", type=int, default=1, help="timed drift repeats inside each process")
     ap.add_argument("--scoring-rows", type=int, default=50000)
-    ap.add_argument("--scoring-reps", type=int, default=1)
+    ap.add_argument("--scoring-reps", type=int, default=3,
+                    help="repetitions inside each bench_scoring run (1 gives single samples: ratios off by ~50%%)")
     ap.add_argument("--no-scoring", action="store_true", help="skip (c); it trains a model per tree and round")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
