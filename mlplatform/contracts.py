@@ -350,7 +350,7 @@ def check_records(df: pl.DataFrame, spec: DatasetSpec, window: tuple[dt.datetime
             mask = mask | (pl.col(f.name) > f.max)
         n, ex, files = _examples(df, spec, mask.fill_null(False) & pl.col(f.name).is_finite(), f.name)
         if n:
-            out.append(Violation("range", f"{n} value(s) of {f.name!r} outside [{f.min}, {f.max}] in {files}",
+            out.append(Violation("range", f"{n} value(s) of {f.name!r} outside [{_bound(f.min)}, {_bound(f.max)}] in {files}",
                                  f.name, ", ".join(files), n, ex))
     limit = spec.max_unseen_category_fraction
     for f in spec.features:
@@ -503,3 +503,10 @@ def merge_deliveries(previous: pl.DataFrame | None, deliveries: list[Delivery], 
         out.accepted.append(d.name)
     out.frame = current
     return out
+
+
+def _bound(value: float | None) -> str:
+    """A range bound as the spec wrote it (0 not 0.0, 1000000 not 1e+06); a missing bound as None."""
+    if value is None:
+        return "None"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
