@@ -115,6 +115,7 @@ def main() -> None:
 
             measured = {"batch_1": keys[0], "batch_10": keys[9], f"batch_{args.n}": keys[-1]}
             times: dict[str, list[float]] = {name: [] for name in measured}
+            (tmp / "dagster_home").mkdir()
             with dg.instance_for_test(temp_dir=str(tmp / "dagster_home")) as instance:
                 assets = build_features(spec)
                 for _ in range(args.reps):
