@@ -63,12 +63,21 @@ def ensure_manifest(spec: DatasetSpec) -> dict:
     sources = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
     sources.append(Path(spec.path))
     if not path.exists() or max(p.stat().st_mtime for p in sources) > path.stat().st_mtime:
+        # Parsed into a folder of this process's own, then moved into place in one step: two processes loading
+        # the definitions at once never read (or write) a half-written manifest.
         dbt = Path(sys.executable).parent / "dbt"
-        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(path.parent)}
-        proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR),
-                               "--vars", json.dumps(dbt_vars(spec))], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`dbt parse` of {DBT_DIR} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+        scratch = path.parent.with_name(f".parse-{spec.name}-{os.getpid()}")
+        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(scratch),
+               "DBT_LOG_PATH": str(scratch)}
+        try:
+            proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR),
+                                   "--vars", json.dumps(dbt_vars(spec))], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"`dbt parse` of {DBT_DIR} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / "manifest.json", path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return json.loads(path.read_text())
 
 
@@ -232,6 +241,10 @@ def build_features(spec: DatasetSpec) -> list:
             raise RuntimeError(f"dbt build in {DBT_DIR} failed{f' for partition {partition}' if partition else ''}: "
                                + "; ".join(failed)[:2000])
         shutil.rmtree(target, ignore_errors=True)  # kept only when dbt failed, for its logs
+        try:
+            target.parent.rmdir()
+        except OSError:
+            pass  # another step of the run still has its target there
 
     @dg.multi_asset(specs=specs_for(REFERENCE_MODELS, None), check_specs=checks_for(REFERENCE_MODELS),
                     name="reference_models", can_subset=False)
