@@ -1,26 +1,46 @@
-"""Features: dbt models on DuckDB, reading the raw tables at the run's lakeFS ref through the S3 gateway.
+"""Features: dbt models on DuckDB, reading raw tables at the run's lakeFS ref through the S3 gateway.
 
-The multi-asset is built from dbt's manifest JSON so that loading the definitions does not import
-dagster_dbt (~3 s); dagster_dbt runs dbt inside the step. Each built model is exported to lakeFS and
-committed, so features are versioned like every other data asset.
+Two multi-assets, built from dbt's manifest JSON (loading the definitions imports no dbt):
+- `reference_models` (unpartitioned): the history's staging and features (`stg_reference_records`,
+  `stg_reference_labels`, `reference_features`). They change only when the reference data does.
+- `batch_models` (partitioned like raw_records): one production batch's `stg_records`, `stg_labels` and
+  `features`, built from that partition's raw files only. A batch costs its own size, however long the
+  platform has run. Each partition is written to `assets/<model>/partition=<key>/data.parquet`, so runs of
+  disjoint partitions never touch the same lakeFS object.
+
+The feature SQL is one dbt macro (`feature_select`), used by both models and rendered for serving by
+mlplatform.features. dbt tests are the models' asset checks; they run in the run's own database, so they
+cover exactly what the run built (one partition, or the history).
+
+Isolation: every step builds into its own DuckDB file, `<state>/duckdb/runs/<run_id>/<step>.duckdb`, removed
+when the step ends; dbt gets that path (and its own target folder) through the environment of its own
+process, so no two runs share a mutable local file. The exports read that file from an in-memory connection.
+
+Full rebuild: a partition run always rebuilds its partition from raw (no incremental state is carried), so a
+backfill of `rebuild_features` over all partitions is the full rebuild. A changed model, macro or feature
+definition in the spec changes the models' code versions, which marks their partitions stale in the UI.
 """
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 
+from mlplatform.spec import DatasetSpec, state_dir
 from resources.duckdb import DuckDBResource
 from resources.io import asset_path
-from resources.lakefs import LakeFSResource, run_branch
-from mlplatform.spec import DatasetSpec, state_dir
+from resources.lakefs import LakeFSResource
+from resources.partitions import partitions_def
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
-EXPORTED_MODELS = ("stg_records", "stg_labels", "features")
+REFERENCE_MODELS = ("stg_reference_records", "stg_reference_labels", "reference_features")
+BATCH_MODELS = ("stg_records", "stg_labels", "features")
+EXPORTED_MODELS = REFERENCE_MODELS + BATCH_MODELS
 
 
 def dbt_vars(spec: DatasetSpec, tables: dict | None = None) -> dict:
@@ -43,17 +63,46 @@ def ensure_manifest(spec: DatasetSpec) -> dict:
     sources = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
     sources.append(Path(spec.path))
     if not path.exists() or max(p.stat().st_mtime for p in sources) > path.stat().st_mtime:
+        # Parsed into a folder of this process's own, then moved into place in one step: two processes loading
+        # the definitions at once never read (or write) a half-written manifest.
         dbt = Path(sys.executable).parent / "dbt"
-        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(path.parent)}
-        proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR),
-                               "--vars", json.dumps(dbt_vars(spec))], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`dbt parse` of {DBT_DIR} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+        scratch = path.parent.with_name(f".parse-{spec.name}-{os.getpid()}")
+        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(scratch),
+               "DBT_LOG_PATH": str(scratch)}
+        try:
+            proc = subprocess.run([str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR),
+                                   "--vars", json.dumps(dbt_vars(spec))], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"`dbt parse` of {DBT_DIR} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / "manifest.json", path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return json.loads(path.read_text())
 
 
 def manifest_hash(spec: DatasetSpec) -> str:
     return hashlib.sha256(manifest_path(spec).read_bytes()).hexdigest()[:16]
+
+
+def model_code_version(manifest: dict, node: dict, spec: DatasetSpec) -> str:
+    """The code version of a dbt model: its SQL, the SQL of every macro it calls (transitively, e.g. the shared
+    `feature_select`) and the spec's feature definitions it renders. Any of them changing marks the model's
+    partitions stale."""
+    h = hashlib.sha256(node["checksum"]["checksum"].encode())
+    seen: set[str] = set()
+    todo = list(node.get("depends_on", {}).get("macros", []))
+    while todo:
+        uid = todo.pop()
+        if uid in seen or uid not in manifest.get("macros", {}):
+            continue
+        seen.add(uid)
+        macro = manifest["macros"][uid]
+        if macro.get("package_name") == node.get("package_name"):  # the project's own macros, not dbt's
+            h.update(uid.encode() + macro.get("macro_sql", "").encode())
+        todo.extend(macro.get("depends_on", {}).get("macros", []))
+    h.update(json.dumps({k: v for k, v in dbt_vars(spec).items() if k != "tables"}, sort_keys=True).encode())
+    return h.hexdigest()[:12]
 
 
 def _source_key(manifest: dict, unique_id: str) -> dg.AssetKey:
@@ -63,89 +112,169 @@ def _source_key(manifest: dict, unique_id: str) -> dg.AssetKey:
     return dg.AssetKey(manifest["nodes"][unique_id]["name"])
 
 
+def run_database(run_id: str, step: str) -> Path:
+    """The step's own DuckDB file: never shared with another run (or another step)."""
+    return state_dir() / "duckdb" / "runs" / run_id / f"{step}.duckdb"
+
+
+def remove_run_database(path: Path) -> None:
+    """Remove a step's database and its write-ahead log; and the run's folder once nothing is left in it."""
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # another step of the same run still has its files there
+
+
+def dbt_select(selected: list[str], models: dict[str, dict]) -> list[str]:
+    """dbt's --select for the selected models plus their upstream models: the run's database starts empty, so
+    a model's in-project parents are rebuilt with it (only the selected ones are exported)."""
+    # By file path: a bare name is also matched against folders (`features` would select models/features/*).
+    return sorted({f"+path:{models[name]['original_file_path']}" for name in selected if name in models})
+
+
+def check_outcome(status: str) -> tuple[bool, dg.AssetCheckSeverity]:
+    """A dbt test status as an asset check outcome (`warn` is a failed WARN-severity check)."""
+    if status == "pass":
+        return True, dg.AssetCheckSeverity.ERROR
+    if status == "warn":
+        return False, dg.AssetCheckSeverity.WARN
+    return False, dg.AssetCheckSeverity.ERROR
+
+
 def build_features(spec: DatasetSpec) -> list:
     manifest = ensure_manifest(spec)
-    models = {uid: n for uid, n in manifest["nodes"].items() if n["resource_type"] == "model"}
-    specs = [
-        dg.AssetSpec(
-            key=dg.AssetKey(n["name"]), group_name="features", kinds={"dbt", "duckdb", "lakefs"},
-            description=(n.get("description") or n["name"]).split("\n")[0],
-            deps=[_source_key(manifest, d) for d in n["depends_on"]["nodes"]],
-            skippable=True, code_version=n["checksum"]["checksum"][:12],
-            metadata={"dbt_unique_id": n["unique_id"]},
-        )
-        for n in models.values()
-    ]
-    check_specs = [
-        dg.AssetCheckSpec(n["name"], asset=dg.AssetKey(models[n["attached_node"]]["name"]),
-                          blocking=str(n["config"].get("severity", "ERROR")).upper() == "ERROR",
-                          description=f"dbt test {n['name']}")
-        for n in manifest["nodes"].values() if n["resource_type"] == "test" and n.get("attached_node") in models
-    ]
+    models = {n["name"]: n for n in manifest["nodes"].values()
+              if n["resource_type"] == "model" and n["name"] in EXPORTED_MODELS}
+    missing = [m for m in EXPORTED_MODELS if m not in models]
+    if missing:
+        raise RuntimeError(f"dbt models {missing} are not in {DBT_DIR}/models (manifest {manifest_path(spec)})")
+    tests = [n for n in manifest["nodes"].values()
+             if n["resource_type"] == "test" and n.get("attached_node") in {m["unique_id"] for m in models.values()}]
+    versions = {name: model_code_version(manifest, n, spec) for name, n in models.items()}
+    by_uid = {n["unique_id"]: name for name, n in models.items()}
+    dbt_hash = manifest_hash(spec)  # one manifest, hashed once
 
-    @dg.multi_asset(specs=specs, check_specs=check_specs, name="dbt_models", can_subset=False)
-    def dbt_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
-        """Build the dbt project (staging, features) and version each model's table in lakeFS."""
-        from dagster_dbt import DagsterDbtTranslator, DbtCliResource
+    def specs_for(names, parts):
+        return [
+            dg.AssetSpec(
+                key=dg.AssetKey(name), group_name="features", kinds={"dbt", "duckdb", "lakefs"},
+                description=(models[name].get("description") or name).split("\n")[0],
+                deps=[_source_key(manifest, d) for d in models[name]["depends_on"]["nodes"]],
+                skippable=True, code_version=versions[name], partitions_def=parts,
+                metadata={"dbt_unique_id": models[name]["unique_id"]},
+            )
+            for name in names
+        ]
 
+    def checks_for(names):
+        return [
+            dg.AssetCheckSpec(t["name"], asset=dg.AssetKey(by_uid[t["attached_node"]]),
+                              blocking=str(t["config"].get("severity", "ERROR")).upper() == "ERROR",
+                              description=f"dbt test {t['name']}")
+            for t in tests if by_uid[t["attached_node"]] in names
+        ]
+
+    def run_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource,
+                   step: str, names: tuple, tables: dict, branch: str, partition: str | None):
+        """dbt build of the selected models into the step's own database, each exported to lakeFS and committed;
+        then the dbt tests as asset checks."""
+        selected = [n for n in names if dg.AssetKey(n) in context.selected_asset_keys]  # in dependency order
+        selected_checks = {(k.asset_key.path[-1], k.name) for k in context.selected_asset_check_keys}
+        database = run_database(context.run.run_id, step)
+        target = state_dir() / "duckdb" / "dbt-target" / context.run.run_id / step
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # dbt's own process gets the per-run database in its environment: nothing global is changed here.
+        env = {**duckdb.dbt_env(), "MLP_DUCKDB_PATH": str(database), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+               "DBT_TARGET_PATH": str(target), "DBT_LOG_PATH": str(target), "DO_NOT_TRACK": "1"}
+        cmd = [str(Path(sys.executable).parent / "dbt"), "build", "--project-dir", str(DBT_DIR),
+               "--profiles-dir", str(DBT_DIR), "--select", *dbt_select(selected, models),
+               "--vars", json.dumps(dbt_vars(spec, tables))]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=DBT_DIR)
+            results_file = target / "run_results.json"
+            if not results_file.exists():
+                raise RuntimeError(f"`dbt build` in {DBT_DIR} produced no run_results.json (exit {proc.returncode}):"
+                                   f"\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            results = {r["unique_id"]: r for r in json.loads(results_file.read_text())["results"]}
+            built = [name for name in selected if results.get(models[name]["unique_id"], {}).get("status") == "success"]
+            con = duckdb.connect(in_memory=True)
+            out = []
+            try:
+                con.execute(f"ATTACH '{database}' AS run_db (READ_ONLY)")
+                for name in built:
+                    rows = con.execute(f'select count(*) from run_db.main."{name}"').fetchone()[0]
+                    path = asset_path(dg.AssetKey(name), partition, "parquet")
+                    con.execute(f"COPY run_db.main.\"{name}\" TO '{lakefs.s3_uri(branch, path)}' "
+                                f"(FORMAT parquet, COMPRESSION zstd)")
+                    commit = lakefs.commit(branch, f"{name}{f' [{partition}]' if partition else ''} (dbt)", {
+                        "asset_key": name, "partition": partition or "", "dagster_run_id": context.run.run_id,
+                        "code_version": versions[name], "dbt_manifest_hash": dbt_hash, "upstream_ref": branch,
+                    })
+                    out.append(dg.MaterializeResult(asset_key=dg.AssetKey(name), metadata={
+                        "dagster/row_count": dg.MetadataValue.int(rows),
+                        "lakefs_commit": dg.MetadataValue.text(commit),
+                        "lakefs_path": dg.MetadataValue.path(lakefs.uri(commit, path)),
+                        "lakefs_link": dg.MetadataValue.url(lakefs.commit_url(commit)),
+                        "dbt_manifest_hash": dg.MetadataValue.text(dbt_hash),
+                        "duckdb_database": dg.MetadataValue.path(str(database)),
+                    }))
+            finally:
+                con.close()
+        finally:
+            remove_run_database(database)
+        yield from out
+        for t in tests:
+            model = by_uid[t["attached_node"]]
+            r = results.get(t["unique_id"])
+            if r is None or (model, t["name"]) not in selected_checks:
+                continue
+            passed, severity = check_outcome(r["status"])
+            yield dg.AssetCheckResult(asset_key=dg.AssetKey(model), check_name=t["name"], passed=passed,
+                                      severity=severity, description=(r.get("message") or r["status"])[:1000],
+                                      metadata={"failures": dg.MetadataValue.int(int(r.get("failures") or 0)),
+                                                **({"partition": partition} if partition else {})})
+        failed = [f"{uid.split('.')[-1]}: {r['status']} {r.get('message') or ''}".strip()
+                  for uid, r in results.items() if r["status"] in ("error", "skipped", "runtime error")]
+        if proc.returncode != 0 and failed:
+            raise RuntimeError(f"dbt build in {DBT_DIR} failed{f' for partition {partition}' if partition else ''}: "
+                               + "; ".join(failed)[:2000])
+        shutil.rmtree(target, ignore_errors=True)  # kept only when dbt failed, for its logs
+        try:
+            target.parent.rmdir()
+        except OSError:
+            pass  # another step of the run still has its target there
+
+    @dg.multi_asset(specs=specs_for(REFERENCE_MODELS, None), check_specs=checks_for(REFERENCE_MODELS),
+                    name="reference_models", can_subset=False)
+    def reference_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
+        """Build the history's staging and features from reference_data and version each in lakeFS."""
         from resources.publish import open_run_branch
 
-        branch = open_run_branch(context.instance, lakefs, context.run_id)
-        tables = {}
-        for name, partitioned in (("reference_data", False), ("raw_records", True), ("raw_labels", True)):
-            present = lakefs.list_paths(branch, f"assets/{name}/")
-            glob = "partition=*/data.parquet" if partitioned else "data.parquet"
-            tables[name] = lakefs.s3_uri(branch, f"assets/{name}/{glob}") if present else None
-        if tables["reference_data"] is None:
+        branch = open_run_branch(context.instance, lakefs, context.run.run_id)
+        path = "assets/reference_data/data.parquet"
+        if not lakefs.list_paths(branch, "assets/reference_data/"):
             raise RuntimeError(f"reference_data is not on lakeFS ref {branch!r} of {lakefs.repository!r}: "
                                f"materialize it (and let its run publish) first")
-        env = duckdb.dbt_env()
-        os.environ.update({k: v for k, v in env.items() if k.startswith("MLP_")})
-        dbt = DbtCliResource(project_dir=str(DBT_DIR), profiles_dir=str(DBT_DIR),
-                             dbt_executable=str(Path(sys.executable).parent / "dbt"))
-        target = state_dir() / "duckdb" / "dbt-target" / context.run_id
-        invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars(spec, tables))], manifest=manifest,
-                             dagster_dbt_translator=DagsterDbtTranslator(), raise_on_error=False,
-                             target_path=target)
-        events = list(invocation.stream())
-        built = []
-        for ev in events:
-            if isinstance(ev, (dg.AssetMaterialization, dg.Output)) and getattr(ev, "asset_key", None) is not None:
-                built.append(ev.asset_key)
-        results = []
-        dbt_hash = manifest_hash(spec)  # one manifest, hashed once for every model of this build
-        con = duckdb.connect()
-        try:
-            for key in built:
-                name = key.path[-1]
-                rows = con.execute(f'select count(*) from "{name}"').fetchone()[0]
-                path = asset_path(key, None, "parquet")
-                con.execute(f"COPY \"{name}\" TO '{lakefs.s3_uri(branch, path)}' (FORMAT parquet, COMPRESSION zstd)")
-                commit = lakefs.commit(branch, f"{name} (dbt)", {
-                    "asset_key": name, "partition": "", "dagster_run_id": context.run_id,
-                    "code_version": models[f"model.mlplatform.{name}"]["checksum"]["checksum"][:12],
-                    "dbt_manifest_hash": dbt_hash, "upstream_ref": branch,
-                })
-                results.append(dg.MaterializeResult(asset_key=key, metadata={
-                    "dagster/row_count": dg.MetadataValue.int(rows),
-                    "lakefs_commit": dg.MetadataValue.text(commit),
-                    "lakefs_path": dg.MetadataValue.path(lakefs.uri(commit, path)),
-                    "lakefs_link": dg.MetadataValue.url(lakefs.commit_url(commit)),
-                    "dbt_manifest_hash": dg.MetadataValue.text(dbt_hash),
-                }))
-        finally:
-            con.close()
-        yield from results
-        for ev in events:
-            if isinstance(ev, dg.AssetCheckEvaluation):
-                yield dg.AssetCheckResult(asset_key=ev.asset_key, check_name=ev.check_name, passed=ev.passed,
-                                          severity=ev.severity, metadata=ev.metadata,
-                                          description=ev.description)
-            elif isinstance(ev, dg.AssetCheckResult):
-                yield ev
-        if not invocation.is_successful():
-            raise RuntimeError(f"dbt build failed in {DBT_DIR}: "
-                               + "; ".join(str(e) for e in invocation.get_error_events())[:2000]
-                               if hasattr(invocation, "get_error_events") else f"dbt build failed in {DBT_DIR}")
+        tables = {"reference_data": lakefs.s3_uri(branch, path), "raw_records": None, "raw_labels": None}
+        yield from run_models(context, lakefs, duckdb, "reference_models", REFERENCE_MODELS, tables, branch, None)
 
-    return [dbt_models]
+    @dg.multi_asset(specs=specs_for(BATCH_MODELS, partitions_def(spec)), check_specs=checks_for(BATCH_MODELS),
+                    name="batch_models", can_subset=True)
+    def batch_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
+        """Build one batch's staging and features from its own raw partition and version each in lakeFS."""
+        from resources.publish import open_run_branch
+
+        partition = context.partition_key
+        branch = open_run_branch(context.instance, lakefs, context.run.run_id)
+        records = asset_path(dg.AssetKey("raw_records"), partition, "parquet")
+        labels = asset_path(dg.AssetKey("raw_labels"), partition, "parquet")
+        if not lakefs.exists(branch, records):
+            raise RuntimeError(f"raw_records[{partition}] is not on lakeFS ref {branch!r} of {lakefs.repository!r} "
+                               f"({records}): ingest the batch first")
+        tables = {"reference_data": None, "raw_records": lakefs.s3_uri(branch, records),
+                  "raw_labels": lakefs.s3_uri(branch, labels) if lakefs.exists(branch, labels) else None}
+        yield from run_models(context, lakefs, duckdb, "batch_models", BATCH_MODELS, tables, branch, partition)
+
+    return [reference_models, batch_models]

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 
 from mlplatform import modeling, registry
-from mlplatform.batches import window
 from resources.partitions import partitions_def
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource, run_branch
@@ -42,16 +41,30 @@ def drift_engine(spec: DatasetSpec):
                        min_chunk_rows=mon.min_chunk_rows, threshold="std", std_multiplier=mon.std_multiplier)
 
 
-def period_string(spec: DatasetSpec) -> str:
-    return {"hourly": "1h", "daily": "1d", "weekly": "1w", "monthly": "1mo", "yearly": "1y"}[spec.cadence]
+def previous_partitions(spec: DatasetSpec, partition: str, count: int) -> list[str]:
+    """The `count` batch partitions before `partition`, oldest first."""
+    keys = list(partitions_def(spec).get_partition_keys())
+    i = keys.index(partition) if partition in keys else len(keys)
+    return keys[max(0, i - count):i]
 
 
-def reference_features(features: pl.DataFrame) -> pl.DataFrame:
-    return features.filter(pl.col("origin") == "reference")
+def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: pl.DataFrame) -> pl.DataFrame:
+    """This batch's drift beside the published drift reports of the batches before it (at most
+    `monitoring.drift_plot_batches`, default 12): one chunk per batch, read from those small reports, so the
+    plot costs a bounded number of reads instead of recomputing drift over all history."""
+    from resources.io import deserialize
 
-
-def production_until(features: pl.DataFrame, spec: DatasetSpec, end) -> pl.DataFrame:
-    return features.filter((pl.col("origin") == "production") & (pl.col(spec.time_column) < end))
+    count = int(spec.monitoring.get("drift_plot_batches", 12))
+    frames = []
+    for p in previous_partitions(spec, context.partition_key, max(count - 1, 0)):
+        found = latest_checked_materialization(context.instance, dg.AssetKey("drift_report"), p, context.run_id)
+        if found:
+            frames.append(deserialize(lakefs.get(found[0], found[1]), found[1])
+                          .select("feature", "method", "value", pl.lit(p).alias("chunk_key")))
+    frames.append(latest.select("feature", "method", "value", pl.lit(context.partition_key).alias("chunk_key")))
+    out = pl.concat(frames, how="vertical_relaxed")
+    order = {k: i for i, k in enumerate(sorted(out["chunk_key"].unique().to_list()))}
+    return out.with_columns(pl.col("chunk_key").replace_strict(order, return_dtype=pl.Int64).alias("chunk_index"))
 
 
 def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec, chunk_size: int) -> dict:
@@ -82,7 +95,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
 
     @dg.asset(
         group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=["features", dg.AssetDep("raw_records")],
+        deps=["features", "reference_features", dg.AssetDep("raw_records")],
         description="Univariate drift per feature and method (PSI, KS, chi2, JS, Wasserstein, Hellinger, "
                     "L-inf) and multivariate reconstruction drift of one batch against the reference.",
         check_specs=[dg.AssetCheckSpec("drift_inputs_usable", asset="drift_report", blocking=True,
@@ -97,20 +110,17 @@ def build_monitoring(spec: DatasetSpec) -> list:
         import matplotlib.pyplot as plt
         from mlplatform.drift.engine import ChunkSpec
 
-        start, end = window(spec, context.partition_key)
-        features, commit = read_upstream_table(context, lakefs, "features")
-        ref = reference_features(features)
-        history = production_until(features, spec, end)
-        batch = history.filter(pl.col(spec.time_column) >= start)
+        # This batch's partition of `features` and the history's features: never the other batches.
+        ref, _ = read_upstream_table(context, lakefs, "reference_features")
+        batch, commit = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
         if batch.height == 0:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
         engine = drift_engine(spec)
         chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
         engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
-        over_time = engine.calculate(history, ChunkSpec(kind="period", period=period_string(spec),
-                                                        timestamp_column=spec.time_column))
         latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+        over_time = drift_over_time(context, lakefs, spec, latest)
         summary = engine.summary(latest)
         mv = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
         summary["multivariate"] = mv
@@ -166,7 +176,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         ref = champion_reference(context, spec, lakefs, mlflow, champ_v)
         batch = batch_predictions
         if not spec.is_classification:  # DLE reads the features beside the predictions
-            features, _ = read_upstream_table(context, lakefs, "features")
+            features, _ = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
             batch = batch.join(features.select(spec.id_column, *spec.model_feature_names), on=spec.id_column)
         est = estimate_performance(spec, ref, batch, lakefs, context)
         metric = spec.estimated_metric
@@ -203,7 +213,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         # The previous champion on the same rows: the evidence the rollback sensor compares.
         prev_v = registry.aliases(mlflow).get(registry.PREVIOUS)
         if prev_v and prev_v != str(row["model_version"]):
-            features, _ = read_upstream_table(context, lakefs, "features")
+            features, _ = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
             rows = features.join(joined.select(spec.id_column, spec.target), on=spec.id_column)
             prev = registry.load_booster(mlflow, prev_v)
             prev_score = modeling.metrics(rows[spec.target].to_numpy(), modeling.predict(prev, rows, spec), spec)[metric]

@@ -37,14 +37,13 @@ def build_serving(spec: DatasetSpec) -> list:
     )
     def batch_predictions(context: dg.AssetExecutionContext, lakefs: LakeFSResource,
                           mlflow: MLflowResource) -> dg.Output:
-        start, end = window(spec, context.partition_key)
-        features, commit = read_upstream_table(context, lakefs, "features")
-        batch = features.filter((pl.col(spec.time_column) >= start) & (pl.col(spec.time_column) < end)
-                                & (pl.col("origin") == "production"))
+        # Only this batch's partition of `features` is read: a batch costs its own size, not the history's.
+        batch, commit = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
         if batch.height == 0:
-            raise ValueError(f"no production features for batch {context.partition_key} in `features` at lakeFS "
-                             f"commit {commit[:12]}: materialize raw_records[{context.partition_key}] and the dbt "
-                             f"models first")
+            start, end = window(spec, context.partition_key)
+            raise ValueError(f"no production features for batch {context.partition_key} ({start} to {end}) in "
+                             f"`features` at lakeFS commit {commit[:12]}: materialize raw_records"
+                             f"[{context.partition_key}] and features[{context.partition_key}] first")
         al = registry.aliases(mlflow)
         champ_v = al.get(registry.CHAMPION)
         if not champ_v:

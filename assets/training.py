@@ -33,22 +33,50 @@ class TrainConfig(dg.Config):
 
 def build_training(spec: DatasetSpec) -> list:
     @dg.asset(
-        group_name="training", kinds={"polars", "lakefs"}, code_version="1",
-        deps=["features", "stg_labels"],
+        group_name="training", kinds={"polars", "lakefs"}, code_version="2",
+        deps=["reference_features", "stg_reference_labels", "features", "stg_labels"],
         description="Features joined with the labels known at the cut-off (point in time, no leakage).",
         check_specs=[dg.AssetCheckSpec("no_label_leakage", asset="labelled_examples", blocking=True)],
     )
     def labelled_examples(context: dg.AssetExecutionContext, config: ExamplesConfig, lakefs: LakeFSResource):
-        features, fcommit = read_upstream_table(context, lakefs, "features")
-        labels, lcommit = read_upstream_table(context, lakefs, "stg_labels")
-        cutoff = dt.datetime.fromisoformat(config.cutoff) if config.cutoff else features[spec.time_column].max()
+        """The labelled window: the history (reference_features, stg_reference_labels) plus the batch partitions
+        that can hold an example at the cut-off, i.e. whose window starts by then and whose labels are known by
+        then; the features of a batch are read only if it has such labels. Partitions after the cut-off are
+        never read."""
+        ref_features, fcommit = read_upstream_table(context, lakefs, "reference_features")
+        ref_labels, lcommit = read_upstream_table(context, lakefs, "stg_reference_labels")
+        commits = {"reference_features": fcommit, "stg_reference_labels": lcommit}
+        checked = checked_partitions(context, "features")
+        if config.cutoff:
+            cutoff = dt.datetime.fromisoformat(config.cutoff)
+        else:  # the latest event time in the features: it lies in the newest batch (or the history)
+            cutoff = ref_features[spec.time_column].max()
+            if checked:
+                last = max(checked)
+                newest = load_partition(context, lakefs, "features", last, checked[last], commits)
+                if newest.height:
+                    cutoff = max(cutoff, newest[spec.time_column].max())
+        label_parts = checked_partitions(context, "stg_labels")
+        window_keys = labelled_window(spec, sorted(label_parts), cutoff)
+        feature_frames, label_frames = [ref_features], [ref_labels]
+        late = int(ref_labels.filter(pl.col("label_available_at") > cutoff).height)
+        for p in window_keys:
+            labels_p = load_partition(context, lakefs, "stg_labels", p, label_parts[p], commits)
+            late += int(labels_p.filter(pl.col("label_available_at") > cutoff).height)
+            labels_p = labels_p.filter(pl.col("label_available_at") <= cutoff)
+            if labels_p.height and p in checked:
+                label_frames.append(labels_p)
+                feature_frames.append(load_partition(context, lakefs, "features", p, checked[p], commits))
+        features = pl.concat(feature_frames, how="diagonal_relaxed")
+        labels = pl.concat(label_frames, how="diagonal_relaxed")
         examples = modeling.point_in_time_examples(features, labels, spec, cutoff)
         problems = modeling.leakage_violations(examples, spec, cutoff)
         yield dg.Output(examples, metadata={
             "cutoff": str(cutoff), "rows": examples.height,
             "labels_known_at_cutoff": int(labels.filter(pl.col("label_available_at") <= cutoff).height),
-            "labels_after_cutoff_excluded": int(labels.filter(pl.col("label_available_at") > cutoff).height),
-            "upstream_commits": dg.MetadataValue.json({"features": fcommit, "stg_labels": lcommit}),
+            "labels_after_cutoff_excluded": late,
+            "batch_partitions_read": dg.MetadataValue.json(sorted(p for p in commits if "[" in p)),
+            "upstream_commits": dg.MetadataValue.json(commits),
         })
         yield dg.AssetCheckResult(check_name="no_label_leakage", passed=not problems,
                                   description="; ".join(problems) or f"no label known after {cutoff} is used")
@@ -117,6 +145,35 @@ def build_training(spec: DatasetSpec) -> list:
         })
 
     return [labelled_examples, training_set, candidate_model]
+
+
+def labelled_window(spec: DatasetSpec, partitions: list[str], cutoff: dt.datetime) -> list[str]:
+    """The batch partitions that can hold a labelled example at `cutoff`: those whose window starts by then
+    (a record is never later than its label, and the label must be known by the cut-off)."""
+    from mlplatform.batches import window
+
+    return [p for p in partitions if window(spec, p)[0] <= cutoff]
+
+
+def checked_partitions(context, key: str) -> dict[str, tuple[str, str]]:
+    """partition -> (commit, path) of the newest checked version (from this run or a successful run) of each
+    materialized partition of `key`."""
+    out = {}
+    for p in sorted(context.instance.get_materialized_partitions(dg.AssetKey(key))):
+        found = latest_checked_materialization(context.instance, dg.AssetKey(key), p, context.run_id)
+        if found:
+            out[p] = (found[0], found[1])
+    return out
+
+
+def load_partition(context, lakefs: LakeFSResource, key: str, partition: str, found: tuple[str, str],
+                   commits: dict) -> pl.DataFrame:
+    """One partition of a dbt model at its checked commit; the commit is recorded as upstream lineage."""
+    from resources.io import deserialize
+
+    commit, path = found
+    commits[f"{key}[{partition}]"] = commit
+    return deserialize(lakefs.get(commit, path), path)
 
 
 def record_retrain_trigger(run: dg.DagsterRun, model: str, audit: AuditTrail | None = None) -> bool:

@@ -10,8 +10,9 @@ dir, free port), its own state folder (landing zone, DuckDB file) and its own te
               file that is due (not a platform stage; reported for completeness)
   reference   materialize reference_data, publish the run into main
   ingest      per production batch: materialize raw_records (+ raw_labels where labels landed), publish
-  dbt         materialize dbt_models (dbt build on DuckDB reading lakeFS via the S3 gateway, then each
-              model exported to lakeFS and committed), publish
+  dbt         materialize the history's dbt models, then each batch's partition of the batch models (dbt
+              build on a per-run DuckDB reading lakeFS via the S3 gateway, then each model exported to
+              lakeFS and committed), publishing each run
   training    materialize labelled_examples + training_set, publish
 
 Scaling: production is scaled by the Simulator (scale=k: k resampled copies, fresh ids). The
@@ -143,11 +144,17 @@ def child(args) -> None:
         stage("ingest", t0, rows=rec_rows, label_rows=lab_rows, runs=len(rel.records))
 
         t0 = time.perf_counter()
-        r = run(features, None)
-        dbt_rows = {}
-        for m in r.asset_materializations_for_node("dbt_models"):
-            dbt_rows[m.asset_key.to_user_string()] = m.metadata["dagster/row_count"].value
-        stage("dbt", t0, rows=dbt_rows)
+        # The history's models once, then each batch's models from its own partition (as the arrivals jobs do).
+        dbt_rows: dict[str, int] = {}
+        runs = [(["stg_reference_records", "stg_reference_labels", "reference_features"], None)]
+        runs += [(["stg_records", "features"] + (["stg_labels"] if key in rel.labels else []), key)
+                 for key in rel.records]
+        for sel, key in runs:
+            r = run(features, sel, key)
+            for m in r.get_asset_materialization_events():
+                name = m.asset_key.to_user_string().replace("reference_", "")
+                dbt_rows[name] = dbt_rows.get(name, 0) + m.materialization.metadata["dagster/row_count"].value
+        stage("dbt", t0, rows=dbt_rows, runs=len(runs))
 
         t0 = time.perf_counter()
         r = run(training, ["labelled_examples", "training_set"])

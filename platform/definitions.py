@@ -20,7 +20,8 @@ from sensors.lifecycle import build_lifecycle
 from sensors.publish import publish_sensors
 
 # Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
-# `features` is ignored so that a new batch re-scores only its own partition, not every old one.
+# `features` and `reference_features` are ignored: a batch is (re)scored when its raw records change, not when a
+# feature rebuild or a retrain rewrites the features (an unpartitioned update would re-request every partition).
 FOLLOWERS = ["batch_predictions", "drift_report", "data_quality_report", "performance_estimate",
              "realized_performance"]
 
@@ -29,7 +30,7 @@ def follow_inputs() -> dg.AutomationCondition:
     # `since_last_handled`: an update is remembered until the asset is requested, so a dep that is
     # in progress at that tick (e.g. a label run rebuilding `features`) delays the run instead of losing it.
     return (
-        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features")).since_last_handled()
+        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features", "reference_features")).since_last_handled()
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()

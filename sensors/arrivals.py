@@ -42,8 +42,11 @@ from resources.partitions import partitions_def
 from resources.landing import LandingZoneResource
 from mlplatform.spec import DatasetSpec
 
-INGEST_ASSETS = ["raw_records", "stg_records", "stg_labels", "features"]
-LABEL_ASSETS = ["raw_labels", "stg_records", "stg_labels", "features"]
+# A batch's dbt models are built from that partition alone: records bring its staging and features, labels its
+# staged labels (features do not depend on labels).
+INGEST_ASSETS = ["raw_records", "stg_records", "features"]
+LABEL_ASSETS = ["raw_labels", "stg_labels"]
+FEATURE_ASSETS = ["stg_records", "stg_labels", "features"]
 JOBS = {"records": "ingest_batch", "labels": "ingest_labels"}
 
 PARTITION_TAG = "dagster/partition"
@@ -333,6 +336,11 @@ def build_arrivals(spec: DatasetSpec) -> dict:
                                      description="A landed batch: raw records of the partition, then the dbt models.")
     labels_job = dg.define_asset_job(JOBS["labels"], selection=LABEL_ASSETS, partitions_def=parts,
                                      description="Delayed labels of a partition, then the dbt models.")
+    # The full rebuild, on demand: a backfill of this job over all partitions (e.g. after a feature definition
+    # changed, which marks the partitions stale) rebuilds every batch's models from its raw files.
+    rebuild_job = dg.define_asset_job("rebuild_features", selection=FEATURE_ASSETS, partitions_def=parts,
+                                      description="Rebuild one batch's dbt models (staging, features) from its raw "
+                                                  "partition; backfill all partitions for a full rebuild.")
 
     @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=15,
                default_status=dg.DefaultSensorStatus.RUNNING,
@@ -352,4 +360,4 @@ def build_arrivals(spec: DatasetSpec) -> dict:
             return dg.SensorResult(run_requests=plan.requests, cursor=plan.cursor())
         return dg.SensorResult(skip_reason=plan.skip_reason(), cursor=plan.cursor())
 
-    return {"jobs": [ingest_job, labels_job], "sensors": [landing_arrivals]}
+    return {"jobs": [ingest_job, labels_job, rebuild_job], "sensors": [landing_arrivals]}

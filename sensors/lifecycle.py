@@ -15,7 +15,9 @@ from resources.audit import AuditResource
 from resources.mlflow import MLflowResource
 from mlplatform.spec import DatasetSpec
 
-RETRAIN_ASSETS = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
+# The history's dbt models (unpartitioned) are rebuilt with each training; the batches' features are built per
+# partition as they arrive (sensors/arrivals.py) and only read here.
+RETRAIN_ASSETS = ["stg_reference_records", "stg_reference_labels", "reference_features", "labelled_examples", "training_set", "candidate_model",
                   "evaluation_report", "model_card"]
 
 

@@ -67,8 +67,9 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch)
 
     # Precondition: a champion trained on the reference period (set-up, before the daemon starts).
-    for selection in (["reference_data"], ["stg_records", "stg_labels", "features", "labelled_examples",
-                                           "training_set", "candidate_model", "evaluation_report", "model_card"]):
+    for selection in (["reference_data"], ["stg_reference_records", "stg_reference_labels", "reference_features",
+                                           "labelled_examples", "training_set", "candidate_model",
+                                           "evaluation_report", "model_card"]):
         r = dg.materialize(assets, selection=selection, instance=instance, resources=res)
         publish_run(instance, lakefs, r.run_id)
     m = res["mlflow"]
@@ -136,8 +137,8 @@ def report_latency(instance, landing_root):
 
 def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
     spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch, retrain=False)
-    train = ["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
-             "evaluation_report", "model_card"]
+    train = ["stg_reference_records", "stg_reference_labels", "reference_features", "labelled_examples",
+             "training_set", "candidate_model", "evaluation_report", "model_card"]
     r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
     publish_run(instance, lakefs, r.run_id)
     good = dg.materialize(assets, selection=train, instance=instance, resources=res)

@@ -10,6 +10,8 @@ from mlplatform.batches import window
 from mlplatform.features import online_features
 from resources.io import load_asset
 from resources.lakefs import run_branch
+from resources.partitions import partitions_def
+from resources.publish import publish_run
 
 from .helpers import car_loan, production_rows, resources_for
 
@@ -33,14 +35,21 @@ def features(spec):
 
 
 def drift(spec, table, lakefs, state, instance):
-    @dg.asset(name="features")
+    # Stand-ins for the dbt models: the batch's partition of `features` and the history's `reference_features`.
+    @dg.asset(name="features", partitions_def=partitions_def(spec))
     def stub_features() -> pl.DataFrame:
-        return table
+        return table.filter(pl.col("origin") == "production")
+
+    @dg.asset(name="reference_features")
+    def stub_reference_features() -> pl.DataFrame:
+        return table.filter(pl.col("origin") == "reference")
 
     drift_report = build_monitoring(spec)[0]
+    res = resources_for(lakefs, state, spec)
+    ref = dg.materialize([stub_reference_features], instance=instance, resources=res)
+    publish_run(instance, lakefs, ref.run_id)
     return dg.materialize([stub_features, drift_report], instance=instance, partition_key=PARTITION,
-                          selection=["features", "drift_report"], raise_on_error=False,
-                          resources=resources_for(lakefs, state, spec))
+                          selection=["features", "drift_report"], raise_on_error=False, resources=res)
 
 
 def checks(result):

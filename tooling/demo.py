@@ -18,7 +18,8 @@ BIN = Path(sys.executable).parent
 DAGSTER = str(BIN / "dagster")
 
 # Whole-history assets built once the batches are in, then per-batch scoring and monitoring.
-TRAINING = ("stg_records,stg_labels,features,labelled_examples,training_set,candidate_model,"
+TRAINING = ("stg_reference_records,stg_reference_labels,reference_features,labelled_examples,training_set,"
+            "candidate_model,"
             "evaluation_report,model_card")
 PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
 
@@ -27,7 +28,8 @@ def flow(state: dict) -> list[tuple[str, str | None]]:
     """The demo's materializations, in order, for the simulator's state (released batches and labels)."""
     steps: list[tuple[str, str | None]] = [("reference_data", None)]
     for partition in state["released"]:
-        steps.append(("raw_records,raw_labels" if partition in state["labels_released"] else "raw_records",
+        batch = "raw_records,stg_records,features"  # a batch's features are built with its records
+        steps.append((batch + ",raw_labels,stg_labels" if partition in state["labels_released"] else batch,
                       partition))
     steps.append((TRAINING, None))
     for partition in state["released"]:

@@ -35,3 +35,17 @@
   {{ f.expression }} as "{{ f.name }}"
   {%- endfor %}
 {%- endmacro %}
+
+{#- The feature SELECT over a staged records relation: one row per record, the spec's features plus the
+    engineered ones. The one definition used by `features` (per batch) and `reference_features` (history). -#}
+{% macro feature_select(relation) -%}
+select
+    "{{ var('id_column') }}",
+    "{{ var('time_column') }}",
+    origin
+    {%- for f in var('features') %},
+    "{{ f.name }}"
+    {%- endfor %}
+    {{ engineered_features() }}
+from {{ relation }}
+{%- endmacro %}

@@ -1,10 +1,3 @@
--- One row per record: the spec's features plus the engineered ones (the same SQL serving runs).
-select
-    "{{ var('id_column') }}",
-    "{{ var('time_column') }}",
-    origin
-    {%- for f in var('features') %},
-    "{{ f.name }}"
-    {%- endfor %}
-    {{ engineered_features() }}
-from {{ ref('stg_records') }}
+-- One production batch's features: one row per record, the spec's features plus the engineered ones
+-- (feature_select: the same SQL as reference_features and as serving).
+{{ feature_select(ref('stg_records')) }}
