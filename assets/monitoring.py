@@ -50,11 +50,11 @@ def previous_partitions(spec: DatasetSpec, partition: str, count: int) -> list[s
 
 def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: pl.DataFrame) -> pl.DataFrame:
     """This batch's drift beside the published drift reports of the batches before it (at most
-    `monitoring.drift_plot_batches`, default 12): one chunk per batch, read from those small reports, so the
+    `monitoring.drift_plot_batches`): one chunk per batch, read from those small reports, so the
     plot costs a bounded number of reads instead of recomputing drift over all history."""
     from resources.io import deserialize
 
-    count = int(spec.monitoring.get("drift_plot_batches", 12))
+    count = spec.monitoring.drift_plot_batches
     frames = []
     for p in previous_partitions(spec, context.partition_key, max(count - 1, 0)):
         found = latest_checked_materialization(context.instance, dg.AssetKey("drift_report"), p, context.run_id)

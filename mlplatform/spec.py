@@ -325,6 +325,8 @@ class Monitoring(_Section):
     drift_methods: Seq[DriftMethod] = DRIFT_METHODS
     std_multiplier: float = Field(3.0, gt=0)
     """Drift thresholds: the reference chunks' mean +/- this many standard deviations."""
+    drift_plot_batches: int = Field(12, ge=1)
+    """Drift over time: a batch's report plots it beside this many earlier published batch reports."""
 
 
 class VolumeTrigger(_Section):
