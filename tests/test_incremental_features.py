@@ -58,7 +58,7 @@ def test_a_changed_feature_macro_or_feature_expression_changes_the_feature_code_
     macros[uid]["macro_sql"] += "\n-- changed"
     assert model_code_version({**manifest, "macros": macros}, node, spec) != before
     eng = spec.engineered_features[0]
-    other = dataclasses.replace(eng, expression=f"({eng.expression}) + 1")
+    other = eng.model_copy(update={"expression": f"({eng.expression}) + 1"})
     changed = dataclasses.replace(spec, engineered_features=(other, *spec.engineered_features[1:]))
     assert model_code_version(manifest, node, changed) != before
     # and the partitioned Dagster assets carry it as their code version (what marks partitions stale in the UI)
