@@ -37,3 +37,18 @@ def production_rows(spec: DatasetSpec, start, end, n: int | None = None) -> pl.D
     df = df.with_columns(pl.col(t).str.to_datetime(time_unit="us")) if df.schema[t] == pl.String else df
     df = df.filter((pl.col(t) >= start) & (pl.col(t) < end)).select(spec.raw_columns)
     return df.head(n) if n else df
+
+
+def materialize_and_publish(assets, selection, instance, resources: dict, lakefs: LakeFSResource,
+                            partition: str | None = None):
+    """Materialize `selection` as one run (every check must pass) and publish it, as the publish sensor does."""
+    import dagster as dg
+
+    from resources.publish import publish_run
+
+    result = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
+                            resources=resources, raise_on_error=False)
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    assert result.success, (selection, partition, [(e.check_name, e.description) for e in failed])
+    assert publish_run(instance, lakefs, result.run_id).status == "published"
+    return result

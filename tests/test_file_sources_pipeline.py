@@ -20,11 +20,10 @@ from mlplatform.batches import Landing
 from mlplatform.sources import format_times, parse_times
 from mlplatform.spec import dataset_name, dataset_spec, load_spec
 from resources.io import load_asset
-from resources.publish import publish_run
 from tooling.simulator import Simulator
 
 from .file_specs import write_spec
-from .helpers import resources_for
+from .helpers import materialize_and_publish, resources_for
 
 pytestmark = pytest.mark.services
 
@@ -71,12 +70,7 @@ def test_a_data_set_of_files_runs_through_the_whole_graph_by_configuration(lakef
     assert landed["timestamp"].dtype == pl.Int64, "landed as stored: epoch milliseconds"
 
     def run(selection, partition=None):
-        result = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                                resources=res, raise_on_error=False)
-        failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
-        assert result.success, (selection, partition, [(e.check_name, e.description) for e in failed])
-        assert publish_run(instance, lakefs, result.run_id).status == "published"
-        return result
+        return materialize_and_publish(assets, selection, instance, res, lakefs, partition)
 
     run(["reference_data"])
     for p in BATCHES:

@@ -19,10 +19,9 @@ from mlplatform.batches import Landing
 from mlplatform.features import online_features
 from tooling.simulator import Simulator
 from resources.io import load_asset
-from resources.publish import publish_run
 from mlplatform.spec import load_spec
 
-from .helpers import resources_for
+from .helpers import materialize_and_publish, resources_for
 
 
 @pytest.mark.parametrize("dataset", ["car_loan", "car_price"])
@@ -38,12 +37,7 @@ def test_a_data_set_runs_through_the_whole_graph_by_configuration_alone(dataset,
     assert released.labels, "the label delay lets the first batch's labels arrive"
 
     def run(selection, partition=None):
-        result = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                                resources=res, raise_on_error=False)
-        failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
-        assert result.success, (selection, partition, [(e.check_name, e.description) for e in failed])
-        assert publish_run(instance, lakefs, result.run_id).status == "published"
-        return result
+        return materialize_and_publish(assets, selection, instance, res, lakefs, partition)
 
     run(["reference_data"])
     for p in released.records:  # each batch's features are built from its own partition, as the arrivals jobs do

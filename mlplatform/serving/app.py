@@ -268,69 +268,67 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
         except orjson.JSONDecodeError as exc:
             raise RequestError([], f"the body is not valid JSON: {exc}", status=400) from None
 
-    @app.post("/v1/models/{name}/predict", openapi_extra={"requestBody": predict_body},
-              summary="Predict one row or many", responses={422: {"description": "a field is refused: detail "
-                                                                                 "names it"}})
-    async def predict(name: str, request: Request):
-        endpoint = "v1_predict"
+    async def answer(endpoint: str, name: str, request: Request, rows_of, request_id_of, output_of):
+        """One scoring request: parse, score, count, answer; a refused request gets a 4xx naming the field."""
         t0 = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         variant = "none"
         try:
             check_name(name)
             body = await read_json(request)
-            if isinstance(body, dict) and "rows" in body:
-                extra = [k for k in body if k != "rows"]
-                if extra:
-                    raise RequestError([extra[0]], f"unknown field {extra[0]!r:.60}; send {{'rows': [...]}} or one row")
-                rows = body["rows"]
-            elif isinstance(body, dict):
-                rows = [body]
-            else:
-                raise RequestError([], "the body must be an object: {'rows': [...]} or one row")
+            request_id = request_id_of(body)
+            rows = rows_of(body)
             preds, decision, model = score(rows, request.headers.get(settings.routing.sticky_header), endpoint,
                                            request_id)
             variant = decision.variant
         except RequestError as exc:
             return err(exc.status, exc.loc, exc.message, endpoint, "refused" if exc.status < 500 else "unavailable")
         except Exception as exc:  # noqa: BLE001
-            log.exception("predict failed")
+            log.exception("%s failed", endpoint)
             return err(500, [], f"{type(exc).__name__}: {exc}", endpoint, "failed", variant)
-        out = {"model_name": tracking.model_name, "model_version": model.version, "variant": variant,
-               "request_id": request_id, "predictions": preds.tolist()}
+        out = output_of(model, variant, request_id, preds)
         metrics.latency.labels(endpoint, variant).observe(time.perf_counter() - t0)
         metrics.requests.labels(endpoint, variant, "200").inc()
         return Response(orjson.dumps(out), media_type="application/json",
                         headers={"x-model-version": model.version, "x-variant": variant})
 
+    def v1_rows(body: Any) -> list:
+        if isinstance(body, dict) and "rows" in body:
+            extra = [k for k in body if k != "rows"]
+            if extra:
+                raise RequestError([extra[0]], f"unknown field {extra[0]!r:.60}; send {{'rows': [...]}} or one row")
+            return body["rows"]
+        if isinstance(body, dict):
+            return [body]
+        raise RequestError([], "the body must be an object: {'rows': [...]} or one row")
+
+    @app.post("/v1/models/{name}/predict", openapi_extra={"requestBody": predict_body},
+              summary="Predict one row or many", responses={422: {"description": "a field is refused: detail "
+                                                                                 "names it"}})
+    async def predict(name: str, request: Request):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await answer(
+            "v1_predict", name, request, v1_rows, lambda body: request_id,
+            lambda model, variant, rid, preds: {"model_name": tracking.model_name, "model_version": model.version,
+                                                "variant": variant, "request_id": rid,
+                                                "predictions": preds.tolist()})
+
     @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": infer_body},
               summary="Open Inference Protocol v2 inference")
     async def infer(name: str, request: Request):
-        endpoint = "v2_infer"
-        t0 = time.perf_counter()
-        variant = "none"
-        try:
-            check_name(name)
-            body = await read_json(request)
-            request_id = (body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None) \
-                or request.headers.get("x-request-id") or uuid.uuid4().hex
-            rows = oip_rows(body)
-            preds, decision, model = score(rows, request.headers.get(settings.routing.sticky_header), endpoint,
-                                           request_id)
-            variant = decision.variant
-        except RequestError as exc:
-            return err(exc.status, exc.loc, exc.message, endpoint, "refused" if exc.status < 500 else "unavailable")
-        except Exception as exc:  # noqa: BLE001
-            log.exception("infer failed")
-            return err(500, [], f"{type(exc).__name__}: {exc}", endpoint, "failed", variant)
-        out = {"model_name": tracking.model_name, "model_version": model.version, "id": request_id,
-               "parameters": {"variant": variant},
-               "outputs": [{"name": "prediction", "shape": [len(preds)], "datatype": "FP64",
-                            "data": preds.tolist()}]}
-        metrics.latency.labels(endpoint, variant).observe(time.perf_counter() - t0)
-        metrics.requests.labels(endpoint, variant, "200").inc()
-        return Response(orjson.dumps(out), media_type="application/json",
-                        headers={"x-model-version": model.version, "x-variant": variant})
+        def request_id_of(body: Any) -> str:
+            given = body.get("id") if isinstance(body, dict) else None
+            if isinstance(given, str) and given:
+                return given
+            return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+        return await answer(
+            "v2_infer", name, request, oip_rows, request_id_of,
+            lambda model, variant, rid, preds: {
+                "model_name": tracking.model_name, "model_version": model.version, "id": rid,
+                "parameters": {"variant": variant},
+                "outputs": [{"name": "prediction", "shape": [len(preds)], "datatype": "FP64",
+                             "data": preds.tolist()}]})
+
 
     def oip_rows(body: Any) -> list[dict]:
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
