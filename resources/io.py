@@ -39,7 +39,8 @@ RESUME_TAGS = ("dagster/is_resume_retry", "dagster/is_asset_resume_retry")
 TRANSIENT_ERRORS = {"LakeFSUnavailable", "MLflowUnavailable", "ConnectionError", "ConnectionRefusedError",
                     "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "TimeoutError",
                     "MaxRetryError", "NewConnectionError", "ProtocolError", "ReadTimeoutError",
-                    "ConnectTimeoutError", "ConnectTimeout", "ReadTimeout", "RemoteDisconnected"}
+                    "ConnectTimeoutError", "ConnectTimeout", "ReadTimeout", "RemoteDisconnected",
+                    "PublicationPending"}  # predecessors not yet published by the publish sensor
 TRANSIENT_TEXT = ("Connection refused", "Max retries exceeded", "Connection reset", "Connection aborted",
                   "Read timed out", "Remote end closed connection", "503 Service Unavailable",
                   "502 Bad Gateway", "504 Gateway Timeout")
@@ -186,9 +187,11 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
 
     lakefs: dg.ResourceDependency[LakeFSResource]
     read_ref: str = ""  # load inputs as of this commit id or tag instead of their latest checked version
-    # Publish finished, passing runs before making this run's branch, so that with one writer at a time
-    # (the run queue's limit) a run always starts from its predecessors' data.
-    publish_before_branching: bool = True
+    # Before making this run's branch from main, wait (bounded) until the publish sensor has published every
+    # run that succeeded before it, so a run starts from its predecessors' data (resources/publish.py
+    # `await_publication`). A run never publishes another run: only the publish sensor (or `mlp publish`) does.
+    await_publication: bool = True
+    publication_patience_seconds: float = 180.0
     # How long a step waits out a lakeFS outage (beyond the resource's own quick retries), with backoff,
     # before it fails and leaves the run to Dagster's run retries. Bounded: a dead server never hangs a run.
     outage_patience_seconds: float = 120.0
@@ -282,7 +285,8 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
         if source is not None:
             self.lakefs.ensure_branch(name, source=source)
         else:
-            open_run_branch(instance if self.publish_before_branching else None, self.lakefs, run_id)
+            open_run_branch(instance if self.await_publication else None, self.lakefs, run_id,
+                            self.publication_patience_seconds)
         self._branches.add(name)
         return name
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from mlplatform.audit import AuditTrail
-from resources.lakefs import LakeFSResource, MergeConflict, run_branch
+from resources.lakefs import LakeFSError, LakeFSResource, MergeConflict, run_branch
 from resources.mlflow import MLflowResource
 
 PUBLISHED_TAG = "lakefs/published_commit"
@@ -19,6 +19,11 @@ GATE_TAG = "mlp/gate_decision"
 MODEL_VERSION_TAG = "mlp/model_version"
 MODEL_NAME_TAG = "mlp/model_name"
 EXPERIMENT_TAG = "mlp/mlflow_experiment"
+# A same-partition conflict: the run merged second is re-executed once from the new main (a new run carrying
+# CONFLICT_RETRY_TAG and the conflicting run's id in CONFLICT_OF_TAG); a second conflict fails clearly.
+CONFLICT_RETRY_TAG = "mlp/conflict_retry"
+CONFLICT_OF_TAG = "mlp/conflict_of"
+PARTITION_TAG = "dagster/partition"
 
 ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
           dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
@@ -31,6 +36,7 @@ class PublishOutcome:
     detail: str
     commit: str | None = None
     promotion_pending: bool = False  # published, but the gate decision's alias moves must be retried
+    conflicting_runs: tuple[str, ...] = ()  # conflict: the published runs that changed the same paths first
 
 
 def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -142,7 +148,15 @@ def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: st
                               metadata={"dagster_run_id": run_id, "job": run.job_name})
     except MergeConflict as exc:
         instance.add_run_tags(run_id, {KEPT_TAG: branch})
-        return PublishOutcome(run_id, "conflict", str(exc))
+        others = conflicting_runs(lakefs, branch)
+        partition = run.tags.get(PARTITION_TAG)
+        where = f" of partition {partition!r}" if partition else ""
+        detail = f"run {run_id}{where} conflicts with published run(s) {list(others) or ['?']}: {exc}"
+        if run.tags.get(CONFLICT_RETRY_TAG):
+            detail += (f" It already re-executed conflicting run {run.tags.get(CONFLICT_OF_TAG, '?')} once from "
+                       f"the new {lakefs.main_branch!r}; not retried again: launch {run.job_name}"
+                       f"{f' [{partition}]' if partition else ''} by hand once the other writer is done.")
+        return PublishOutcome(run_id, "conflict", detail, conflicting_runs=others)
     instance.add_run_tags(run_id, {PUBLISHED_TAG: commit})
     settled, promo = promote_run(instance, lakefs, run, commit, mlflow, audit)
     if settled:  # else the branch marks the run for the next publish to finish the alias moves
@@ -151,14 +165,54 @@ def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: st
                           promotion_pending=not settled)
 
 
+def conflicting_runs(lakefs: LakeFSResource, branch: str) -> tuple[str, ...]:
+    """The Dagster runs whose published writes to main collide with `branch` (paths changed on both sides
+    since the branch was made), read from the commit metadata of the last change of each path on main."""
+    try:
+        mine = set(lakefs.changed_paths(lakefs.main_branch, branch))
+        theirs = set(lakefs.changed_paths(branch, lakefs.main_branch))
+        found: list[str] = []
+        for path in sorted(mine & theirs)[:10]:
+            commit = lakefs.commit_of_object(lakefs.main_branch, path)
+            rid = lakefs.commit_metadata(commit).get("dagster_run_id", "") if commit else ""
+            if rid and rid not in found:
+                found.append(rid)
+        return tuple(found)
+    except LakeFSError:  # naming the other writer is a courtesy; the conflict itself is already known
+        return ()
+
+
+def conflict_retry_request(run: dg.DagsterRun, outcome: PublishOutcome) -> dg.RunRequest | None:
+    """The one re-execution of a run whose publication conflicted: a new run of the same job, partition,
+    config and selection, branched from the new main. None when the run was already such a retry (a second
+    conflict fails) or is not a job run a sensor can request."""
+    if outcome.status != "conflict" or run.tags.get(CONFLICT_RETRY_TAG) or run.job_name.startswith("__"):
+        return None
+    keep = {k: v for k, v in run.tags.items() if not k.startswith(("dagster/", "lakefs/", ".dagster"))
+            and k not in (KEPT_TAG, PUBLISHED_TAG, GATE_TAG, MODEL_VERSION_TAG, MODEL_NAME_TAG, EXPERIMENT_TAG,
+                          "mlp/transient_failure")}
+    keep.update({CONFLICT_RETRY_TAG: "1", CONFLICT_OF_TAG: run.run_id})
+    return dg.RunRequest(run_key=f"conflict-retry-{run.run_id}", job_name=run.job_name,
+                         partition_key=run.tags.get(PARTITION_TAG), run_config=dict(run.run_config or {}),
+                         asset_selection=list(run.asset_selection) if run.asset_selection else None, tags=keep)
+
+
 def publish_pending(instance: dg.DagsterInstance, lakefs: LakeFSResource, mlflow: MLflowResource | None = None,
-                    audit: AuditTrail | None = None) -> list[PublishOutcome]:
-    """Publish every finished run whose branch still exists (idempotent)."""
+                    audit: AuditTrail | None = None, min_age_seconds: float = 0.0) -> list[PublishOutcome]:
+    """Publish every finished run whose branch still exists (idempotent); with `min_age_seconds`, only runs
+    that ended at least that long ago (the sweep leaves fresh runs to the run-status sensor)."""
+    import time
+
     out = []
+    cutoff = time.time() - min_age_seconds
     for info in lakefs.branches(prefix="run-"):
         run = instance.get_run_by_id(info.run_id) if info.run_id else None
         if run is not None and run.tags.get(KEPT_TAG):
             continue
+        if min_age_seconds and run is not None:
+            record = instance.get_run_record_by_id(run.run_id)
+            if record is None or record.end_time is None or record.end_time > cutoff:
+                continue
         out.append(publish_run(instance, lakefs, info.run_id or "", mlflow, audit))
     return out
 
@@ -221,12 +275,102 @@ def _retry_in_flight(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
     return ""
 
 
-def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str) -> str:
-    """The run's branch; made from a main that first receives every finished, passing run (so a run
-    that starts before the publish sensor's next tick still sees its predecessors' data)."""
+# --- Publishing happens in exactly one place ---------------------------------------------------------------
+# Only the publish sensor (sensors/publish.py, in the daemon) merges run branches into main; `mlp publish` is the
+# operator's manual path through the same `publish_run`. A run never publishes another run. Instead, when a run
+# opens its branch it first waits until every run that finished successfully before that moment has been
+# published (or kept: failed checks, a conflict), so that a follower run (scoring after ingestion, labels after
+# records, a retrain after new labels) starts from a main that holds its predecessors' data. The wait is bounded:
+# past `PUBLICATION_PATIENCE_SECONDS`, or at once when no sensor daemon is alive to publish anything, the run fails
+# with PublicationPending naming the runs it waited for; the failure is marked transient, so Dagster's run
+# retries re-execute it later (the daemon case), and an in-process caller (a test, a script) learns that it must
+# publish explicitly (`mlp publish`, tests/helpers.py materialize_and_publish).
+PUBLICATION_PATIENCE_SECONDS = 180.0
+# A daemon whose last heartbeat is older than this is taken for dead (Dagster's daemons beat every 30 s).
+DAEMON_HEARTBEAT_TOLERANCE_SECONDS = 120.0
+
+
+class PublicationPending(LakeFSError):
+    """A run cannot open its branch yet: finished runs it may depend on are not published."""
+
+
+def unpublished_successes(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str) -> list[str]:
+    """Ids of the runs that succeeded and still await publication (their branch exists; neither published nor
+    kept), other than `run_id` and the runs it resumes."""
+    out = []
+    for info in lakefs.branches(prefix="run-"):
+        if not info.run_id or info.run_id == run_id:
+            continue
+        run = instance.get_run_by_id(info.run_id)
+        if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
+            continue
+        if run.tags.get(PUBLISHED_TAG) or run.tags.get(KEPT_TAG):
+            continue
+        out.append(info.run_id)
+    return sorted(out)
+
+
+def publisher_alive(instance: dg.DagsterInstance) -> bool:
+    """Is a sensor daemon (which runs the publish sensor) beating on this instance?"""
+    import time
+
+    try:
+        beats = instance.get_daemon_heartbeats()
+    except Exception:  # noqa: BLE001 - an instance without daemon storage has no publisher
+        return False
+    beat = beats.get("SENSOR")
+    return beat is not None and time.time() - beat.timestamp < DAEMON_HEARTBEAT_TOLERANCE_SECONDS
+
+
+def await_publication(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
+                      patience_seconds: float | None = None, poll_seconds: float = 1.0, log=None) -> None:
+    """Return once every run that succeeded before now is published or kept; raise PublicationPending (marked
+    transient for Dagster's run retries) when they are not after `patience_seconds`, or at once when no sensor
+    daemon is alive to publish them. Runs finishing during the wait are not waited for (the set is fixed now)."""
+    import time
+
+    patience = PUBLICATION_PATIENCE_SECONDS if patience_seconds is None else patience_seconds
+    pending = unpublished_successes(instance, lakefs, run_id)
+    if not pending:
+        return
+    start = time.monotonic()
+    alive = publisher_alive(instance)
+    if log is not None and alive:
+        log.info(f"waiting up to {patience:.0f}s for the publish sensor to publish run(s) {pending} before "
+                 f"branching from {lakefs.main_branch}")
+    while alive and time.monotonic() - start < patience:
+        time.sleep(poll_seconds)
+        pending = [r for r in pending if _awaits_publication(instance, lakefs, r)]
+        if not pending:
+            return
+    waited = time.monotonic() - start
+    why = (f"still unpublished after {waited:.0f}s (PUBLICATION_PATIENCE_SECONDS={patience:.0f})" if alive else
+           "and no sensor daemon is running on this Dagster instance to publish them (the publish sensor "
+           "`publish_successful_runs` runs in `dagster-daemon`)")
+    message = (f"run {run_id} cannot open its lakeFS branch {run_branch(run_id)!r} in repository "
+               f"{lakefs.repository!r}: run(s) {pending} finished successfully before it but are not on "
+               f"{lakefs.main_branch!r} yet, {why}. Publish them (`mlp publish`), then re-execute; the run is "
+               f"marked for an automatic retry.")
+    from resources.io import mark_transient_failure
+
+    mark_transient_failure(instance, run_id, f"PublicationPending: waiting for {pending[:5]}")
+    raise PublicationPending(message)
+
+
+def _awaits_publication(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.tags.get(PUBLISHED_TAG) or run.tags.get(KEPT_TAG):
+        return False
+    return lakefs.branch_exists(run_branch(run_id))
+
+
+def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str,
+                    patience_seconds: float | None = None, log=None) -> str:
+    """The run's branch, made from main once every run that succeeded before it is published (see
+    `await_publication`; no wait without an instance). Never publishes anything itself."""
     branch = run_branch(run_id)
     if not lakefs.branch_exists(branch):
         if instance is not None:
-            publish_pending(instance, lakefs)
+            await_publication(instance, lakefs, run_id, patience_seconds, log=log)
         lakefs.ensure_branch(branch)
     return branch

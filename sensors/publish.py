@@ -1,34 +1,72 @@
 """Publish sensors: a finished run's branch is merged into main only if it passed; failures keep theirs.
-Publishing a run also applies its gate decision: model aliases move only once its data is on main."""
+Publishing a run also applies its gate decision: model aliases move only once its data is on main.
 
+This is the ONLY place that merges run branches automatically (`mlp publish` is the operator's manual path
+through the same `publish_run`). A run opening its branch waits for its predecessors to be published here
+(resources/publish.py `await_publication`); it never publishes them itself.
+
+A same-partition conflict (two runs of one partition both changed its paths; main keeps the one merged
+first) is re-executed once from the new main: the sensor requests a new run of the same job, partition and
+config tagged `mlp/conflict_retry=1`. If that run conflicts again, its publication fails with a message naming
+the partition and the conflicting run(s), and its branch is kept."""
+
+from collections.abc import Sequence
 
 import dagster as dg
 
 from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
-from resources.publish import publish_run
+from resources.publish import conflict_retry_request, publish_pending, publish_run
 
 
-@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, minimum_interval_seconds=5,
-                      default_status=dg.DefaultSensorStatus.RUNNING,  # publishing must not wait for a person
-                      description="Merges a successful run's lakeFS branch into main (write-audit-publish), then "
-                                  "moves the model aliases its gate decided.")
-def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource,
-                            audit: AuditResource):
-    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow, audit.trail())
-    context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
-    if outcome.status == "conflict" or outcome.promotion_pending:
-        # Reported on the run; the branch is kept, so the next publish (any new run, or `mlp publish`) retries.
-        raise RuntimeError(outcome.detail)
+def build_publish_sensors(jobs: Sequence = ()) -> list:
+    """The publish sensors. With `jobs` (every job whose runs may conflict), a conflicting run is re-executed
+    once; without, a conflict fails the sensor tick with the conflict named (the branch is kept either way)."""
+    retry_jobs = list(jobs)
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, minimum_interval_seconds=5,
+                          default_status=dg.DefaultSensorStatus.RUNNING,  # publishing must not wait for a person
+                          request_jobs=retry_jobs or None,
+                          description="Merges a successful run's lakeFS branch into main (write-audit-publish), "
+                                      "then moves the model aliases its gate decided; re-executes a run whose "
+                                      "partition conflicted once from the new main.")
+    def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource,
+                                audit: AuditResource):
+        outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow, audit.trail())
+        context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
+        if outcome.status == "conflict":
+            request = conflict_retry_request(context.dagster_run, outcome) if retry_jobs else None
+            if request is not None and request.job_name in {j.name for j in retry_jobs}:
+                context.log.warning(f"{outcome.detail} Re-executing it once from the new main.")
+                return request
+            raise RuntimeError(outcome.detail)
+        if outcome.promotion_pending:
+            # Reported on the run; the branch is kept, so the next publish (this sensor or `mlp publish`) retries.
+            raise RuntimeError(outcome.detail)
+        return None
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.FAILURE, minimum_interval_seconds=5,
+                          default_status=dg.DefaultSensorStatus.RUNNING,
+                          description="Records that a failed run's lakeFS branch is kept and main untouched.")
+    def keep_failed_run_branches(context: dg.RunStatusSensorContext, lakefs: LakeFSResource):
+        outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
+        context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
+
+    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Sweep: publishes successful runs the run-status sensor could not (lakeFS or MLflow was "
+                           "down at its tick) and finishes pending alias moves, so runs waiting for their "
+                           "predecessors' publication are not left waiting.")
+    def publish_stragglers(context: dg.SensorEvaluationContext, lakefs: LakeFSResource, mlflow: MLflowResource,
+                           audit: AuditResource):
+        outcomes = [o for o in publish_pending(context.instance, lakefs, mlflow, audit.trail(), min_age_seconds=30)
+                    if o.status != "pending"]
+        for o in outcomes:
+            context.log.info(f"{o.run_id}: {o.status}: {o.detail}")
+        return dg.SkipReason(f"swept {len(outcomes)} run branch(es)" if outcomes else "nothing left unpublished")
+
+    return [publish_successful_runs, keep_failed_run_branches, publish_stragglers]
 
 
-@dg.run_status_sensor(run_status=dg.DagsterRunStatus.FAILURE, minimum_interval_seconds=5,
-                      default_status=dg.DefaultSensorStatus.RUNNING,
-                      description="Records that a failed run's lakeFS branch is kept and main untouched.")
-def keep_failed_run_branches(context: dg.RunStatusSensorContext, lakefs: LakeFSResource):
-    outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
-    context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
-
-
-publish_sensors = [publish_successful_runs, keep_failed_run_branches]
+# Without the jobs: what platform/definitions.py uses until it passes `build_publish_sensors(lifecycle["jobs"])`.
+publish_sensors = build_publish_sensors()

@@ -16,6 +16,6 @@ if __name__ == "__main__":
     instance = dg.DagsterInstance.get()
     lakefs = build_resources(Settings.from_env().require(*LAKEFS))["lakefs"]
     result = dg.materialize([slices], instance=instance, partition_key=partition,
-                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)},
+                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs, await_publication=False)},
                             run_config={"ops": {"slices": {"config": {"value": value}}}})
     print(result.run_id)

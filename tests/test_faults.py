@@ -315,7 +315,7 @@ def test_a_retried_step_rewrites_its_outputs_on_the_same_branch(lakefs, instance
             raise ConnectionResetError("the connection dropped mid-step")
         yield dg.Output(pl.DataFrame({"attempt": [len(attempts)]}), output_name="second")
 
-    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
     r = dg.materialize([pair], instance=instance, resources={"io_manager": io})
     assert len(attempts) == 2
     branch = run_branch(r.run_id)
@@ -337,7 +337,7 @@ def test_only_a_transient_fault_marks_a_failed_run_for_retry(lakefs, instance):
     def judges() -> pl.DataFrame:
         raise ValueError("column 'amount' holds text")
 
-    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
     transient = dg.materialize([registers], instance=instance, resources={"io_manager": io}, raise_on_error=False)
     tags = instance.get_run_by_id(transient.run_id).tags
     assert tags.get("dagster/retry_on_asset_or_op_failure") == "true"
@@ -363,7 +363,7 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
 
     from resources.publish import KEPT_TAG
 
-    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
     first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
     # Mark `first` failed, as a run killed after `base` would be, then resume it as a retry would.
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
@@ -391,7 +391,7 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
 def test_a_resumed_run_whose_parent_branch_is_gone_fails_instead_of_branching_from_main(lakefs, instance):
     from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
 
-    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
     first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
     lakefs.delete_branch(run_branch(first.run_id))  # e.g. pruned by hand while its retry was queued
@@ -416,7 +416,7 @@ def test_a_second_retry_branches_from_the_first_run_when_the_first_retry_wrote_n
     has no branch; the second must start from the original run's branch, which holds the outputs it skips."""
     from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
 
-    io = LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
     first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
     instance.report_run_failed(instance.get_run_by_id(first.run_id))
     resume = {ROOT_RUN_ID_TAG: first.run_id, RESUME_RETRY_TAG: "true"}

@@ -44,7 +44,7 @@ def slices(context: dg.AssetExecutionContext, config: Knobs) -> pl.DataFrame:
 def run(assets, lakefs, instance, config=None, partition=None, raise_on_error=True, selection=None):
     return dg.materialize(assets, instance=instance, partition_key=partition, raise_on_error=raise_on_error,
                           selection=selection,
-                          resources={"io_manager": LakeFSIOManager(lakefs=lakefs, publish_before_branching=False)},
+                          resources={"io_manager": LakeFSIOManager(lakefs=lakefs, await_publication=False)},
                           run_config={"ops": config} if config else None)
 
 
@@ -138,7 +138,7 @@ def test_loading_at_an_older_commit_returns_the_older_content(lakefs, instance):
     assert load_asset(lakefs, "numbers", ref="v1")["x"][0] == 1
     # The I/O manager can also be pinned to a ref: downstream computed from the tagged data.
     pinned = dg.materialize([numbers, doubled], selection=["doubled"], instance=instance, resources={
-        "io_manager": LakeFSIOManager(lakefs=lakefs, read_ref="v1", publish_before_branching=False)})
+        "io_manager": LakeFSIOManager(lakefs=lakefs, read_ref="v1", await_publication=False)})
     assert load_asset(lakefs, "doubled", ref=run_branch(pinned.run_id))["x"][0] == 2
 
 
