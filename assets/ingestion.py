@@ -175,28 +175,95 @@ def _previous_version(context, lakefs: LakeFSResource, key: dg.AssetKey,
     return df, ledger
 
 
-def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition: str) -> dict[str, pl.Series]:
-    """Ids published in the other batches and in the reference history, as the run's branch (main plus
-    every finished, passing run) holds them: the ids a new record must not reuse."""
+# The record-id index: one small parquet file of a batch's sorted, distinct ids per partition, written on the
+# run's branch with the partition (so batches of different partitions never write the same path and merge
+# without conflict), its smallest and largest id in the object's user metadata. A new batch reads the listing
+# (metadata only) and then only the index files whose id range overlaps its own ids, semi-joined against them:
+# its cost follows the batch, not the history (ids that grow over time touch one or two files).
+ID_INDEX_PREFIX = "index/record_ids/"
+ID_MIN, ID_MAX = "id_min", "id_max"
+
+
+def id_index_path(partition: str) -> str:
+    return f"{ID_INDEX_PREFIX}partition={partition}.parquet"
+
+
+def write_id_index(lakefs: LakeFSResource, branch: str, spec: DatasetSpec, partition: str, df: pl.DataFrame) -> None:
+    """Write the batch's id index on its branch (committed with the batch by the I/O manager)."""
+    ids = df.select(pl.col(spec.id_column).drop_nulls().unique().sort())
+    buf = io.BytesIO()
+    ids.write_parquet(buf)
+    meta = {ID_MIN: "", ID_MAX: ""}
+    if ids.height:
+        meta = {ID_MIN: str(ids[spec.id_column][0]), ID_MAX: str(ids[spec.id_column][-1])}
+    lakefs.call(f"write id index {id_index_path(partition)}", lambda: lakefs.repo().branch(branch).object(
+        id_index_path(partition)).upload(buf.getvalue(), content_type="application/x-parquet", metadata=meta), branch)
+
+
+def _overlaps(meta: dict, lo, hi, dtype) -> bool:
+    """Might an index file with this (min, max) metadata hold an id in [lo, hi]? Unknown -> yes."""
+    if not meta or ID_MIN not in meta or ID_MAX not in meta:
+        return True
+    if meta[ID_MIN] == "":
+        return False  # an empty batch
+    try:
+        fmin, fmax = pl.Series([meta[ID_MIN], meta[ID_MAX]]).cast(dtype).to_list()
+    except Exception:  # noqa: BLE001 - a metadata value that does not cast: read the file
+        return True
+    return not (fmax < lo or fmin > hi)
+
+
+def _read_ids(lakefs: LakeFSResource, ref: str, path: str, checksum: str, column: str) -> pl.Series:
+    key = (lakefs.repository, path, checksum)
+    if key not in _IDS_CACHE:
+        data = lakefs.get(ref, path)
+        _IDS_CACHE[key] = pl.read_parquet(io.BytesIO(data), columns=[column])[column]
+        if len(_IDS_CACHE) > 4096:
+            _IDS_CACHE.pop(next(iter(_IDS_CACHE)))
+    return _IDS_CACHE[key]
+
+
+def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition: str,
+                   ids: pl.Series) -> dict[str, pl.Series]:
+    """Which of `ids` (this batch's) other batches and the reference history already hold, as the run's
+    branch (main once its predecessors are published) has them: {batch or 'reference': the repeated ids}.
+
+    Reads the id index (listing metadata, then only the files whose id range overlaps `ids`), the reference
+    history's id column (a fixed size), and, for a batch published before the index existed, its id column."""
     from resources.publish import open_run_branch
 
     branch = open_run_branch(context.instance, lakefs, context.run.run_id)
     ref = lakefs.repo().ref(branch)
+    ids = ids.drop_nulls().unique()
     out: dict[str, pl.Series] = {}
+    if ids.len() == 0:
+        return out
+    lo, hi = ids.min(), ids.max()
+
+    def hits(other: pl.Series) -> pl.Series:
+        return ids.filter(ids.is_in(other.cast(ids.dtype, strict=False).implode()))
+
+    indexed = set()
+    for obj in ref.objects(prefix=ID_INDEX_PREFIX, user_metadata=True):
+        if not obj.path.endswith(".parquet") or "partition=" not in obj.path:
+            continue
+        where = obj.path.split("partition=", 1)[1].removesuffix(".parquet")
+        indexed.add(where)
+        if where == partition or not _overlaps(dict(obj.metadata or {}), lo, hi, ids.dtype):
+            continue
+        found = hits(_read_ids(lakefs, branch, obj.path, obj.checksum, spec.id_column))
+        if found.len():
+            out[where] = found
     for prefix in ("assets/reference_data/", "assets/raw_records/"):
         for obj in ref.objects(prefix=prefix):
             if not obj.path.endswith(".parquet"):
                 continue
             where = obj.path.split("partition=", 1)[1].split("/", 1)[0] if "partition=" in obj.path else "reference"
-            if where == partition:
+            if where == partition or where in indexed:
                 continue
-            key = (lakefs.repository, obj.path, obj.checksum)
-            if key not in _IDS_CACHE:
-                data = lakefs.get(branch, obj.path)
-                _IDS_CACHE[key] = pl.read_parquet(io.BytesIO(data), columns=[spec.id_column])[spec.id_column]
-                if len(_IDS_CACHE) > 4096:
-                    _IDS_CACHE.pop(next(iter(_IDS_CACHE)))
-            out[where] = _IDS_CACHE[key]
+            found = hits(_read_ids(lakefs, branch, obj.path, obj.checksum, spec.id_column))
+            if found.len():
+                out[where] = found
     return out
 
 
@@ -267,15 +334,22 @@ def build_ingestion(spec: DatasetSpec) -> list:
         win = window(spec, partition)
         schema = {**contracts.expected_dtypes(spec), contracts.SOURCE_FILE: pl.String}
         previous, ledger = _previous_version(context, lakefs, raw_records.key, partition)
-        elsewhere = _ids_elsewhere(context, lakefs, spec, partition)
         files = _arrival_order(zone.files("records", partition))
         by_name = {p.name: p for p in files}
 
         skipped, deliveries, warnings = [], [], []
         rejected: list[tuple[Path, list[contracts.Violation]]] = []
+        arrived = list(new_landing_files(files, ledger, lambda df, name: contracts.conform(df, spec, name),
+                                         skipped, rejected))
+        # Ids other batches already hold, looked up for this batch's ids only (the id index): its own cost.
+        candidates = [f[2][spec.id_column] for f in arrived]
+        if previous is not None and previous.height:
+            candidates.append(previous[spec.id_column])
+        elsewhere = _ids_elsewhere(context, lakefs, spec, partition,
+                                   pl.concat([c.cast(candidates[0].dtype, strict=False) for c in candidates])
+                                   if candidates else pl.Series(spec.id_column, []))
         # 1. per file
-        for path, digest, frame, _ in new_landing_files(files, ledger, lambda df, name: contracts.conform(
-                df, spec, name), skipped, rejected):
+        for path, digest, frame, _ in arrived:
             frame = frame.with_columns(pl.lit(path.name).alias(contracts.SOURCE_FILE))
             found = contracts.check_records(frame, spec, win) + contracts.check_ids_elsewhere(frame, spec, elsewhere)
             blocking = [v for v in found if v.blocking]
@@ -303,6 +377,11 @@ def build_ingestion(spec: DatasetSpec) -> list:
         context.log.info(f"batch {partition}: {len(previous) if previous is not None else 0} row(s) before, "
                          f"accepted {merged.accepted}, already ingested {skipped}, quarantined "
                          f"{[q['file'] for q in quarantined]}, {df.height} row(s) now")
+        if df.height:  # committed with the batch, on its branch: published (or kept) with it
+            from resources.publish import open_run_branch
+
+            write_id_index(lakefs, open_run_branch(context.instance, lakefs, context.run.run_id), spec,
+                           partition, df)
         yield dg.Output(df, metadata={
             "rows": df.height,
             "rows_before": previous.height if previous is not None else 0,

@@ -353,7 +353,8 @@ def await_publication(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_
                f"marked for an automatic retry.")
     from resources.io import mark_transient_failure
 
-    mark_transient_failure(instance, run_id, f"PublicationPending: waiting for {pending[:5]}")
+    if instance.get_run_by_id(run_id) is not None:
+        mark_transient_failure(instance, run_id, f"PublicationPending: waiting for {pending[:5]}")
     raise PublicationPending(message)
 
 
