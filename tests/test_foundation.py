@@ -250,19 +250,6 @@ def _load_defs() -> dg.Definitions:
     return mod.defs
 
 
-def test_a_run_starts_from_its_finished_predecessors_even_before_the_publish_sensor_ticks(lakefs, instance):
-    io = LakeFSIOManager(lakefs=lakefs)  # the platform's default: publish before branching
-    first = dg.materialize([numbers], instance=instance, resources={"io_manager": io},
-                           run_config={"ops": {"numbers": {"config": {"value": 7}}}})
-    assert load_asset(lakefs, "numbers", ref=run_branch(first.run_id))["x"][0] == 7
-    second = dg.materialize([numbers, doubled], selection=["doubled"], instance=instance,
-                            resources={"io_manager": LakeFSIOManager(lakefs=lakefs)})
-    # The first run was published when the second made its branch: main has it, and the branch is gone.
-    assert load_asset(lakefs, "numbers")["x"][0] == 7
-    assert not lakefs.branch_exists(run_branch(first.run_id))
-    assert load_asset(lakefs, "doubled", ref=run_branch(second.run_id))["x"][0] == 14
-
-
 def test_pruning_keeps_the_branch_of_a_failed_run_that_dagster_will_retry(lakefs, instance):
     failed = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)
     retried = run([numbers], lakefs, instance, {"numbers": {"config": {"fail_check": True}}}, raise_on_error=False)

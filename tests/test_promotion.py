@@ -7,6 +7,7 @@ import pytest
 from mlplatform import registry
 from mlplatform.audit import AuditTrail
 from resources.mlflow import MLflowResource
+from resources.lakefs import run_branch
 from resources.publish import commit_on_main, publish_pending, publish_run
 
 from .test_models import base_ts, mlflow_res, spec, train, versions  # noqa: F401 - fixtures and helpers
@@ -72,14 +73,18 @@ def test_publishing_a_passing_run_moves_the_champion_once(spec, base_ts, lakefs,
     assert commit_on_main(lakefs, registry.version_tags(m, "1")["lakefs_commit"])
 
 
-def test_a_run_published_by_the_next_run_is_promoted_from_the_environment_store(spec, base_ts, lakefs, state,
-                                                                                  instance, mlflow_uri):
-    """The next run publishes its finished predecessors when it opens its branch (no MLflow resource there):
-    the predecessor's champion moves then, through MLFLOW_TRACKING_URI."""
+def test_a_run_published_without_an_mlflow_resource_is_promoted_from_the_environment_store(
+        spec, base_ts, lakefs, state, instance, mlflow_uri):
+    """`mlp publish` (publish_pending with no MLflow resource) moves the champion through MLFLOW_TRACKING_URI.
+    The next run never publishes its predecessor: it fails, naming it, until it is published."""
     m = mlflow_res(spec, mlflow_uri)
-    train(spec, base_ts, lakefs, state, instance, mlflow_uri, **WEAK)
+    first = train(spec, base_ts, lakefs, state, instance, mlflow_uri, **WEAK)
     assert registry.aliases(m) == {}
-    train(spec, base_ts, lakefs, state, instance, mlflow_uri)  # its branch opening publishes run 1
+    blocked = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
+    assert not blocked.success and registry.aliases(m) == {}
+    assert lakefs.branch_exists(run_branch(first.run_id))
+    outcomes = {o.run_id: o.status for o in publish_pending(instance, lakefs)}  # what `mlp publish` does
+    assert outcomes[first.run_id] == "published"
     assert registry.aliases(m) == {"champion": "1"}
 
 
