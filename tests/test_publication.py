@@ -169,3 +169,34 @@ def test_a_retry_that_conflicts_again_fails_naming_the_partition_and_the_conflic
         sensor_tick(publish, instance, retry.run_id, publish_resources)
     assert load_asset(lakefs, "piece", partition="a")["v"][0] == 1
     assert lakefs.branch_exists(run_branch(retry.run_id))  # kept for inspection
+
+
+def test_a_batch_reads_only_the_id_index_files_its_ids_can_hit_and_still_rejects_a_reused_id(
+        lakefs, state, instance, monkeypatch):
+    from mlplatform.batches import window
+    from resources.lakefs import LakeFSResource
+
+    from .helpers import car_loan, production_rows
+    from .test_data_contracts import failed_checks, ingest, land, published
+
+    spec = car_loan()
+    oct_rows = production_rows(spec, *window(spec, "2018-10-01"))
+    land(state, spec, "oct.parquet", oct_rows, partition="2018-10-01")
+    published(spec, lakefs, state, instance, partition="2018-10-01")
+    land(state, spec, "nov.parquet", production_rows(spec, *window(spec, "2018-11-01"), n=300),
+         partition="2018-11-01")
+    published(spec, lakefs, state, instance, partition="2018-11-01")
+    assert lakefs.exists("main", "index/record_ids/partition=2018-10-01.parquet")
+
+    reads: list[str] = []
+    real_get = LakeFSResource.get
+    monkeypatch.setattr(LakeFSResource, "get", lambda self, ref, path: reads.append(path) or real_get(self, ref, path))
+    dec = production_rows(spec, *window(spec, "2018-12-01"), n=50)
+    land(state, spec, "dec.parquet", dec.with_columns(pl.Series("id", oct_rows["id"].head(5).to_list() * 10)),
+         partition="2018-12-01")
+    result = ingest(spec, lakefs, state, instance, partition="2018-12-01")
+    assert not result.success
+    assert "values already published in batch 2018-10-01" in failed_checks(result)["ids_unique_across_batches"]
+    # Only the index file whose id range overlaps this batch's ids was read: not November's, no raw batch.
+    others = [p for p in reads if "2018-10-01" in p or "2018-11-01" in p]
+    assert others == ["index/record_ids/partition=2018-10-01.parquet"]
