@@ -252,6 +252,7 @@ def test_labels_for_ids_of_a_records_file_still_arriving_are_held_and_taken_once
     os.utime(late, (time.time() - 300,) * 2)
     result = labels_run(spec, lakefs, state, instance)
     assert "late.parquet not yet ingested" in failed_checks(result)["files_held"] and labels.exists()
+    assert publish_run(instance, lakefs, result.run_id).status == "published"  # as the publish sensor would
     # The records publish: the same label file is taken whole.
     published(spec, lakefs, state, instance)
     result = published(spec, lakefs, state, instance, "raw_labels")
