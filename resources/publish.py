@@ -278,7 +278,7 @@ def _retry_in_flight(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
 # --- Publishing happens in exactly one place ---------------------------------------------------------------
 # Only the publish sensor (sensors/publish.py, in the daemon) merges run branches into main; `mlp publish` is the
 # operator's manual path through the same `publish_run`. A run never publishes another run. Instead, when a run
-# opens its branch it first waits until every run that finished successfully before that moment has been
+# opens its branch it first waits until every run that finished successfully before it was launched has been
 # published (or kept: failed checks, a conflict), so that a follower run (scoring after ingestion, labels after
 # records, a retrain after new labels) starts from a main that holds its predecessors' data. The wait is bounded:
 # past `PUBLICATION_PATIENCE_SECONDS`, or at once when no sensor daemon is alive to publish anything, the run fails
@@ -295,8 +295,14 @@ class PublicationPending(LakeFSError):
 
 
 def unpublished_successes(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str) -> list[str]:
-    """Ids of the runs that succeeded and still await publication (their branch exists; neither published nor
-    kept), other than `run_id` and the runs it resumes."""
+    """Ids of the runs `run_id` may depend on that still await publication: they succeeded, and ended before
+    `run_id` was created (a run launched before another finished cannot have been requested because of it:
+    runs launched together, e.g. twelve batches landing at once, never wait for each other), and their branch
+    exists, neither published nor kept."""
+    import time
+
+    record = instance.get_run_record_by_id(run_id)
+    created = record.create_timestamp.timestamp() if record is not None else time.time()
     out = []
     for info in lakefs.branches(prefix="run-"):
         if not info.run_id or info.run_id == run_id:
@@ -305,6 +311,9 @@ def unpublished_successes(instance: dg.DagsterInstance, lakefs: LakeFSResource, 
         if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
             continue
         if run.tags.get(PUBLISHED_TAG) or run.tags.get(KEPT_TAG):
+            continue
+        other = instance.get_run_record_by_id(info.run_id)
+        if other is None or other.end_time is None or other.end_time > created:
             continue
         out.append(info.run_id)
     return sorted(out)
@@ -324,9 +333,9 @@ def publisher_alive(instance: dg.DagsterInstance) -> bool:
 
 def await_publication(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
                       patience_seconds: float | None = None, poll_seconds: float = 1.0, log=None) -> None:
-    """Return once every run that succeeded before now is published or kept; raise PublicationPending (marked
-    transient for Dagster's run retries) when they are not after `patience_seconds`, or at once when no sensor
-    daemon is alive to publish them. Runs finishing during the wait are not waited for (the set is fixed now)."""
+    """Return once every run that succeeded before `run_id` was launched is published or kept; raise
+    PublicationPending (marked transient for Dagster's run retries) when they are not after `patience_seconds`,
+    or at once when no sensor daemon is alive to publish them."""
     import time
 
     patience = PUBLICATION_PATIENCE_SECONDS if patience_seconds is None else patience_seconds

@@ -96,6 +96,20 @@ def test_the_wait_is_bounded_and_names_the_pending_runs(lakefs, instance):
     assert 2 <= time.monotonic() - t0 < 30
 
 
+def test_runs_launched_together_never_wait_for_each_other(lakefs, instance):
+    """Only a run launched after another finished can have been requested because of it: twelve batches
+    landing at once start without waiting for each other's publication."""
+    together = instance.add_run(dg.DagsterRun(job_name="piece_job", run_id="launched-together",
+                                              status=dg.DagsterRunStatus.NOT_STARTED))
+    time.sleep(0.05)
+    finished_first = dg.materialize([first_step], instance=instance, resources={"io_manager": io(lakefs)})
+    await_publication(instance, lakefs, together.run_id, patience_seconds=0)  # no wait, no error
+    later = instance.add_run(dg.DagsterRun(job_name="piece_job", run_id="launched-after",
+                                           status=dg.DagsterRunStatus.NOT_STARTED))
+    with pytest.raises(PublicationPending, match=finished_first.run_id):
+        await_publication(instance, lakefs, later.run_id, patience_seconds=0)
+
+
 def sensor_tick(sensor, instance, run_id, resources):
     """Evaluate a run-status sensor on a run's success, as the daemon does."""
     run = instance.get_run_by_id(run_id)
