@@ -60,7 +60,7 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
     def publish_stragglers(context: dg.SensorEvaluationContext, lakefs: LakeFSResource, mlflow: MLflowResource,
                            audit: AuditResource):
         outcomes = [o for o in publish_pending(context.instance, lakefs, mlflow, audit.trail(), min_age_seconds=30)
-                    if o.status != "pending"]
+                    if o.status not in ("pending", "missing")]
         for o in outcomes:
             context.log.info(f"{o.run_id}: {o.status}: {o.detail}")
         return dg.SkipReason(f"swept {len(outcomes)} run branch(es)" if outcomes else "nothing left unpublished")
