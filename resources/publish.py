@@ -110,7 +110,19 @@ def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.Da
     except Exception as exc:  # noqa: BLE001 - kept for a retry: the branch stays until the move is done
         return False, (f"; aliases not moved yet ({type(exc).__name__}: {registry._redact(str(exc))[:300]}); "
                        f"retried by the next publish")
-    return True, f"; {done}"
+    return True, f"; {done}{_compile_for_serving(m, version)}"
+
+
+def _compile_for_serving(mlflow: MLflowResource, version: str) -> str:
+    """The promoted version's compiled form, stored beside it for the model server; never fails the publish
+    (the server compiles on its first load instead)."""
+    from mlplatform.serving.models import compile_version
+
+    try:
+        return f"; compiled for serving ({compile_version(mlflow, version)})"
+    except Exception as exc:  # noqa: BLE001 - logged; serving compiles on first load
+        dg.get_dagster_logger().warning(f"v{version}: not compiled for serving ({type(exc).__name__}: {exc})")
+        return f"; not compiled for serving ({type(exc).__name__})"
 
 
 def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
