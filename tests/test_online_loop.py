@@ -1,4 +1,4 @@
-"""The loop closed end to end on real lakeFS and MLflow: a champion and a challenger served over loopback with
+"""The loop closed end to end on real lakeFS and MLflow, for a classification and a regression data set: a
 a canary share and a shadow, requests logged, `online_predictions` ingested, online drift and estimates
 computed, then the batch's labels land and `online_experiment_report` compares the variants with numbers
 that match the responses the clients got."""
@@ -7,8 +7,6 @@ import numpy as np
 import polars as pl
 import pytest
 import requests
-from sklearn.metrics import roc_auc_score
-
 import dagster as dg
 from assets.ingestion import build_ingestion
 from assets.online import build_online
@@ -17,9 +15,10 @@ from mlplatform.batches import Landing
 from mlplatform.features import online_features
 from mlplatform.serving.settings import LogSettings, RoutingSettings, ServingSettings
 from resources.io import load_asset
+from mlplatform.spec import load_spec
 from tooling.simulator import Simulator
 
-from .helpers import car_loan, materialize_and_publish, quick_training_set, resources_for
+from .helpers import materialize_and_publish, quick_training_set, resources_for
 from .test_serving_http import Served, request_rows
 
 pytestmark = pytest.mark.services
@@ -39,16 +38,21 @@ def register(tracking, spec, ts, seed: int, rounds: int, lakefs_commit: str) -> 
     return version
 
 
-def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, mlflow_uri, state, instance):
+@pytest.mark.parametrize("dataset", ["car_loan", "car_price"])
+def test_online_predictions_are_monitored_and_compared_once_labels_land(dataset, lakefs, mlflow_uri, state,
+                                                                       instance, monkeypatch):
     from mlplatform.serving.app import create_app
+    from mlplatform.serving.experiment import gate_verdict, metric_fn
 
-    spec = car_loan()
+    monkeypatch.setenv("MLP_DATASET", dataset)
+    spec = load_spec(dataset)
     res = resources_for(lakefs, state, spec, mlflow_uri)
     tracking = res["mlflow"].tracking()
     ts = quick_training_set(spec, n=6000)
     reference, _, _ = spec.load_source()
-    ref = pl.from_pandas(reference).select(spec.raw_columns).with_columns(
-        pl.col(spec.time_column).str.to_datetime(time_unit="us"))
+    ref = pl.from_pandas(reference).select(spec.raw_columns)
+    if ref.schema[spec.time_column] == pl.String:
+        ref = ref.with_columns(pl.col(spec.time_column).str.to_datetime(time_unit="us"))
 
     # What the batch graph publishes upstream of the online assets (dbt stand-ins): the reference features and
     # the training set the versions were trained on (the estimates are fitted on each version's test split).
@@ -72,8 +76,13 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, 
     # A batch lands (records now, its labels later); its records are what clients send.
     ingestion = build_ingestion(spec)
     sim = Simulator(spec, Landing(state / "landing" / spec.name))
-    released = sim.release(3)
-    partition = released.labels[0]
+    partition = None
+    for _ in range(40):  # batches arrive until the first one's labels are due
+        released = sim.release(1)
+        if released.labels:
+            partition = released.labels[0]
+            break
+    assert partition, "no batch's labels released"
     materialize_and_publish(ingestion, ["raw_records"], instance, res, lakefs, partition)
     records = load_asset(lakefs, "raw_records", partition=partition).head(MAX_REQUESTS)
     assert records.height >= 150, f"batch {partition} has {records.height} records"
@@ -110,7 +119,9 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, 
     estimate = load_asset(lakefs, "online_performance_estimate", partition=partition)
     assert estimate.select("variant", "shadow", "model_version").sort("shadow", "variant").rows() == [
         ("challenger", False, challenger), ("champion", False, champion), ("challenger", True, challenger)]
-    assert estimate["estimated"].is_between(0, 1).all()
+    assert estimate["estimated"].is_finite().all() and (estimate["rows"] > 0).all()
+    if spec.is_classification:
+        assert estimate["estimated"].is_between(0, 1).all()
 
     # The labels land; the experiment report joins them to what was served.
     materialize_and_publish(assets, ["raw_labels"], instance, res, lakefs, partition)
@@ -123,8 +134,10 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, 
     truth = answers.join(lab, on="entity_id")
     y_of = {v: truth.filter(pl.col("variant") == v) for v in ("champion", "challenger")}
 
-    def auc(df):
-        return roc_auc_score(df[spec.target].to_numpy(), df["prediction"].to_numpy())
+    metric = metric_fn(spec.metric)
+
+    def score(df):
+        return metric(df[spec.target].to_numpy(), df["prediction"].to_numpy())
 
     rows = {r["shadow"]: r for r in report.to_dicts()}
     assert set(rows) == {False, True} and report["partition"].to_list() == [partition] * 2
@@ -132,9 +145,9 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, 
     assert (canary["variant"], canary["model_version"], canary["baseline_version"]) == ("challenger", challenger,
                                                                                        champion)
     assert (canary["n_baseline"], canary["n_variant"]) == (y_of["champion"].height, y_of["challenger"].height)
-    assert canary["metric"] == spec.metric == "roc_auc"
-    assert canary["metric_baseline"] == pytest.approx(auc(y_of["champion"]), abs=1e-12)
-    assert canary["metric_variant"] == pytest.approx(auc(y_of["challenger"]), abs=1e-12)
+    assert canary["metric"] == spec.metric == {"car_loan": "roc_auc", "car_price": "rmse"}[dataset]
+    assert canary["metric_baseline"] == pytest.approx(score(y_of["champion"]), rel=1e-12)
+    assert canary["metric_variant"] == pytest.approx(score(y_of["challenger"]), rel=1e-12)
     assert canary["difference"] == pytest.approx(canary["metric_variant"] - canary["metric_baseline"])
     assert canary["ci_low"] <= canary["difference"] <= canary["ci_high"]
     assert canary["p_value"] < 0.05 and not canary["paired"] and canary["verdict"] == "better"
@@ -148,12 +161,11 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(lakefs, 
     strong = registry.load_booster(tracking, challenger)
     p_strong = strong.predict(modeling.feature_matrix(online_features(champ_rows.select(spec.raw_columns), spec),
                                                       spec))
-    assert shadow["metric_variant"] == pytest.approx(roc_auc_score(champ_rows[spec.target].to_numpy(), p_strong),
-                                                     abs=1e-9)
-    assert shadow["metric_variant"] > shadow["metric_baseline"]
-    assert shadow["verdict"] == "better" and shadow["ci_low"] > 0 and shadow["p_value"] < 0.05
-
-    from mlplatform.serving.experiment import gate_verdict
+    assert shadow["metric_variant"] == pytest.approx(metric(champ_rows[spec.target].to_numpy(), p_strong),
+                                                     rel=1e-9)
+    sign = 1 if spec.higher_is_better else -1  # the challenger is better: higher AUC, lower RMSE
+    assert sign * shadow["difference"] > 0 and sign * (shadow["ci_low"] if sign > 0 else shadow["ci_high"]) > 0
+    assert shadow["verdict"] == "better" and shadow["p_value"] < 0.05
 
     may_promote, why = gate_verdict(report, challenger)
     assert may_promote and "better" in why
