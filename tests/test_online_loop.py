@@ -1,5 +1,5 @@
 """The loop closed end to end on real lakeFS and MLflow, for a classification and a regression data set: a
-a canary share and a shadow, requests logged, `online_predictions` ingested, online drift and estimates
+champion and a challenger served over loopback with a canary share and a shadow, requests logged, `online_predictions` ingested, online drift and estimates
 computed, then the batch's labels land and `online_experiment_report` compares the variants with numbers
 that match the responses the clients got."""
 
