@@ -1,7 +1,7 @@
 """The loop closed end to end on real lakeFS and MLflow, for a classification and a regression data set: a
-champion and a challenger served over loopback with a canary share and a shadow, requests logged, `online_predictions` ingested, online drift and estimates
-computed, then the batch's labels land and `online_experiment_report` compares the variants with numbers
-that match the responses the clients got."""
+champion and a challenger served over loopback with a canary share and a shadow, requests logged,
+`online_predictions` ingested, online drift and estimates computed, then the batch's labels land and
+`online_experiment_report` compares the variants with numbers that match the responses the clients got."""
 
 import numpy as np
 import polars as pl
