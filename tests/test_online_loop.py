@@ -3,7 +3,6 @@ champion and a challenger served over loopback with a canary share and a shadow,
 `online_predictions` ingested, online drift and estimates computed, then the batch's labels land and
 `online_experiment_report` compares the variants with numbers that match the responses the clients got."""
 
-import numpy as np
 import polars as pl
 import pytest
 import requests
