@@ -114,15 +114,11 @@ def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.Da
 
 
 def _compile_for_serving(mlflow: MLflowResource, version: str) -> str:
-    """The promoted version's compiled form, stored beside it for the model server; never fails the publish
-    (the server compiles on its first load instead)."""
-    from mlplatform.serving.models import compile_version
+    """The promoted version's compiled form, stored beside it for the model server: never fails the publish,
+    never holds the publish sensor's tick more than 30 s (the server compiles on its first load otherwise)."""
+    from mlplatform.serving.models import compile_at_promotion
 
-    try:
-        return f"; compiled for serving ({compile_version(mlflow, version)})"
-    except Exception as exc:  # noqa: BLE001 - logged; serving compiles on first load
-        dg.get_dagster_logger().warning(f"v{version}: not compiled for serving ({type(exc).__name__}: {exc})")
-        return f"; not compiled for serving ({type(exc).__name__})"
+    return f"; {compile_at_promotion(mlflow, version, wait_seconds=30.0, log=dg.get_dagster_logger())}"
 
 
 def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,
