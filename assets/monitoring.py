@@ -90,6 +90,30 @@ def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec
             "alert": bool(rec["alert"].any()), "chunks": int(len(rec))}
 
 
+def batch_drift(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFrame):
+    """One batch's drift against the reference, as one chunk: (engine, per feature and method table, summary
+    with the multivariate reconstruction drift under "multivariate"). Shared by drift_report and the online
+    drift report (assets/online.py)."""
+    from mlplatform.drift.engine import ChunkSpec
+
+    engine = drift_engine(spec)
+    chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
+    engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
+    latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+    summary = engine.summary(latest)
+    summary["multivariate"] = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
+    return engine, latest, summary
+
+
+def drift_problems(summary: dict) -> tuple[list[str], list[str]]:
+    """(blocking, warning) problems of a drift summary. A missing column or one of the wrong type means the
+    report cannot be trusted: block. Small chunks, all-null or constant columns are reported and warned about,
+    never silently NaN."""
+    problems = summary.get("problems", [])
+    blocking = [p for p in problems if "missing" in p or "type" in p]
+    return blocking, [p for p in problems if p not in blocking]
+
+
 def build_monitoring(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
 
@@ -108,7 +132,6 @@ def build_monitoring(spec: DatasetSpec) -> list:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from mlplatform.drift.engine import ChunkSpec
 
         # This batch's partition of `features` and the history's features: never the other batches.
         ref, _ = read_upstream_table(context, lakefs, "reference_features")
@@ -116,14 +139,9 @@ def build_monitoring(spec: DatasetSpec) -> list:
         if batch.height == 0:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
-        engine = drift_engine(spec)
-        chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
-        engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
-        latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+        engine, latest, summary = batch_drift(spec, ref, batch)
+        mv = summary["multivariate"]
         over_time = drift_over_time(context, lakefs, spec, latest)
-        summary = engine.summary(latest)
-        mv = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
-        summary["multivariate"] = mv
         summary["partition"] = context.partition_key
         # Plot: each feature's main distance over time (one line per feature), alerts marked.
         method = "jensen_shannon" if "jensen_shannon" in engine.methods else engine.methods[0]
@@ -143,11 +161,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
         table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
                               "alert", "status").sort("alert", "feature", descending=[True, False])
-        problems = summary.get("problems", [])
-        # A missing column or one of the wrong type means the report cannot be trusted: block. Small chunks,
-        # all-null or constant columns are reported and warned about, never silently NaN.
-        blocking = [p for p in problems if "missing" in p or "type" in p]
-        warning = [p for p in problems if p not in blocking]
+        blocking, warning = drift_problems(summary)
         yield dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
             "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
             "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
