@@ -114,6 +114,32 @@ def drift_problems(summary: dict) -> tuple[list[str], list[str]]:
     return blocking, [p for p in problems if p not in blocking]
 
 
+def drift_results(check_prefix: str, partition: str, latest: pl.DataFrame, summary: dict, rows: int,
+                  extra_metadata: dict | None = None):
+    """The output and the two check results of a one-batch drift report (drift_report, online_drift_report):
+    the per feature and method table, alert counts that plot over time, and the checks named
+    `<prefix>_inputs_usable` (blocking) and `<prefix>_chunks_informative` (warning)."""
+    blocking, warning = drift_problems(summary)
+    mv = summary["multivariate"]
+    table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
+                          "alert", "status").sort("alert", "feature", descending=[True, False])
+    yield dg.Output(latest.with_columns(pl.lit(partition).alias("partition")), metadata={
+        "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
+        "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
+        "multivariate_error": dg.MetadataValue.float(mv["error"]),
+        "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
+        "summary": dg.MetadataValue.json(summary),
+        "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
+        **(extra_metadata or {}),
+        "rows": rows,
+    })
+    yield dg.AssetCheckResult(check_name=f"{check_prefix}_inputs_usable", passed=not blocking,
+                              description="; ".join(blocking) or "all monitored columns present and typed")
+    yield dg.AssetCheckResult(check_name=f"{check_prefix}_chunks_informative", passed=not warning,
+                              severity=dg.AssetCheckSeverity.WARN,
+                              description="; ".join(warning) or "every chunk informative")
+
+
 def build_monitoring(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
 
@@ -140,7 +166,6 @@ def build_monitoring(spec: DatasetSpec) -> list:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
         engine, latest, summary = batch_drift(spec, ref, batch)
-        mv = summary["multivariate"]
         over_time = drift_over_time(context, lakefs, spec, latest)
         summary["partition"] = context.partition_key
         # Plot: each feature's main distance over time (one line per feature), alerts marked.
@@ -159,25 +184,10 @@ def build_monitoring(spec: DatasetSpec) -> list:
         branch = open_run_branch(context.instance, lakefs, context.run_id)
         img_path = f"reports/drift_report/partition={context.partition_key}/drift_over_time.png"
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
-        table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
-                              "alert", "status").sort("alert", "feature", descending=[True, False])
-        blocking, warning = drift_problems(summary)
-        yield dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
-            "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
-            "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
-            "multivariate_error": dg.MetadataValue.float(mv["error"]),
-            "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
-            "summary": dg.MetadataValue.json(summary),
-            "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
+        yield from drift_results("drift", context.partition_key, latest, summary, batch.height, {
             "drift_over_time": dg.MetadataValue.md(md_img),
             "plot_in_lakefs": dg.MetadataValue.url(lakefs.object_url("main", img_path)),
-            "rows": batch.height,
         })
-        yield dg.AssetCheckResult(check_name="drift_inputs_usable", passed=not blocking,
-                                  description="; ".join(blocking) or "all monitored columns present and typed")
-        yield dg.AssetCheckResult(check_name="drift_chunks_informative", passed=not warning,
-                                  severity=dg.AssetCheckSeverity.WARN,
-                                  description="; ".join(warning) or "every chunk informative")
 
     @dg.asset(
         group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,

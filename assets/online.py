@@ -18,7 +18,7 @@ reads the published report with `mlplatform.serving.experiment.gate_verdict` (RE
 import dagster as dg
 import polars as pl
 
-from assets.monitoring import _md_table, batch_drift, champion_reference, drift_problems, estimate_performance
+from assets.monitoring import _md_table, batch_drift, champion_reference, drift_results, estimate_performance
 from mlplatform.serving.predlog import read_spool, spool_dir
 from mlplatform.serving.settings import load_serving_settings
 from mlplatform.spec import DatasetSpec
@@ -69,24 +69,7 @@ def build_online(spec: DatasetSpec) -> list:
                              f"`online_predictions`")
         _, latest, summary = batch_drift(spec, ref, served)
         summary["partition"] = context.partition_key
-        blocking, warning = drift_problems(summary)
-        mv = summary["multivariate"]
-        table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
-                              "alert", "status").sort("alert", "feature", descending=[True, False])
-        yield dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
-            "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
-            "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
-            "multivariate_error": dg.MetadataValue.float(mv["error"]),
-            "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
-            "summary": dg.MetadataValue.json(summary),
-            "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
-            "rows": served.height,
-        })
-        yield dg.AssetCheckResult(check_name="online_drift_inputs_usable", passed=not blocking,
-                                  description="; ".join(blocking) or "all monitored columns present and typed")
-        yield dg.AssetCheckResult(check_name="online_drift_chunks_informative", passed=not warning,
-                                  severity=dg.AssetCheckSeverity.WARN,
-                                  description="; ".join(warning) or "every chunk informative")
+        yield from drift_results("online_drift", context.partition_key, latest, summary, served.height)
 
     @dg.asset(
         group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
