@@ -90,6 +90,56 @@ def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec
             "alert": bool(rec["alert"].any()), "chunks": int(len(rec))}
 
 
+def batch_drift(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFrame):
+    """One batch's drift against the reference, as one chunk: (engine, per feature and method table, summary
+    with the multivariate reconstruction drift under "multivariate"). Shared by drift_report and the online
+    drift report (assets/online.py)."""
+    from mlplatform.drift.engine import ChunkSpec
+
+    engine = drift_engine(spec)
+    chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
+    engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
+    latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+    summary = engine.summary(latest)
+    summary["multivariate"] = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
+    return engine, latest, summary
+
+
+def drift_problems(summary: dict) -> tuple[list[str], list[str]]:
+    """(blocking, warning) problems of a drift summary. A missing column or one of the wrong type means the
+    report cannot be trusted: block. Small chunks, all-null or constant columns are reported and warned about,
+    never silently NaN."""
+    problems = summary.get("problems", [])
+    blocking = [p for p in problems if "missing" in p or "type" in p]
+    return blocking, [p for p in problems if p not in blocking]
+
+
+def drift_results(check_prefix: str, partition: str, latest: pl.DataFrame, summary: dict, rows: int,
+                  extra_metadata: dict | None = None):
+    """The output and the two check results of a one-batch drift report (drift_report, online_drift_report):
+    the per feature and method table, alert counts that plot over time, and the checks named
+    `<prefix>_inputs_usable` (blocking) and `<prefix>_chunks_informative` (warning)."""
+    blocking, warning = drift_problems(summary)
+    mv = summary["multivariate"]
+    table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
+                          "alert", "status").sort("alert", "feature", descending=[True, False])
+    yield dg.Output(latest.with_columns(pl.lit(partition).alias("partition")), metadata={
+        "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
+        "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
+        "multivariate_error": dg.MetadataValue.float(mv["error"]),
+        "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
+        "summary": dg.MetadataValue.json(summary),
+        "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
+        **(extra_metadata or {}),
+        "rows": rows,
+    })
+    yield dg.AssetCheckResult(check_name=f"{check_prefix}_inputs_usable", passed=not blocking,
+                              description="; ".join(blocking) or "all monitored columns present and typed")
+    yield dg.AssetCheckResult(check_name=f"{check_prefix}_chunks_informative", passed=not warning,
+                              severity=dg.AssetCheckSeverity.WARN,
+                              description="; ".join(warning) or "every chunk informative")
+
+
 def build_monitoring(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
 
@@ -108,7 +158,6 @@ def build_monitoring(spec: DatasetSpec) -> list:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from mlplatform.drift.engine import ChunkSpec
 
         # This batch's partition of `features` and the history's features: never the other batches.
         ref, _ = read_upstream_table(context, lakefs, "reference_features")
@@ -116,14 +165,8 @@ def build_monitoring(spec: DatasetSpec) -> list:
         if batch.height == 0:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
-        engine = drift_engine(spec)
-        chunk_rows = max(spec.monitoring.reference_chunk_rows, engine.min_chunk_rows)
-        engine.fit(ref, ChunkSpec(kind="size", size=chunk_rows))
-        latest = engine.calculate(batch, ChunkSpec(kind="count", count=1))
+        engine, latest, summary = batch_drift(spec, ref, batch)
         over_time = drift_over_time(context, lakefs, spec, latest)
-        summary = engine.summary(latest)
-        mv = multivariate_drift(ref, batch, spec, chunk_size=max(batch.height, 2))
-        summary["multivariate"] = mv
         summary["partition"] = context.partition_key
         # Plot: each feature's main distance over time (one line per feature), alerts marked.
         method = "jensen_shannon" if "jensen_shannon" in engine.methods else engine.methods[0]
@@ -141,29 +184,10 @@ def build_monitoring(spec: DatasetSpec) -> list:
         branch = open_run_branch(context.instance, lakefs, context.run_id)
         img_path = f"reports/drift_report/partition={context.partition_key}/drift_over_time.png"
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
-        table = latest.select("feature", "method", "value", "p_value", "lower_threshold", "upper_threshold",
-                              "alert", "status").sort("alert", "feature", descending=[True, False])
-        problems = summary.get("problems", [])
-        # A missing column or one of the wrong type means the report cannot be trusted: block. Small chunks,
-        # all-null or constant columns are reported and warned about, never silently NaN.
-        blocking = [p for p in problems if "missing" in p or "type" in p]
-        warning = [p for p in problems if p not in blocking]
-        yield dg.Output(latest.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
-            "n_alerts": dg.MetadataValue.int(summary["n_alerts"]),
-            "alerting_features": dg.MetadataValue.int(len(summary["alerting_features"])),
-            "multivariate_error": dg.MetadataValue.float(mv["error"]),
-            "multivariate_alert": dg.MetadataValue.bool(mv["alert"]),
-            "summary": dg.MetadataValue.json(summary),
-            "drift_table": dg.MetadataValue.md(_md_table(table, table.columns)),
+        yield from drift_results("drift", context.partition_key, latest, summary, batch.height, {
             "drift_over_time": dg.MetadataValue.md(md_img),
             "plot_in_lakefs": dg.MetadataValue.url(lakefs.object_url("main", img_path)),
-            "rows": batch.height,
         })
-        yield dg.AssetCheckResult(check_name="drift_inputs_usable", passed=not blocking,
-                                  description="; ".join(blocking) or "all monitored columns present and typed")
-        yield dg.AssetCheckResult(check_name="drift_chunks_informative", passed=not warning,
-                                  severity=dg.AssetCheckSeverity.WARN,
-                                  description="; ".join(warning) or "every chunk informative")
 
     @dg.asset(
         group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,

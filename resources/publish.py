@@ -116,7 +116,15 @@ def promote_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run: dg.Da
     except Exception as exc:  # noqa: BLE001 - kept for a retry: the branch stays until the move is done
         return False, (f"; aliases not moved yet ({type(exc).__name__}: {registry._redact(str(exc))[:300]}); "
                        f"retried by the next publish")
-    return True, f"; {done}"
+    return True, f"; {done}{_compile_for_serving(m, version)}"
+
+
+def _compile_for_serving(mlflow: MLflowResource, version: str) -> str:
+    """The promoted version's compiled form, stored beside it for the model server: never fails the publish,
+    never holds the publish sensor's tick more than 30 s (the server compiles on its first load otherwise)."""
+    from mlplatform.serving.models import compile_at_promotion
+
+    return f"; {compile_at_promotion(mlflow, version, wait_seconds=30.0, log=dg.get_dagster_logger())}"
 
 
 def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str,

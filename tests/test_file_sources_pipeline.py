@@ -73,18 +73,18 @@ def test_a_data_set_of_files_runs_through_the_whole_graph_by_configuration(lakef
         return materialize_and_publish(assets, selection, instance, res, lakefs, partition)
 
     run(["reference_data"])
-    for p in BATCHES:
-        run(["raw_records", "raw_labels"], p)
-    run(["stg_records", "stg_labels", "features", "labelled_examples", "training_set", "candidate_model",
-         "evaluation_report", "model_card"])
+    for p in BATCHES:  # each batch's features from its own partition, as the arrivals jobs build them
+        run(["raw_records", "stg_records", "features", "raw_labels", "stg_labels"], p)
+    run(["stg_reference_records", "stg_reference_labels", "reference_features", "labelled_examples",
+         "training_set", "candidate_model", "evaluation_report", "model_card"])
     last = BATCHES[-1]
     run(["batch_predictions", "drift_report", "performance_estimate", "data_quality_report"], last)
 
     on_main = set(lakefs.list_paths("main", "assets/"))
-    for name in ["reference_data", "features", "labelled_examples", "training_set", "candidate_model",
+    for name in ["reference_data", "reference_features", "labelled_examples", "training_set", "candidate_model",
                  "evaluation_report", "model_card"]:
         assert any(p.startswith(f"assets/{name}/") for p in on_main), (name, sorted(on_main)[:40])
-    for name in ["raw_records", "raw_labels"]:
+    for name in ["raw_records", "raw_labels", "features"]:
         for p in BATCHES:
             assert any(x.startswith(f"assets/{name}/partition={p}") for x in on_main), (name, p)
     for name in ["batch_predictions", "drift_report", "performance_estimate", "data_quality_report"]:

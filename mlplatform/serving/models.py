@@ -143,3 +143,26 @@ def _compiled_for(tracking: Tracking, served: ServedModel):
 def compile_version(tracking: Tracking, version: str) -> str:
     """Compile a registered version and store the object beside the model (call at promotion); returns how."""
     return load_version(tracking, version, compile=True).compiled_from or "booster"
+
+
+def compile_at_promotion(tracking: Tracking, version: str, wait_seconds: float = 30.0, log=log) -> str:
+    """`compile_version` for a publish: never raises, and returns after `wait_seconds` at most (a longer compile
+    goes on in a daemon thread; if the process ends first, the server compiles on its first load). Returns
+    what happened, for the publish's detail."""
+    done: dict = {}
+
+    def work():
+        try:
+            done["how"] = compile_version(tracking, version)
+        except Exception as exc:  # noqa: BLE001 - reported; serving compiles on its first load
+            done["error"] = exc
+            log.warning(f"v{version}: not compiled for serving ({type(exc).__name__}: {exc})")
+
+    thread = threading.Thread(target=work, name=f"compile-v{version}", daemon=True)
+    thread.start()
+    thread.join(wait_seconds)
+    if "how" in done:
+        return f"compiled for serving ({done['how']})"
+    if "error" in done:
+        return f"not compiled for serving ({type(done['error']).__name__})"
+    return f"still compiling for serving after {wait_seconds:g}s (continues in the background)"

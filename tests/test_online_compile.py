@@ -1,0 +1,70 @@
+"""Compilation at promotion, against real lakeFS and MLflow: publishing a run whose gate said promote stores the
+version's compiled (lleaves) form beside its Booster, and a compiler failure never fails the publish or the
+promotion (the server compiles on its first load instead)."""
+
+import pytest
+
+from mlplatform import registry
+from mlplatform.serving import models as serving_models
+from resources.publish import publish_run
+
+from .test_models import base_ts, mlflow_res, spec, train  # noqa: F401 - fixtures and helpers
+
+pytestmark = pytest.mark.services
+WEAK = {"num_boost_round": 8, "num_leaves": 3, "learning_rate": 0.1}
+
+
+def compiled_artifacts(m, version: str) -> list[str]:
+    run_id = m.client().get_model_version(m.model_name, version).run_id
+    return [a.path for a in m.client().list_artifacts(run_id, serving_models.COMPILED_DIR)]
+
+
+def test_a_promoted_version_is_compiled_and_stored_beside_the_model(spec, base_ts, lakefs, state, instance,
+                                                                    mlflow_uri):
+    m = mlflow_res(spec, mlflow_uri)
+    result = train(spec, base_ts, lakefs, state, instance, mlflow_uri, **WEAK)
+    outcome = publish_run(instance, lakefs, result.run_id, m)
+    assert outcome.status == "published" and "compiled for serving (compiled)" in outcome.detail, outcome.detail
+    assert registry.aliases(m) == {"champion": "1"}
+    assert compiled_artifacts(m, "1") == [f"{serving_models.COMPILED_DIR}/{serving_models.artifact_name()}"]
+    # the server then downloads it instead of compiling
+    assert serving_models.load_version(m.tracking(), "1").compiled_from == "artifact"
+
+
+def test_a_failed_compile_never_fails_the_publish_or_the_promotion(spec, base_ts, lakefs, state, instance,
+                                                                   mlflow_uri, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("LLVM is not available")
+
+    monkeypatch.setattr(serving_models, "compile_version", broken)  # a fault drill: the compiler fails
+    m = mlflow_res(spec, mlflow_uri)
+    result = train(spec, base_ts, lakefs, state, instance, mlflow_uri, **WEAK)
+    outcome = publish_run(instance, lakefs, result.run_id, m)
+    assert outcome.status == "published" and not outcome.promotion_pending
+    assert "not compiled for serving (RuntimeError)" in outcome.detail
+    assert registry.aliases(m) == {"champion": "1"}
+    assert compiled_artifacts(m, "1") == []
+
+
+def test_a_slow_compile_does_not_hold_the_publish_beyond_its_bound(monkeypatch):
+    import threading
+    import time
+
+    release = threading.Event()
+    finished = []
+
+    def slow(tracking, version):
+        release.wait(10)
+        finished.append(version)
+        return "compiled"
+
+    monkeypatch.setattr(serving_models, "compile_version", slow)
+    start = time.monotonic()
+    detail = serving_models.compile_at_promotion(None, "4", wait_seconds=0.3)
+    assert time.monotonic() - start < 2
+    assert detail == "still compiling for serving after 0.3s (continues in the background)"
+    release.set()  # the compile goes on and finishes on its own thread
+    end = time.monotonic() + 5
+    while not finished and time.monotonic() < end:
+        time.sleep(0.05)
+    assert finished == ["4"]
