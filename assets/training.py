@@ -118,6 +118,7 @@ def build_training(spec: DatasetSpec) -> list:
     @dg.asset(
         group_name="training", kinds={"lightgbm", "mlflow"}, code_version="1",
         description="A LightGBM candidate trained on the training set, tracked and registered in MLflow.",
+        pool="training",  # one training at a time, however it was launched (platform/dagster.yaml: pools)
     )
     def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
                         mlflow: MLflowResource, lakefs: LakeFSResource, audit: AuditResource) -> dg.Output:

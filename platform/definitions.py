@@ -17,7 +17,7 @@ from resources.environment import Settings, build_resources
 from mlplatform.spec import DatasetSpec, dataset_spec
 from sensors.alerts import build_alert_sensors
 from sensors.lifecycle import build_lifecycle
-from sensors.publish import publish_sensors
+from sensors.publish import build_publish_sensors
 
 # Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
 # `features` and `reference_features` are ignored: a batch is (re)scored when its raw records change, not when a
@@ -67,7 +67,7 @@ def build_definitions() -> dg.Definitions:
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
                 *build_serving(spec), *build_monitoring(spec), *build_online(spec)],
         jobs=lifecycle["jobs"],
-        sensors=[*publish_sensors, *lifecycle["sensors"], *build_alert_sensors(spec),
+        sensors=[*build_publish_sensors(lifecycle["jobs"]), *lifecycle["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
                  dg.AutomationConditionSensorDefinition(
                      "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
