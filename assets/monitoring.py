@@ -114,6 +114,14 @@ def drift_problems(summary: dict) -> tuple[list[str], list[str]]:
     return blocking, [p for p in problems if p not in blocking]
 
 
+def drift_check_specs(check_prefix: str, asset: str) -> list[dg.AssetCheckSpec]:
+    """The two checks every one-batch drift report carries (see drift_results)."""
+    return [dg.AssetCheckSpec(f"{check_prefix}_inputs_usable", asset=asset, blocking=True,
+                              description="every monitored column is present and of its type"),
+            dg.AssetCheckSpec(f"{check_prefix}_chunks_informative", asset=asset,
+                              description="chunks large enough, no all-null or constant columns")]
+
+
 def drift_results(check_prefix: str, partition: str, latest: pl.DataFrame, summary: dict, rows: int,
                   extra_metadata: dict | None = None):
     """The output and the two check results of a one-batch drift report (drift_report, online_drift_report):
@@ -148,10 +156,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         deps=["features", "reference_features", dg.AssetDep("raw_records")],
         description="Univariate drift per feature and method (PSI, KS, chi2, JS, Wasserstein, Hellinger, "
                     "L-inf) and multivariate reconstruction drift of one batch against the reference.",
-        check_specs=[dg.AssetCheckSpec("drift_inputs_usable", asset="drift_report", blocking=True,
-                                       description="every monitored column is present and of its type"),
-                     dg.AssetCheckSpec("drift_chunks_informative", asset="drift_report",
-                                       description="chunks large enough, no all-null or constant columns")],
+        check_specs=drift_check_specs("drift", "drift_report"),
     )
     def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource):
         import matplotlib

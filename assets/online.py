@@ -18,7 +18,8 @@ reads the published report with `mlplatform.serving.experiment.gate_verdict` (RE
 import dagster as dg
 import polars as pl
 
-from assets.monitoring import _md_table, batch_drift, champion_reference, drift_results, estimate_performance
+from assets.monitoring import (_md_table, batch_drift, champion_reference, drift_check_specs, drift_results,
+                               estimate_performance)
 from mlplatform.serving.predlog import read_spool, spool_dir
 from mlplatform.serving.settings import load_serving_settings
 from mlplatform.spec import DatasetSpec
@@ -55,10 +56,7 @@ def build_online(spec: DatasetSpec) -> list:
         deps=["reference_features"],
         description="Drift of the rows the model server answered for one batch period (shadow scores excluded) "
                     "against the reference: the same engine, methods and thresholds as drift_report.",
-        check_specs=[dg.AssetCheckSpec("online_drift_inputs_usable", asset="online_drift_report", blocking=True,
-                                       description="every monitored column is present and of its type"),
-                     dg.AssetCheckSpec("online_drift_chunks_informative", asset="online_drift_report",
-                                       description="chunks large enough, no all-null or constant columns")],
+        check_specs=drift_check_specs("online_drift", "online_drift_report"),
     )
     def online_drift_report(context: dg.AssetExecutionContext, online_predictions: pl.DataFrame,
                             lakefs: LakeFSResource):
