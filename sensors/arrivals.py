@@ -43,11 +43,15 @@ from resources.landing import LandingZoneResource
 from mlplatform.spec import DatasetSpec
 
 # A batch's dbt models are built from that partition alone: records bring its staging and features, labels its
-# staged labels (features do not depend on labels).
-INGEST_ASSETS = ["raw_records", "stg_records", "features"]
+# staged labels (features do not depend on labels). The data-quality report needs nothing but the raw records, so
+# it is made in the same run (one run less per batch).
+INGEST_ASSETS = ["raw_records", "stg_records", "features", "data_quality_report"]
 LABEL_ASSETS = ["raw_labels", "stg_labels"]
 FEATURE_ASSETS = ["stg_records", "stg_labels", "features"]
-JOBS = {"records": "ingest_batch", "labels": "ingest_labels"}
+# Scoring and monitoring of one batch, in one run: requested by the publish sensor as soon as the batch's
+# records run is on main (sensors/publish.py), so they read published data and never wait for a tick.
+SCORE_ASSETS = ["batch_predictions", "drift_report", "performance_estimate"]
+JOBS = {"records": "ingest_batch", "labels": "ingest_labels", "score": "score_batch"}
 
 PARTITION_TAG = "dagster/partition"
 STAMP_TAG, FILES_TAG, ATTEMPT_TAG, KIND_TAG = "arrival/stamp", "arrival/files", "arrival/attempt", "arrival/kind"
@@ -338,11 +342,14 @@ def build_arrivals(spec: DatasetSpec) -> dict:
                                      description="Delayed labels of a partition, then the dbt models.")
     # The full rebuild, on demand: a backfill of this job over all partitions (e.g. after a feature definition
     # changed, which marks the partitions stale) rebuilds every batch's models from its raw files.
+    score_job = dg.define_asset_job(JOBS["score"], selection=SCORE_ASSETS, partitions_def=parts,
+                                    description="A published batch: champion scores (challenger in shadow), drift "
+                                                "report and label-free performance estimate of the partition.")
     rebuild_job = dg.define_asset_job("rebuild_features", selection=FEATURE_ASSETS, partitions_def=parts,
                                       description="Rebuild one batch's dbt models (staging, features) from its raw "
                                                   "partition; backfill all partitions for a full rebuild.")
 
-    @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=15,
+    @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=5,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Complete files in the landing zone -> ingest their partition (records, then labels); "
                            "failed ingestions are retried with backoff.")
@@ -360,4 +367,4 @@ def build_arrivals(spec: DatasetSpec) -> dict:
             return dg.SensorResult(run_requests=plan.requests, cursor=plan.cursor())
         return dg.SensorResult(skip_reason=plan.skip_reason(), cursor=plan.cursor())
 
-    return {"jobs": [ingest_job, labels_job, rebuild_job], "sensors": [landing_arrivals]}
+    return {"jobs": [ingest_job, labels_job, score_job, rebuild_job], "sensors": [landing_arrivals]}

@@ -17,7 +17,29 @@ import dagster as dg
 from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
-from resources.publish import conflict_retry_request, publish_pending, publish_run
+from resources.publish import ACTIVE, PARTITION_TAG, conflict_retry_request, publish_pending, publish_run
+from sensors.arrivals import JOBS, SCORE_ASSETS
+
+AFTER_RUN_TAG = "mlp/after_run"  # a scoring run: the records run whose publication requested it
+
+
+def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunRequest | None:
+    """A published run that materialized a batch's raw records -> one run scoring and monitoring that batch,
+    unless one is already queued or running (declarative automation may have asked first)."""
+    partition = run.tags.get(PARTITION_TAG)
+    if not partition or run.job_name == JOBS["score"]:
+        return None
+    selection = run.asset_selection
+    if selection is not None and dg.AssetKey("raw_records") not in selection:
+        return None
+    if selection is None and run.job_name != JOBS["records"]:
+        return None
+    wanted = {dg.AssetKey(k) for k in SCORE_ASSETS}
+    for other in instance.get_runs(dg.RunsFilter(tags={PARTITION_TAG: partition}, statuses=list(ACTIVE)), limit=20):
+        if other.asset_selection is not None and wanted <= set(other.asset_selection):
+            return None
+    return dg.RunRequest(run_key=f"score/{partition}/{run.run_id}", job_name=JOBS["score"], partition_key=partition,
+                         tags={AFTER_RUN_TAG: run.run_id})
 
 
 def build_publish_sensors(jobs: Sequence = ()) -> list:
@@ -30,7 +52,8 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
                           request_jobs=retry_jobs or None,
                           description="Merges a successful run's lakeFS branch into main (write-audit-publish), "
                                       "then moves the model aliases its gate decided; re-executes a run whose "
-                                      "partition conflicted once from the new main.")
+                                      "partition conflicted once from the new main; a published batch's records "
+                                      "run requests that batch's scoring and monitoring run.")
     def publish_successful_runs(context: dg.RunStatusSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource,
                                 audit: AuditResource):
         outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id, mlflow, audit.trail())
@@ -44,6 +67,11 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
         if outcome.promotion_pending:
             # Reported on the run; the branch is kept, so the next publish (this sensor or `mlp publish`) retries.
             raise RuntimeError(outcome.detail)
+        if outcome.status == "published" and JOBS["score"] in {j.name for j in retry_jobs}:
+            request = scoring_request(context.instance, context.dagster_run)
+            if request is not None:
+                context.log.info(f"requesting {JOBS['score']} [{request.partition_key}] after {outcome.run_id}")
+                return request
         return None
 
     @dg.run_status_sensor(run_status=dg.DagsterRunStatus.FAILURE, minimum_interval_seconds=5,

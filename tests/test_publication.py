@@ -214,3 +214,29 @@ def test_a_batch_reads_only_the_id_index_files_its_ids_can_hit_and_still_rejects
     # Only the index file whose id range overlaps this batch's ids was read: not November's, no raw batch.
     others = [p for p in reads if "2018-10-01" in p or "2018-11-01" in p]
     assert others == ["index/record_ids/partition=2018-10-01.parquet"]
+
+
+def test_a_published_records_run_requests_one_scoring_run_of_its_batch_unless_one_is_queued(instance):
+    """The publish sensor chains a batch's scoring to its records run: one request per published records run,
+    keyed on that run; none for other jobs, for a scoring run itself, or while a scoring run of the batch is
+    already queued (declarative automation asked first)."""
+    from sensors.arrivals import JOBS, SCORE_ASSETS
+    from sensors.publish import AFTER_RUN_TAG, scoring_request
+
+    def run(job: str, partition: str, assets: list[str] | None, status=dg.DagsterRunStatus.SUCCESS):
+        return instance.add_run(dg.DagsterRun(
+            job_name=job, run_id=f"{job}-{partition}-{len(instance.get_runs())}", status=status,
+            tags={"dagster/partition": partition},
+            asset_selection=frozenset(dg.AssetKey(a) for a in assets) if assets else None))
+
+    records = run(JOBS["records"], "2019-01-01", ["raw_records", "stg_records", "features"])
+    req = scoring_request(instance, records)
+    assert req is not None and req.job_name == JOBS["score"] and req.partition_key == "2019-01-01"
+    assert req.tags[AFTER_RUN_TAG] == records.run_id and records.run_id in req.run_key
+    assert scoring_request(instance, run(JOBS["labels"], "2019-01-01", ["raw_labels", "stg_labels"])) is None
+    assert scoring_request(instance, run(JOBS["score"], "2019-01-01", SCORE_ASSETS)) is None
+    assert scoring_request(instance, run("retrain", "", None)) is None  # unpartitioned: nothing to score
+    run(JOBS["score"], "2019-02-01", SCORE_ASSETS, status=dg.DagsterRunStatus.STARTED)  # already running
+    assert scoring_request(instance, run(JOBS["records"], "2019-02-01", ["raw_records"])) is None
+    # A UI materialization of raw_records (the asset job) is followed too.
+    assert scoring_request(instance, run("__ASSET_JOB", "2019-03-01", ["raw_records"])).partition_key == "2019-03-01"
