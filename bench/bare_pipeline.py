@@ -182,8 +182,7 @@ def compare(batches: int) -> dict:
     from tooling.services import free_port
 
     state = Path(tempfile.mkdtemp(prefix="bench-demo-"))
-    env = {**os.environ, "MLP_STATE_DIR": str(state / "state"), "MLP_LAKEFS_PORT": str(free_port()),
-           "MLP_MLFLOW_PORT": str(free_port())}
+    env = {**os.environ, "MLP_STATE_DIR": str(state / "state"), "MLP_LAKEFS_PORT": str(free_port())}
     if batches != 4:
         raise SystemExit("make demo releases 4 batches; compare with --batches 4")
     try:

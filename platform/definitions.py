@@ -20,10 +20,13 @@ from sensors.lifecycle import build_lifecycle
 from sensors.publish import build_publish_sensors
 
 # Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
-# `features` and `reference_features` are ignored: a batch is (re)scored when its raw records change, not when a
+# Scoring and monitoring of a batch (batch_predictions, drift_report, performance_estimate) are NOT here: the
+# publish sensor requests them in one `score_batch` run once the batch's records are on main (sensors/publish.py);
+# a second, automatic path for the same assets would race it and score a batch twice. `data_quality_report` is
+# made in the records run itself. What stays: the realized metric, when a batch's labels arrive.
+# `features` and `reference_features` are ignored: a batch is re-evaluated when its raw inputs change, not when a
 # feature rebuild or a retrain rewrites the features (an unpartitioned update would re-request every partition).
-FOLLOWERS = ["batch_predictions", "drift_report", "data_quality_report", "performance_estimate",
-             "realized_performance"]
+FOLLOWERS = ["realized_performance"]
 
 
 def follow_inputs() -> dg.AutomationCondition:

@@ -51,6 +51,7 @@ FEATURE_ASSETS = ["stg_records", "stg_labels", "features"]
 # Scoring and monitoring of one batch, in one run: requested by the publish sensor as soon as the batch's
 # records run is on main (sensors/publish.py), so they read published data and never wait for a tick.
 SCORE_ASSETS = ["batch_predictions", "drift_report", "performance_estimate"]
+QUALITY_ASSET = "data_quality_report"  # in the records run; in a scoring run when the records came another way
 JOBS = {"records": "ingest_batch", "labels": "ingest_labels", "score": "score_batch"}
 
 PARTITION_TAG = "dagster/partition"
@@ -342,7 +343,7 @@ def build_arrivals(spec: DatasetSpec) -> dict:
                                      description="Delayed labels of a partition, then the dbt models.")
     # The full rebuild, on demand: a backfill of this job over all partitions (e.g. after a feature definition
     # changed, which marks the partitions stale) rebuilds every batch's models from its raw files.
-    score_job = dg.define_asset_job(JOBS["score"], selection=SCORE_ASSETS, partitions_def=parts,
+    score_job = dg.define_asset_job(JOBS["score"], selection=[*SCORE_ASSETS, QUALITY_ASSET], partitions_def=parts,
                                     description="A published batch: champion scores (challenger in shadow), drift "
                                                 "report and label-free performance estimate of the partition.")
     rebuild_job = dg.define_asset_job("rebuild_features", selection=FEATURE_ASSETS, partitions_def=parts,

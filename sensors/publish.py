@@ -18,14 +18,16 @@ from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.publish import ACTIVE, PARTITION_TAG, conflict_retry_request, publish_pending, publish_run
-from sensors.arrivals import JOBS, SCORE_ASSETS
+from sensors.arrivals import JOBS, QUALITY_ASSET, SCORE_ASSETS
 
 AFTER_RUN_TAG = "mlp/after_run"  # a scoring run: the records run whose publication requested it
 
 
 def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunRequest | None:
-    """A published run that materialized a batch's raw records -> one run scoring and monitoring that batch,
-    unless one is already queued or running (declarative automation may have asked first)."""
+    """A published run that materialized a batch's raw records -> one run scoring and monitoring that batch
+    (with its data-quality report if that run did not make one), unless one is already queued or running.
+    This is the only automatic path to these assets: records ingested by the arrivals sensor, or raw_records
+    materialized by hand in the UI or the CLI, are followed the same way."""
     partition = run.tags.get(PARTITION_TAG)
     if not partition or run.job_name == JOBS["score"]:
         return None
@@ -38,8 +40,9 @@ def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunR
     for other in instance.get_runs(dg.RunsFilter(tags={PARTITION_TAG: partition}, statuses=list(ACTIVE)), limit=20):
         if other.asset_selection is not None and wanted <= set(other.asset_selection):
             return None
+    assets = [*SCORE_ASSETS] + ([] if selection and dg.AssetKey(QUALITY_ASSET) in selection else [QUALITY_ASSET])
     return dg.RunRequest(run_key=f"score/{partition}/{run.run_id}", job_name=JOBS["score"], partition_key=partition,
-                         tags={AFTER_RUN_TAG: run.run_id})
+                         asset_selection=[dg.AssetKey(a) for a in assets], tags={AFTER_RUN_TAG: run.run_id})
 
 
 def build_publish_sensors(jobs: Sequence = ()) -> list:
@@ -81,16 +84,25 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
         outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
         context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
 
-    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+    score_jobs = [j for j in retry_jobs if j.name == JOBS["score"]]
+
+    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING, jobs=score_jobs or None,
                description="Sweep: publishes successful runs the run-status sensor could not (lakeFS or MLflow was "
                            "down at its tick) and finishes pending alias moves, so runs waiting for their "
-                           "predecessors' publication are not left waiting.")
+                           "predecessors' publication are not left waiting; a batch published here is scored too.")
     def publish_stragglers(context: dg.SensorEvaluationContext, lakefs: LakeFSResource, mlflow: MLflowResource,
                            audit: AuditResource):
         outcomes = [o for o in publish_pending(context.instance, lakefs, mlflow, audit.trail(), min_age_seconds=30)
                     if o.status not in ("pending", "missing")]
+        requests = []
         for o in outcomes:
             context.log.info(f"{o.run_id}: {o.status}: {o.detail}")
+            run = context.instance.get_run_by_id(o.run_id) if o.status == "published" and score_jobs else None
+            request = scoring_request(context.instance, run) if run is not None else None
+            if request is not None:
+                requests.append(request)
+        if requests:
+            return dg.SensorResult(run_requests=requests)
         return dg.SkipReason(f"swept {len(outcomes)} run branch(es)" if outcomes else "nothing left unpublished")
 
     return [publish_successful_runs, keep_failed_run_branches, publish_stragglers]

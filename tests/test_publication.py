@@ -229,9 +229,10 @@ def test_a_published_records_run_requests_one_scoring_run_of_its_batch_unless_on
             tags={"dagster/partition": partition},
             asset_selection=frozenset(dg.AssetKey(a) for a in assets) if assets else None))
 
-    records = run(JOBS["records"], "2019-01-01", ["raw_records", "stg_records", "features"])
+    records = run(JOBS["records"], "2019-01-01", ["raw_records", "stg_records", "features", "data_quality_report"])
     req = scoring_request(instance, records)
     assert req is not None and req.job_name == JOBS["score"] and req.partition_key == "2019-01-01"
+    assert {k.to_user_string() for k in req.asset_selection} == set(SCORE_ASSETS)  # quality came with the records
     assert req.tags[AFTER_RUN_TAG] == records.run_id and records.run_id in req.run_key
     assert scoring_request(instance, run(JOBS["labels"], "2019-01-01", ["raw_labels", "stg_labels"])) is None
     assert scoring_request(instance, run(JOBS["score"], "2019-01-01", SCORE_ASSETS)) is None
@@ -239,4 +240,6 @@ def test_a_published_records_run_requests_one_scoring_run_of_its_batch_unless_on
     run(JOBS["score"], "2019-02-01", SCORE_ASSETS, status=dg.DagsterRunStatus.STARTED)  # already running
     assert scoring_request(instance, run(JOBS["records"], "2019-02-01", ["raw_records"])) is None
     # A UI materialization of raw_records (the asset job) is followed too.
-    assert scoring_request(instance, run("__ASSET_JOB", "2019-03-01", ["raw_records"])).partition_key == "2019-03-01"
+    by_hand = scoring_request(instance, run("__ASSET_JOB", "2019-03-01", ["raw_records"]))
+    assert by_hand.partition_key == "2019-03-01"
+    assert {k.to_user_string() for k in by_hand.asset_selection} == {*SCORE_ASSETS, "data_quality_report"}

@@ -1,14 +1,14 @@
 """`make demo`: materialize the pipeline from the CLI, batch by batch, then print where to look.
 
-The flow is `flow(state)` -> the list of (selection, partition) steps; `main` runs them with `dagster asset
-materialize` and publishes each run to lakeFS main. tests/test_demo_flow.py runs these same commands from an
+The flow is `flow(state)` -> the list of (selection, partition) steps; `main` runs them in one process (the
+definitions loaded once) and publishes each run to lakeFS main, printing for each step the `dagster asset
+materialize` command that does the same from the CLI. tests/test_demo_flow.py runs these same commands from an
 empty state (a lakeFS with no repository, an empty MLflow store, an empty DAGSTER_HOME).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,29 +38,54 @@ def flow(state: dict) -> list[tuple[str, str | None]]:
     return steps
 
 
-def materialize(select: str, partition: str | None = None) -> None:
+def cli_command(select: str, partition: str | None = None) -> list[str]:
+    """The `dagster asset materialize` command that does one step (what an operator types to redo it)."""
     cmd = [DAGSTER, "asset", "materialize", "-f", "platform/definitions.py", "-d", ".", "--select", select]
-    if partition:
-        cmd += ["--partition", partition]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        from mlplatform.redact import redact
-
-        sys.stderr.write(redact(proc.stdout[-3000:] + proc.stderr[-6000:]))
-        raise SystemExit(f"materialization of {select} {partition or ''} failed (exit {proc.returncode})")
-    print(f"  ok in {time.time() - t0:.0f}s", flush=True)
-    publish()
+    return cmd + (["--partition", partition] if partition else [])
 
 
-def publish() -> None:
-    proc = subprocess.run([str(BIN / "mlp"), "publish"], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        from mlplatform.redact import redact
+class Runner:
+    """Runs the demo's steps in this one process: the definitions are loaded once (not once per step, as one
+    `dagster asset materialize` process per step would), each step is a run of the instance in DAGSTER_HOME
+    (seen in the UI like any other), and each run is published as `mlp publish` would, before the next step."""
 
-        sys.stderr.write(redact(proc.stdout[-3000:] + proc.stderr[-3000:]))
-        raise SystemExit(f"`mlp publish` failed (exit {proc.returncode})")
+    def __init__(self) -> None:
+        import runpy
+
+        import dagster as dg
+
+        from resources.environment import LAKEFS
+        from tooling.cli import _resources
+
+        defs = runpy.run_path(str(ROOT / "platform" / "definitions.py"))["defs"]
+        self.assets = list(defs.assets or [])
+        self.resources = dict(defs.resources or {})
+        self.instance = dg.DagsterInstance.get()
+        res = _resources(*LAKEFS)
+        self.lakefs, self.mlflow, self.audit = res["lakefs"], res.get("mlflow"), res["audit"].trail()
+
+    def materialize(self, select: str, partition: str | None = None) -> None:
+        import dagster as dg
+
+        from resources.publish import publish_run
+
+        print(f"$ {' '.join(cli_command(select, partition)[1:])}", flush=True)
+        t0 = time.time()
+        result = dg.materialize(self.assets, selection=select.split(","), partition_key=partition,
+                                instance=self.instance, resources=self.resources, raise_on_error=False,
+                                tags={"mlp/demo": "1"})
+        if not result.success:
+            from mlplatform.redact import redact
+
+            failures = [e for e in result.all_events if e.is_step_failure]
+            for event in failures:
+                sys.stderr.write(redact(f"{event.step_key}: {event.step_failure_data.error.to_string()}"[-6000:]))
+            raise SystemExit(f"materialization of {select} {partition or ''} failed (run {result.run_id}); "
+                             f"the step failures are above; the run is in the UI (make dev)")
+        outcome = publish_run(self.instance, self.lakefs, result.run_id, self.mlflow, self.audit)
+        if outcome.status != "published" or outcome.promotion_pending:
+            raise SystemExit(f"publishing run {result.run_id} did not complete: {outcome.status}: {outcome.detail}")
+        print(f"  ok in {time.time() - t0:.0f}s (published)", flush=True)
 
 
 def summary() -> None:
@@ -94,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     if "--summary" in argv:
         summary()
         return
-    for select, partition in flow(_simulator().state()):
-        materialize(select, partition)
+    steps = flow(_simulator().state())
+    runner = Runner()
+    for select, partition in steps:
+        runner.materialize(select, partition)
 
 
 if __name__ == "__main__":
