@@ -11,6 +11,7 @@ from assets.features import build_features
 from assets.ingestion import build_ingestion
 from assets.monitoring import build_monitoring
 from assets.online import build_online
+from assets.report import build_report
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import Settings, build_resources
@@ -65,12 +66,14 @@ def build_definitions() -> dg.Definitions:
     lifecycle = build_lifecycle(spec)
     defs = dg.Definitions(
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-                *build_serving(spec), *build_monitoring(spec), *build_online(spec)],
+                *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)],
         jobs=lifecycle["jobs"],
         sensors=[*publish_sensors, *lifecycle["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
                  dg.AutomationConditionSensorDefinition(
-                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
+                     # model_health_report carries its own condition (assets/report.py: after_monitoring)
+                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS, "model_health_report"),
+                     minimum_interval_seconds=20,
                      default_status=dg.DefaultSensorStatus.RUNNING)],
         schedules=lifecycle["schedules"],
         # Secrets and endpoints as dg.EnvVars: resolved when a run starts, never read into the definitions.

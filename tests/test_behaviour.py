@@ -170,7 +170,7 @@ def test_the_bundled_car_loan_spec_declares_at_least_two_expectations(spec):
     assert len(spec.behaviour) >= 2 and {"direction", "invariance", "minimum_functionality"} <= kinds
 
 
-# --- the gate, on the real services ------------------------------------------------------------------------------------
+# --- the gate, on the real services -------------------------------------------------------------------------------
 TEXTBOOK_DTI = {"name": "dti_does_not_raise_repayment", "kind": "direction",
                 "description": "Raising the debt-to-income ratio must not raise the predicted repayment probability.",
                 "feature": "debt_to_income_ratio", "delta": 0.1, "expect": "not_increase", "tolerance": 0.02,
