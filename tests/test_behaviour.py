@@ -198,6 +198,8 @@ def test_a_model_violating_a_directional_expectation_stays_out_of_production_and
     checks = {e.check_name: e for e in first.get_asset_check_evaluations()}
     assert first.success and {f"behaviour_{e.name}" for e in spec.behaviour} <= set(checks)
     assert all(checks[f"behaviour_{e.name}"].passed for e in spec.behaviour)
+    card = first.asset_materializations_for_node("model_card")[0].metadata["card"].value
+    assert f"All {len(spec.behaviour)} hold." in card and "| car_value_rounding_invariance | invariance | PASS" in card
     publish_run(instance, lakefs, first.run_id, m)
     assert registry.aliases(m) == {"champion": "1"}
 
