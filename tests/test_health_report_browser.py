@@ -22,7 +22,7 @@ from resources.publish import publish_run
 from .helpers import car_loan, materialize_and_publish, production_rows, quick_training_set, resources_for
 from .test_models import mlflow_res, train
 
-pytestmark = [pytest.mark.services, pytest.mark.slow]
+pytestmark = [pytest.mark.services, pytest.mark.browser, pytest.mark.slow]
 
 BATCHES = ["2018-10-01", "2018-11-01"]
 SECTION_PROBE = """(name) => {
