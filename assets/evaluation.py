@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mlplatform import modeling, registry
+from mlplatform import behaviour, modeling, registry
 from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
@@ -76,14 +76,23 @@ def plots(spec: DatasetSpec, y, p_new, p_old, importance: dict, slices: list[dic
 
 
 def build_evaluation(spec: DatasetSpec) -> list:
+    behaviour_checks = [
+        dg.AssetCheckSpec(behaviour_check_name(e), asset="evaluation_report", blocking=True,
+                          description=f"Behavioural expectation ({e.kind}): {e.description or e.name}")
+        for e in spec.behaviour]
+
     @dg.asset(
-        group_name="evaluation", kinds={"mlflow", "lightgbm"}, code_version="1",
-        description="Candidate vs champion on the same test rows, with a paired bootstrap CI; gates promotion.",
+        group_name="evaluation", kinds={"mlflow", "lightgbm"}, code_version="2",
+        description="Candidate vs champion on the same test rows, with a paired bootstrap CI, and the spec's "
+                    "behavioural expectations (invariance, direction, minimum functionality); gates promotion.",
         check_specs=[dg.AssetCheckSpec("promotion_gate", asset="evaluation_report", blocking=True,
-                                       description="Floor from config; not significantly worse than the champion")],
+                                       description="Floor from config; not significantly worse than the champion; "
+                                                   "every behavioural expectation holds"),
+                     *behaviour_checks],
     )
     def evaluation_report(context: dg.AssetExecutionContext, config: GateConfig, candidate_model: dict,
-                          training_set: pl.DataFrame, mlflow: MLflowResource, audit: AuditResource):
+                          training_set: pl.DataFrame, mlflow: MLflowResource, audit: AuditResource,
+                          lakefs: LakeFSResource):
         import mlflow as mlf
 
         version = str(candidate_model["version"])
@@ -112,13 +121,16 @@ def build_evaluation(spec: DatasetSpec) -> list:
             os.remove(path)
         for k, v in m_new.items():
             client.log_metric(run_id, f"test_{k}", v)
+        results = behaviour.evaluate(spec, test, behaviour.model_predictor(cand, spec))
         report = {
             "model_version": version, "champion_version": champ_version if p_old is not None else None,
             "metric": spec.metric, "test_rows": int(len(y)), "candidate": m_new, "champion": m_old,
             "comparison": comparison, "slices": slices, "importance": importance,
+            "behaviour": [r.as_dict() for r in results],
             "mlflow_run_id": run_id, "training_set_commit": candidate_model["training_set_commit"],
         }
-        passed, reason = registry.decide(spec, m_new[spec.metric], comparison)
+        failed_expectations = [r.name for r in behaviour.failures(results)]
+        passed, reason = registry.decide(spec, m_new[spec.metric], comparison, behaviour.failure_reasons(results))
         if champ_version == version:  # a retrain on unchanged data, code and params reused the champion
             reason = f"v{version} is already the champion (same training data, code and parameters); {reason}"
         # The gate only decides. Aliases move when this run is published (its data merged into main),
@@ -126,6 +138,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
         outcome = registry.apply_gate(
             mlflow, audit.trail(), spec, version, passed, reason,
             {"metrics": m_new, "champion_metrics": m_old, "comparison": comparison, "dagster_run_id": context.run_id,
+             "failed_expectations": failed_expectations,
              "lakefs_commit": candidate_model["training_set_commit"], "champion_version": champ_version},
             manual=config.manual_approval, actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}")
         context.instance.add_run_tags(context.run_id, {
@@ -137,6 +150,14 @@ def build_evaluation(spec: DatasetSpec) -> list:
         rows = [dg.TableRecord({"metric": k, "candidate": round(v, 5),
                                 "champion": round(m_old[k], 5) if m_old else None}) for k, v in m_new.items()]
         md_imgs = "\n".join(f"![{n}](data:image/png;base64,{base64.b64encode(d).decode()})" for n, d in images.items())
+        card_meta = {}
+        if not passed:
+            # The blocking checks fail, so `model_card` will not run: the rejected candidate's card (naming what
+            # failed) is written here, to its MLflow run and to this asset's metadata.
+            card = make_card(spec, candidate_model, report, training_set, lakefs,
+                             audit.trail().history(mlflow.model_name, version))
+            md = log_card(client, run_id, card)
+            card_meta = {"card": dg.MetadataValue.md(md)}
         yield dg.Output(report, metadata={
             "summary": dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
                 dg.TableColumn("metric"), dg.TableColumn("candidate", "float"), dg.TableColumn("champion", "float")])),
@@ -150,9 +171,22 @@ def build_evaluation(spec: DatasetSpec) -> list:
                 "never: the candidate is rejected"),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
             "plots": dg.MetadataValue.md(md_imgs),
+            "behaviour": dg.MetadataValue.md(behaviour.markdown_table(results)),
+            "failed_expectations": dg.MetadataValue.text(", ".join(failed_expectations) or "none"),
+            **card_meta,
         })
         yield dg.AssetCheckResult(check_name="promotion_gate", passed=passed, description=outcome.reason,
-                                  metadata={"decision": outcome.action, "model_version": version})
+                                  metadata={"decision": outcome.action, "model_version": version,
+                                            "failed_expectations": dg.MetadataValue.text(
+                                                ", ".join(failed_expectations) or "none")})
+        for e, r in zip(spec.behaviour, results):
+            yield dg.AssetCheckResult(
+                check_name=behaviour_check_name(e), passed=r.passed, description=r.message,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"expectation": r.name, "kind": r.kind, "result": "pass" if r.passed else "FAIL",
+                          "measured": dg.MetadataValue.float(float(r.measured)),
+                          "threshold": dg.MetadataValue.float(float(r.threshold)),
+                          "rows": r.rows, "violating_rows": r.violating_rows, "model_version": version})
 
     @dg.asset(
         group_name="evaluation", kinds={"mlflow", "lakefs"}, code_version="1",
@@ -163,15 +197,24 @@ def build_evaluation(spec: DatasetSpec) -> list:
                    audit: AuditResource) -> dict:
         card = make_card(spec, candidate_model, evaluation_report, training_set, lakefs,
                          audit.trail().history(mlflow.model_name, candidate_model["version"]))
-        md = card_markdown(card)
-        client = mlflow.client()
-        client.log_text(candidate_model["run_id"], md, "model_card.md")
-        client.log_text(candidate_model["run_id"], json.dumps(card, indent=1, default=str), "model_card.json")
+        md = log_card(mlflow.client(), candidate_model["run_id"], card)
         context.add_output_metadata({"card": dg.MetadataValue.md(md),
                                      "mlflow_run": dg.MetadataValue.url(mlflow.run_url(candidate_model["run_id"]))})
         return {"card": card, "markdown": md}
 
     return [evaluation_report, model_card]
+
+
+def behaviour_check_name(expectation) -> str:
+    return f"behaviour_{expectation.name}"
+
+
+def log_card(client, run_id: str, card: dict) -> str:
+    """The card as Markdown and JSON on the candidate's MLflow run; returns the Markdown."""
+    md = card_markdown(card)
+    client.log_text(run_id, md, "model_card.md")
+    client.log_text(run_id, json.dumps(card, indent=1, default=str), "model_card.json")
+    return md
 
 
 def make_card(spec, cand, report, ts, lakefs, events) -> dict:
@@ -189,7 +232,7 @@ def make_card(spec, cand, report, ts, lakefs, events) -> dict:
                           "splits": splits},
         "features": spec.model_feature_names, "params": cand["params"],
         "metrics": report["candidate"], "champion_metrics": report["champion"], "comparison": report["comparison"],
-        "slices": report["slices"], "gate": report["gate"],
+        "slices": report["slices"], "gate": report["gate"], "behaviour": report.get("behaviour", []),
         "approvals": [{"at": e.at, "by": e.actor, "action": e.action, "reason": e.reason} for e in events
                       if e.action in ("gate_decision", "promoted", "awaiting_approval", "approved", "rolled_back")],
         "limitations": ["Trained on the reference period and labelled production batches only; drift beyond "
@@ -211,7 +254,14 @@ def card_markdown(card: dict) -> str:
     if card["comparison"]:
         c = card["comparison"]
         lines.append(f"\nImprovement vs champion: {c['diff']:+.4f} (95% CI {c['ci_low']:+.4f} .. {c['ci_high']:+.4f})")
-    lines += ["", f"## Gate: {card['gate']['action']}", card["gate"]["reason"], "", "## Slices"]
+    lines += ["", f"## Gate: {card['gate']['action']}", card["gate"]["reason"], "", "## Behavioural expectations"]
+    results = card.get("behaviour") or []
+    failed = [r["name"] for r in results if not r["passed"]]
+    if results:
+        lines.append(f"Failed: {', '.join(failed)}" if failed else f"All {len(results)} hold.")
+        lines.append("")
+    lines.append(behaviour.markdown_table([behaviour.Result(**r) for r in results]))
+    lines += ["", "## Slices"]
     for s in card["slices"]:
         lines.append(f"- {s['feature']}={s['value']}: {s['rows']} rows, " +
                      ", ".join(f"{k}={v:.4f}" for k, v in s.items() if isinstance(v, float)))

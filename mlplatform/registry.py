@@ -81,8 +81,19 @@ def set_alias(mlflow: Tracking, alias: str, version: str | None) -> None:
     client.set_registered_model_alias(mlflow.model_name, alias, str(version))
 
 
-def decide(spec: DatasetSpec, candidate_score: float, comparison: dict | None) -> tuple[bool, str]:
-    """The gate's rule: above the floor, and not significantly worse than the champion by more than the margin."""
+def decide(spec: DatasetSpec, candidate_score: float, comparison: dict | None,
+           behaviour_failures: list[str] | tuple[str, ...] = ()) -> tuple[bool, str]:
+    """The gate's rule: every behavioural expectation holds (`behaviour_failures`: one line per failed one, naming
+    it; mlplatform.behaviour.failure_reasons), above the floor, and not significantly worse than the champion by
+    more than the margin."""
+    passed, reason = _decide_metric(spec, candidate_score, comparison)
+    if behaviour_failures:
+        return False, (f"behavioural expectation(s) failed: {'; '.join(behaviour_failures)}; "
+                       f"metric gate: {reason}")
+    return passed, reason
+
+
+def _decide_metric(spec: DatasetSpec, candidate_score: float, comparison: dict | None) -> tuple[bool, str]:
     better = (candidate_score >= spec.floor) if spec.higher_is_better else (candidate_score <= spec.floor)
     if not better:
         return False, (f"{spec.metric}={candidate_score:.4f} fails the floor {spec.floor} "

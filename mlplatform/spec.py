@@ -209,7 +209,7 @@ TimeColumnSetting = Annotated[
     Union[Annotated[str, Tag("column-name")], Annotated[TimeColumn, Tag("column-mapping")]],
     Discriminator(_time_column_form, custom_error_type="setting",
                   custom_error_message="must be a column name or a mapping {name: ..., type: ...}")]
-_UNION_TAGS = {"column-name", "column-mapping"}
+_UNION_TAGS = {"column-name", "column-mapping", "invariance", "direction", "minimum_functionality"}
 
 
 class Target(_Section):
@@ -419,6 +419,103 @@ class Alerts(_Section):
     """The Dagster UI that alert links point to (MLP_DAGSTER_URL overrides it)."""
 
 
+# --- behavioural expectations (the gate's behavioural tests; mlplatform.behaviour evaluates them) ----------------
+BehaviourKind = Literal["invariance", "direction", "minimum_functionality"]
+BEHAVIOUR_KINDS = typing.get_args(BehaviourKind)
+ExpectationName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class InvarianceExpectation(_Section):
+    """Perturbing `feature` must not move the prediction by more than `epsilon` (on more than
+    `max_violation_fraction` of the test rows). Numeric: x - delta and x + delta (clipped to the feature's min/max);
+    categorical or boolean: every value in `values` (default: all categories, or true and false)."""
+
+    kind: Literal["invariance"]
+    name: ExpectationName
+    description: str = ""
+    feature: str
+    """A raw feature (engineered features are recomputed from the perturbed row, as in serving)."""
+    delta: float | None = Field(None, gt=0)
+    """Numeric: the perturbation (both ways)."""
+    values: Annotated[Seq[str] | None, BeforeValidator(_categories)] = None
+    """Categorical: the values to substitute (default: all its categories)."""
+    epsilon: float = Field(gt=0)
+    """The largest allowed change of the prediction (probability for classification, target units otherwise)."""
+    max_violation_fraction: Annotated[float, AfterValidator(_fraction)] = 0.0
+    """The share of rows allowed to move by more than epsilon."""
+
+
+class DirectionExpectation(_Section):
+    """Raising `feature` (by `delta`, to at least the `to_quantile` of the test rows, or to the value `to`) must not
+    move the prediction the forbidden way: `expect: not_increase` or `not_decrease`, by more than `tolerance`,
+    on more than `max_violation_fraction` of the rows (rows the change does not touch count as passing)."""
+
+    kind: Literal["direction"]
+    name: ExpectationName
+    description: str = ""
+    feature: str
+    """A raw feature."""
+    expect: Literal["not_increase", "not_decrease"]
+    delta: float | None = Field(None, gt=0)
+    """Numeric: add this (clipped to the feature's max)."""
+    to_quantile: float | None = Field(None, gt=0, lt=1)
+    """Numeric: raise each value to at least this quantile of the test rows."""
+    to: Scalar | None = None
+    """Boolean or categorical: set the feature to this value (a boolean: true; a categorical: a category)."""
+    tolerance: float = Field(0.0, ge=0)
+    """A move the forbidden way smaller than this is not a violation."""
+    max_violation_fraction: Annotated[float, AfterValidator(_fraction)] = 0.0
+
+    @model_validator(mode="after")
+    def _one_change(self) -> DirectionExpectation:
+        given = [k for k in ("delta", "to_quantile", "to") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise _problem("", f"needs exactly one of delta, to_quantile, to; got {given or 'none'}")
+        return self
+
+
+class MinimumFunctionalityExpectation(_Section):
+    """On a named slice of the test rows (`column` == `equals`, or a SQL `where` over the feature columns), the
+    metric must be no worse than `floor` (>= for roc_auc / pr_auc, <= for rmse / mae)."""
+
+    kind: Literal["minimum_functionality"]
+    name: ExpectationName
+    description: str = ""
+    column: str | None = None
+    """A feature column (raw or engineered) the slice is defined on."""
+    equals: Scalar | None = None
+    where: str | None = Field(None, min_length=1)
+    """A SQL condition over the feature columns, e.g. "debt_to_income_ratio >= 0.8" (instead of column/equals)."""
+    metric: str | None = None
+    """Default: training.metric."""
+    floor: float
+    min_rows: int = Field(30, ge=1)
+    """A slice with fewer test rows fails (it cannot show the model works there)."""
+
+    @model_validator(mode="after")
+    def _one_slice(self) -> MinimumFunctionalityExpectation:
+        if self.where is not None and (self.column is not None or self.equals is not None):
+            raise _problem("where", "gives a slice twice: use either 'where' or 'column' with 'equals'")
+        if self.where is None and (self.column is None or self.equals is None):
+            raise _problem("", "needs a slice: 'column' with 'equals', or 'where'")
+        return self
+
+
+def _expectation_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return getattr(value, "kind", None)
+    kind = value.get("kind") if isinstance(value, dict) else None
+    return kind if kind in BEHAVIOUR_KINDS else None
+
+
+Expectation = Annotated[
+    Union[Annotated[InvarianceExpectation, Tag("invariance")], Annotated[DirectionExpectation, Tag("direction")],
+          Annotated[MinimumFunctionalityExpectation, Tag("minimum_functionality")]],
+    Discriminator(_expectation_kind, custom_error_type="setting",
+                  custom_error_message="must be a mapping whose 'kind' is one of invariance, direction, "
+                                       "minimum_functionality")]
+
+
 class SpecModel(_Section):
     """A data set: its source, columns, batches, contracts, training, monitoring and automation."""
 
@@ -446,6 +543,9 @@ class SpecModel(_Section):
     alerts: Alerts = Field(default_factory=Alerts)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     """The online server: routing, missing-feature and unknown-category policies, the prediction log."""
+    behaviour: Seq[Expectation] = ()
+    """Behavioural expectations the promotion gate checks on the test rows: invariance, direction, minimum
+    functionality on named slices. A candidate failing one is not promoted."""
 
     @model_validator(mode="after")
     def _across_sections(self) -> SpecModel:
@@ -486,6 +586,7 @@ class SpecModel(_Section):
                     and self.serving.missing.default_policy == "default":
                 raise _problem(f"serving.missing.default_values.{n}",
                                "is needed: serving.missing.default_policy is 'default'")
+        self._check_behaviour(problem)
         # Defaults that depend on another setting, filled here (still the one place defaults live).
         if not self.monitoring.estimated_metrics:
             object.__setattr__(self, "monitoring", self.monitoring.model_copy(update={"estimated_metrics": estimated}))
@@ -493,6 +594,61 @@ class SpecModel(_Section):
             perf = self.automation.performance.model_copy(update={"floor": self.training.floor})
             object.__setattr__(self, "automation", self.automation.model_copy(update={"performance": perf}))
         return self
+
+    def _check_behaviour(self, problem: str) -> None:
+        features = {f.name: f for f in self.features}
+        model_features = list(features) + [f.name for f in self.engineered_features]
+        seen: set[str] = set()
+        for i, e in enumerate(self.behaviour):
+            at = f"behaviour[{i}]"
+            if e.name in seen:
+                raise _problem(f"{at}.name", f"{e.name!r} is given twice")
+            seen.add(e.name)
+            if isinstance(e, MinimumFunctionalityExpectation):
+                if e.column is not None and e.column not in model_features:
+                    raise _problem(f"{at}.column", f"{e.column!r} is not a feature; the features are {model_features}")
+                if e.column in features and features[e.column].type == "categorical" \
+                        and str(e.equals) not in (features[e.column].categories or ()):
+                    raise _problem(f"{at}.equals", f"{e.equals!r} is not a category of {e.column}: "
+                                                   f"{list(features[e.column].categories or ())}")
+                metric = e.metric or self.training.metric
+                if metric not in TRAINING_METRICS[problem]:
+                    raise _problem(f"{at}.metric", f"must be one of {list(TRAINING_METRICS[problem])} for {problem}, "
+                                                   f"got {metric!r}")
+                continue
+            if e.feature not in features:
+                raise _problem(f"{at}.feature", f"{e.feature!r} is not a raw feature; the features are "
+                                                f"{list(features)}")
+            ftype = features[e.feature].type
+            if isinstance(e, InvarianceExpectation):
+                if ftype == "numeric" and e.delta is None:
+                    raise _problem(f"{at}.delta", f"is needed: {e.feature} is numeric (perturbed by +/- delta)")
+                if ftype != "numeric" and e.delta is not None:
+                    raise _problem(f"{at}.delta", f"applies to numeric features; {e.feature} is {ftype} (use "
+                                                  "'values', or nothing for all its values)")
+                if e.values is not None:
+                    known = features[e.feature].categories if ftype == "categorical" else None
+                    if known is None:
+                        raise _problem(f"{at}.values", f"applies to categorical features; {e.feature} is {ftype}")
+                    unknown = [v for v in e.values if v not in known]
+                    if unknown:
+                        raise _problem(f"{at}.values", f"{unknown} are not categories of {e.feature}: {list(known)}")
+            else:  # direction
+                if ftype == "numeric" and e.to is not None:
+                    raise _problem(f"{at}.to", f"applies to boolean or categorical features; {e.feature} is numeric "
+                                               "(use delta or to_quantile)")
+                if ftype != "numeric" and e.to is None:
+                    raise _problem(f"{at}.{'delta' if e.delta is not None else 'to_quantile'}",
+                                   f"applies to numeric features; {e.feature} is {ftype} (use 'to')")
+                if ftype == "boolean" and not isinstance(e.to, bool):
+                    raise _problem(f"{at}.to", f"must be true or false: {e.feature} is boolean, got {e.to!r}")
+                if ftype == "categorical" and str(e.to) not in (features[e.feature].categories or ()):
+                    raise _problem(f"{at}.to", f"{e.to!r} is not a category of {e.feature}: "
+                                               f"{list(features[e.feature].categories or ())}")
+
+
+_TAGGED_MODELS = {"invariance": InvarianceExpectation, "direction": DirectionExpectation,
+                  "minimum_functionality": MinimumFunctionalityExpectation}
 
 
 # --- the flat object callers use -------------------------------------------------------------------------------------
@@ -525,6 +681,7 @@ class DatasetSpec:
     freshness: dict[str, FreshnessWindow]
     alerts: Alerts
     serving: ServingSettings
+    behaviour: tuple  # the behavioural expectations (Invariance/Direction/MinimumFunctionalityExpectation)
     # Landing-zone contract: the timezone naive event times are in (tz-aware ones are converted to it),
     # the fraction of unseen categories a file may hold before it is quarantined, the re-delivery policy.
     timezone: str
@@ -550,7 +707,7 @@ class DatasetSpec:
             cadence=m.batch.cadence, batch_start=m.batch.start, batch_end=m.batch.end,
             split=m.training.split.as_dict(), metric=m.training.metric, floor=m.training.floor,
             margin=m.training.margin, monitoring=m.monitoring, automation=m.automation, freshness=dict(m.freshness),
-            alerts=m.alerts, serving=m.serving,
+            alerts=m.alerts, serving=m.serving, behaviour=m.behaviour,
             timezone=m.contracts.timezone, max_unseen_category_fraction=m.contracts.max_unseen_category_fraction,
             redelivery=m.landing.redelivery, path=str(path), source_reference=m.source.reference or "",
             source_production=m.source.production or "", source_labels=m.source.labels or "",
@@ -658,7 +815,7 @@ def _describe(err: dict, raw: Any) -> str:
     if kind == "missing":
         return f"setting {setting!r}{about} is missing"
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1]) or next((_TAGGED_MODELS[p] for p in err["loc"] if p in _TAGGED_MODELS), None)
         known = list(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         return (f"setting {setting!r}{about} is not a known setting"

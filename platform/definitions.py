@@ -11,6 +11,7 @@ from assets.features import build_features
 from assets.ingestion import build_ingestion
 from assets.monitoring import build_monitoring
 from assets.online import build_online
+from assets.report import build_report
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import Settings, build_resources
@@ -23,7 +24,8 @@ from sensors.publish import build_publish_sensors
 # Scoring and monitoring of a batch (batch_predictions, drift_report, performance_estimate) are NOT here: the
 # publish sensor requests them in one `score_batch` run once the batch's records are on main (sensors/publish.py);
 # a second, automatic path for the same assets would race it and score a batch twice. `data_quality_report` is
-# made in the records run itself. What stays: the realized metric, when a batch's labels arrive.
+# made in the records run itself. What stays: the realized metric, when a batch's labels arrive (and
+# model_health_report, with its own condition in assets/report.py).
 # `features` and `reference_features` are ignored: a batch is re-evaluated when its raw inputs change, not when a
 # feature rebuild or a retrain rewrites the features (an unpartitioned update would re-request every partition).
 FOLLOWERS = ["realized_performance"]
@@ -68,12 +70,14 @@ def build_definitions() -> dg.Definitions:
     lifecycle = build_lifecycle(spec)
     defs = dg.Definitions(
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-                *build_serving(spec), *build_monitoring(spec), *build_online(spec)],
+                *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)],
         jobs=lifecycle["jobs"],
         sensors=[*build_publish_sensors(lifecycle["jobs"]), *lifecycle["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
                  dg.AutomationConditionSensorDefinition(
-                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS), minimum_interval_seconds=20,
+                     # model_health_report carries its own condition (assets/report.py: after_monitoring)
+                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS, "model_health_report"),
+                     minimum_interval_seconds=20,
                      default_status=dg.DefaultSensorStatus.RUNNING)],
         schedules=lifecycle["schedules"],
         # Secrets and endpoints as dg.EnvVars: resolved when a run starts, never read into the definitions.

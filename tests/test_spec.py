@@ -219,3 +219,51 @@ def test_each_bundled_spec_validates_against_the_schema_and_points_editors_to_it
     messages = sorted(e.message for e in validator.iter_errors(bad))
     assert messages == ["'categories' is a required property",
                         "Additional properties are not allowed ('psi_binz' was unexpected)"]
+
+
+def test_behavioural_expectations_load_as_typed_entries_of_the_three_kinds():
+    loan = load_spec("car_loan")
+    kinds = [e.kind for e in loan.behaviour]
+    assert len(kinds) >= 2 and {"invariance", "direction", "minimum_functionality"} <= set(kinds)
+    direction = next(e for e in loan.behaviour if e.kind == "direction")
+    assert direction.feature in loan.feature_names and direction.expect in ("not_increase", "not_decrease")
+
+
+@pytest.mark.parametrize("index,change,message", [
+    (0, {"feature": "dti"}, r"setting 'behaviour\[0\]\.feature' 'dti' is not a raw feature; the features are "
+                            r"\['car_value'"),
+    (0, {"kind": "directional"}, r"setting 'behaviour\[0\]' must be a mapping whose 'kind' is one of invariance, "
+                                 r"direction, minimum_functionality"),
+    (0, {"delta": 0.1}, r"setting 'behaviour\[0\]' needs exactly one of delta, to_quantile, to; got \['delta', 'to'\]"),
+    (0, {"expect": "up"}, r"setting 'behaviour\[0\]\.expect' must be one of 'not_increase', 'not_decrease'"),
+    (1, {"delta": None}, r"setting 'behaviour\[1\]\.delta' is needed: car_value is numeric"),
+    (1, {"epsilonn": 0.1}, r"setting 'behaviour\[1\]\.epsilonn' is not a known setting \(did you mean 'epsilon'\?\)"),
+    (1, {"epsilon": 0}, r"setting 'behaviour\[1\]\.epsilon' must be > 0"),
+    (2, {"equals": "100K"}, r"setting 'behaviour\[2\]\.equals' '100K' is not a category of salary_range"),
+    (2, {"equals": None}, r"setting 'behaviour\[2\]' needs a slice: 'column' with 'equals', or 'where'"),
+    (2, {"metric": "rmse"}, r"setting 'behaviour\[2\]\.metric' must be one of \['roc_auc', 'pr_auc'\]"),
+    (2, {"column": "car_colour"}, r"setting 'behaviour\[2\]\.column' 'car_colour' is not a feature"),
+    (3, {"name": "low_salary_slice_works"}, r"setting 'behaviour\[3\]\.name' 'low_salary_slice_works' is given twice"),
+])
+def test_a_bad_behavioural_expectation_is_rejected_naming_its_setting(tmp_path, index, change, message):
+    def edit(d):
+        entry = d["behaviour"][index]
+        for k, v in change.items():
+            if v is None:
+                entry.pop(k, None)
+            else:
+                entry[k] = v
+
+    with pytest.raises(SettingError, match=r"variant\.yaml: " + message):
+        load_spec(variant(tmp_path, edit))
+
+
+def test_a_direction_change_must_fit_the_feature_type(tmp_path):
+    bad = {"kind": "direction", "name": "x", "feature": "salary_range", "delta": 1, "expect": "not_increase"}
+    with pytest.raises(SettingError, match=r"setting 'behaviour\[4\]\.delta' applies to numeric features; "
+                                           r"salary_range is categorical \(use 'to'\)"):
+        load_spec(variant(tmp_path, lambda d: d["behaviour"].append(bad)))
+    numeric_to = {**bad, "feature": "car_value", "to": 5.0}
+    del numeric_to["delta"]
+    with pytest.raises(SettingError, match=r"setting 'behaviour\[4\]\.to' applies to boolean or categorical"):
+        load_spec(variant(tmp_path, lambda d: d["behaviour"].append(numeric_to)))
