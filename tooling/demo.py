@@ -22,6 +22,7 @@ TRAINING = ("stg_reference_records,stg_reference_labels,reference_features,label
             "candidate_model,"
             "evaluation_report,model_card")
 PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
+HEALTH = "model_health_report"
 
 
 def flow(state: dict) -> list[tuple[str, str | None]]:
@@ -34,7 +35,8 @@ def flow(state: dict) -> list[tuple[str, str | None]]:
     steps.append((TRAINING, None))
     for partition in state["released"]:
         labelled = partition in state["labels_released"]
-        steps.append((PER_BATCH + (",realized_performance" if labelled else ""), partition))
+        # The model's health page last: it reads the batch's monitoring outputs made in the same run.
+        steps.append((PER_BATCH + (",realized_performance" if labelled else "") + f",{HEALTH}", partition))
     return steps
 
 
