@@ -341,7 +341,7 @@ def test_prod_settings_are_all_provided():
     # README step 1 creates the Secret the values refer to, with every secret setting in it.
     readme = (ROOT / "README.md").read_text()
     (secret,) = {ref["name"] for ref in values()["dagster-user-deployments"]["deployments"][0]["envSecrets"]}
-    command = re.search(rf"kubectl create secret generic {secret}\b(.*?)(?:\n\n|```)", readme, re.S)
+    command = re.search(rf"kubectl (?:-n \S+ )?create secret generic {secret}\b(.*?)(?:\n\n|```)", readme, re.S)
     assert command, f"README: no `kubectl create secret generic {secret}` command"
     assert {v for v in secret_vars if f"--from-literal={v}=" not in command.group(1)} == set()
 
