@@ -116,7 +116,7 @@ def chart_validator():
 
     import jsonschema
     import kubernetes_validate
-    from importlib_resources import files
+    from importlib.resources import files
     from referencing import Registry, Resource
 
     defs_file = (files(kubernetes_validate) / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
