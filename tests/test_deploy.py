@@ -385,6 +385,26 @@ def test_dockerfile_runs_as_a_user_and_matches_the_project():
     assert "platform/definitions.py" in cmd and (ROOT / "platform" / "definitions.py").is_file()
 
 
+DOWNLOADERS = re.compile(r"\b(pip|uv|curl|wget|apt-get|git|dbt deps)\b")
+
+
+def test_nothing_is_installed_or_downloaded_when_a_container_starts():
+    ins = dockerfile_instructions()
+    (cmd,) = [rest for op, rest in ins if op == "CMD"]
+    assert not [op for op, _ in ins if op == "ENTRYPOINT"] and not DOWNLOADERS.search(cmd)
+    env = " ".join(rest for op, rest in ins if op == "ENV")
+    for setting in ("UV_PYTHON_DOWNLOADS=never", "NML_DISABLE_USAGE_LOGGING=1", "DO_NOT_TRACK=1",
+                    "DBT_SEND_ANONYMOUS_USAGE_STATS=false"):
+        assert setting in env, setting
+    for name, doc in all_resources():
+        pod = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            line = " ".join(container.get("command", []) + container.get("args", []))
+            assert not DOWNLOADERS.search(line), f"{name}: {line}"
+    (deployment,) = values()["dagster-user-deployments"]["deployments"]
+    assert not DOWNLOADERS.search(" ".join(deployment["codeServerArgs"]))
+
+
 # --- Serving ---------------------------------------------------------------------------------------------------
 
 def serving_container() -> dict:
