@@ -261,7 +261,7 @@ def run_queue(instance: dict) -> dict:
     return {"max_concurrent_runs": runs.get("max_concurrent_runs", coordinator.get("max_concurrent_runs")),
             "tag_concurrency_limits": runs.get("tag_concurrency_limits",
                                                coordinator.get("tag_concurrency_limits")) or [],
-            "pools": pools}
+            "pools": pools, "dequeue_interval_seconds": coordinator.get("dequeue_interval_seconds")}
 
 
 def test_helm_run_queue_and_pools_equal_platform_dagster_yaml():
