@@ -123,6 +123,8 @@ def build_online(spec: DatasetSpec) -> list:
                 "metric": spec.metric, "rows_per_variant": dg.MetadataValue.json(dict(served.rows())),
                 "verdicts": dg.MetadataValue.json({f"{r['variant']}{' (shadow)' if r['shadow'] else ''} "
                                                    f"v{r['model_version']}": r["verdict"] for r in table.to_dicts()}),
+                # The rows themselves, for the online gate (sensors/lifecycle.py online_experiment_gate).
+                "comparisons": dg.MetadataValue.json(table.to_dicts()),
                 "comparison": dg.MetadataValue.md(_md_table(table, [
                     "variant", "shadow", "model_version", "n_baseline", "n_variant", "metric_baseline",
                     "metric_variant", "difference", "ci_low", "ci_high", "p_value", "verdict"]))}

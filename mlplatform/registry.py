@@ -213,13 +213,17 @@ def promote(mlflow: Tracking, version: str, current: dict[str, str] | None = Non
     apply_aliases(mlflow, current, plan_promotion(current, version))
 
 
-def approve(mlflow: Tracking, audit: AuditTrail, version: str, approver: str, reason: str) -> None:
+def approve(mlflow: Tracking, audit: AuditTrail, version: str, approver: str, reason: str,
+            evidence: dict | None = None, actor: str | None = None) -> None:
+    """Promote the version awaiting approval: a person (`mlp approve`, actor `user:<approver>`) or the online
+    gate (actor `sensor:online_experiment_gate`, the experiment's comparison as evidence)."""
     current = aliases(mlflow)
     if current.get(AWAITING) != str(version):
         raise RegistryError(f"version {version} of {mlflow.model_name} is not awaiting approval "
                             f"(aliases: {current}); a version awaits approval once its run is published")
-    _move(mlflow, audit, "approval_intent", str(version), reason, {"previous_champion": current.get(CHAMPION)},
-          f"user:{approver}", current, plan_promotion(current, str(version)))
+    _move(mlflow, audit, "approval_intent", str(version), reason,
+          {**(evidence or {}), "previous_champion": current.get(CHAMPION)}, actor or f"user:{approver}", current,
+          plan_promotion(current, str(version)))
 
 
 def rollback(mlflow: Tracking, audit: AuditTrail, reason: str, actor: str,

@@ -154,6 +154,70 @@ def rollback_champion():
     roll_back_champion()
 
 
+class ExperimentApprovalConfig(dg.Config):
+    version: str  # approve only if this version is still the one awaiting approval
+    reason: str
+    partition: str = ""
+    evidence_run_id: str = ""
+    evidence_storage_id: int = 0
+
+
+@dg.op(description="Approve the version awaiting approval on the evidence of the online experiment (audit intent, "
+                   "alias moves, outcome), if it is still the one awaiting approval.")
+def approve_on_experiment(context: dg.OpExecutionContext, config: ExperimentApprovalConfig, mlflow: MLflowResource,
+                          audit: AuditResource):
+    from mlplatform import registry
+
+    current = registry.aliases(mlflow)
+    if current.get(registry.AWAITING) != config.version:
+        context.log.info(f"v{config.version} no longer awaits approval (aliases {current}): nothing to do")
+        return
+    registry.approve(mlflow, audit.trail(), config.version, approver="", reason=config.reason,
+                     evidence={"partition": config.partition, "dagster_run_id": config.evidence_run_id,
+                               "evidence_storage_id": config.evidence_storage_id, "approval_run_id": context.run_id},
+                     actor="sensor:online_experiment_gate")
+    context.log.info(f"approved v{config.version}: {config.reason}")
+
+
+@dg.job(description="Promote the version awaiting approval once the online experiment shows it better "
+                    "(requested by online_experiment_gate).")
+def approve_from_experiment():
+    approve_on_experiment()
+
+
+def online_gate_decision(instance: dg.DagsterInstance, awaiting: str | None, after: int):
+    """(request or None, skip reason, cursor): the newest published online_experiment_report after storage id
+    `after` judged for the version awaiting approval with mlplatform.serving.experiment.gate_verdict."""
+    import polars as pl
+
+    from mlplatform.serving.experiment import gate_verdict
+    from resources.publish import PUBLISHED_TAG
+
+    recs = [r for r in _checked(instance, "online_experiment_report", limit=5) if r.storage_id > after]
+    if not recs:
+        return None, "no new online experiment report", after
+    rec = max(recs, key=lambda r: r.storage_id)
+    run = instance.get_run_by_id(rec.run_id) if rec.run_id else None
+    if run is not None and PUBLISHED_TAG not in run.tags:  # judged on published data only; asked again later
+        return None, f"online_experiment_report of run {rec.run_id} is not on main yet", after
+    if not awaiting:
+        return None, "no version awaits approval", rec.storage_id
+    rows = meta_value(rec.asset_materialization.metadata, "comparisons") or []
+    ok, why = gate_verdict(pl.DataFrame(rows) if rows else pl.DataFrame({"model_version": [], "verdict": []},
+                                                                         schema={"model_version": pl.String,
+                                                                                 "verdict": pl.String}), awaiting)
+    if not ok:
+        return None, f"v{awaiting} stays awaiting approval: {why}", rec.storage_id
+    partition = rec.asset_materialization.partition or ""
+    return dg.RunRequest(run_key=f"online-approval-{awaiting}-{rec.storage_id}", job_name="approve_from_experiment",
+                         run_config={"ops": {"approve_on_experiment": {"config": {
+                             "version": awaiting, "reason": f"online experiment [{partition}]: {why}"[:2000],
+                             "partition": partition, "evidence_run_id": rec.run_id or "",
+                             "evidence_storage_id": rec.storage_id}}}},
+                         tags={"approval/version": awaiting, "approval/evidence_storage_id": str(rec.storage_id)}), \
+        "", rec.storage_id
+
+
 def build_lifecycle(spec: DatasetSpec) -> dict:
     arrivals = build_arrivals(spec)
     retrain_job = dg.define_asset_job("retrain", selection=RETRAIN_ASSETS,
@@ -226,10 +290,30 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         context.update_cursor(str(max(r.storage_id for r in recs)))
         return dg.SkipReason("champion is not worse than the previous champion")
 
+    @dg.sensor(job=approve_from_experiment, minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="The online gate (serving.experiment_gate): request the approval of the version awaiting "
+                           "approval when a published online_experiment_report shows it better than the champion "
+                           "and nowhere worse (the sensor reads; the approve_from_experiment job acts).")
+    def online_experiment_gate(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
+        if not spec.serving.experiment_gate:
+            return dg.SkipReason("the online gate is switched off (serving.experiment_gate)")
+        from mlplatform import registry
+
+        after = int(context.cursor or 0)
+        if not any(r.storage_id > after for r in _checked(context.instance, "online_experiment_report", limit=5)):
+            return dg.SkipReason("no new online experiment report")
+        awaiting = registry.aliases(mlflow).get(registry.AWAITING)  # a read; fails closed
+        request, why, cursor = online_gate_decision(context.instance, awaiting, after)
+        if cursor != after:
+            context.update_cursor(str(cursor))
+        return request if request is not None else dg.SkipReason(why)
+
     schedules = []
     if auto.retrain_schedule:
         schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto.retrain_schedule,
                                                job=retrain_job, tags={"retrain/trigger": "schedule"},
                                                default_status=dg.DefaultScheduleStatus.RUNNING))
-    return {"jobs": [*arrivals["jobs"], retrain_job, rollback_champion],
-            "sensors": [*arrivals["sensors"], retrain_on_evidence, rollback_on_regression], "schedules": schedules}
+    return {"jobs": [*arrivals["jobs"], retrain_job, rollback_champion, approve_from_experiment],
+            "sensors": [*arrivals["sensors"], retrain_on_evidence, rollback_on_regression, online_experiment_gate],
+            "schedules": schedules}

@@ -263,3 +263,52 @@ def test_each_sensor_tick_is_fast(sensors, instance, state, two_versions):
         tick(sensors[name], instance, **res)
         timings[name] = time.perf_counter() - t0
     assert all(t < 1.0 for t in timings.values()), timings
+
+
+def test_the_online_gate_approves_the_awaiting_version_only_when_the_published_experiment_shows_it_better(
+        spec, instance, state, two_versions):
+    """serving.experiment_gate: the version awaiting approval is promoted on the online experiment's evidence
+    (better than the champion, nowhere worse), by a run the sensor requests; a draw or a loss keeps it waiting,
+    and with the gate off nothing is requested."""
+    import dataclasses
+
+    from mlplatform.serving.experiment import BETTER, INCONCLUSIVE
+    from resources.audit import AuditResource
+    from sensors.lifecycle import approve_from_experiment
+
+    m = two_versions  # champion v2, previous v1
+    m.client().create_model_version(m.model_name, source="file:///tmp/none")
+    registry.set_alias(m, registry.AWAITING, "3")
+
+    def comparison(verdict, version="3"):
+        return {"variant": "awaiting-approval", "shadow": False, "model_version": version, "metric": "roc_auc",
+                "n_baseline": 900, "n_variant": 880, "difference": 0.02 if verdict == BETTER else 0.0,
+                "ci_low": 0.01 if verdict == BETTER else -0.01, "ci_high": 0.03, "p_value": 0.001, "verdict": verdict}
+
+    off = {s.name: s for s in build_lifecycle(spec)["sensors"]}["online_experiment_gate"]
+    report(instance, "online_experiment_report", "2019-05-01", comparisons=[comparison(BETTER)])
+    assert skipped(tick(off, instance, mlflow=m)[0]).startswith("the online gate is switched off")
+
+    gated = dataclasses.replace(spec, serving=spec.serving.model_copy(update={"experiment_gate": True}))
+    s = {x.name: x for x in build_lifecycle(gated)["sensors"]}["online_experiment_gate"]
+    report(instance, "online_experiment_report", "2019-05-01", comparisons=[comparison(INCONCLUSIVE)])
+    result, cursor = tick(s, instance, mlflow=m)
+    assert "v3 stays awaiting approval" in skipped(result)
+    report(instance, "online_experiment_report", "2019-06-01", comparisons=[comparison(BETTER)])
+    result, cursor = tick(s, instance, cursor=cursor, mlflow=m)
+    (req,) = requests(result)
+    assert registry.aliases(m)["champion"] == "2"  # the tick only asks
+    assert skipped(tick(s, instance, cursor=cursor, mlflow=m)[0]) == "no new online experiment report"
+
+    audit = AuditResource(path=str(AuditTrail().path))
+    run = approve_from_experiment.execute_in_process(run_config=req.run_config, instance=instance, tags=req.tags,
+                                                     resources={"mlflow": m, "audit": audit})
+    assert run.success
+    assert registry.aliases(m) == {"champion": "3", "previous": "2"}
+    last = AuditTrail().history()[-1]
+    assert last.action == "approved" and last.actor == "sensor:online_experiment_gate"
+    assert last.evidence["partition"] == "2019-06-01" and "better" in last.reason
+    # Requested again (a re-executed run): v3 no longer awaits approval, so nothing more moves.
+    assert approve_from_experiment.execute_in_process(run_config=req.run_config, instance=instance,
+                                                      resources={"mlflow": m, "audit": audit}).success
+    assert registry.aliases(m) == {"champion": "3", "previous": "2"}

@@ -90,6 +90,9 @@ class ServingSettings(_Strict):
     log: LogSettings = Field(default_factory=LogSettings)
     max_rows: int = Field(10_000, ge=1)
     compile: bool = True          # compile the Booster with lleaves (exact) for the single-row path
+    # The online gate: approve the version awaiting approval once a published online_experiment_report shows it
+    # better than the champion and nowhere worse (mlplatform.serving.experiment.gate_verdict).
+    experiment_gate: bool = False
 
     def policy_for(self, feature: str) -> FeaturePolicy:
         if feature in self.missing.features:
