@@ -182,8 +182,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, instance)")
     args = ap.parse_args()
 
+    import signal
     import tempfile
 
+    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the daemon, lakeFS and the temporary folder are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp_root = Path(tempfile.mkdtemp(prefix="bench-life-"))
     try:
         run(args, tmp_root)
