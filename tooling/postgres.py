@@ -87,12 +87,19 @@ class PostgresServer:
     def url(self, database: str = "postgres", scheme: str = "postgresql") -> str:
         return f"{scheme}://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
-    def env(self) -> dict[str, str]:
-        """The settings of the prod profile for this server (read by platform/dagster.prod.yaml and Settings)."""
+    def env(self, suffix: str = "") -> dict[str, str]:
+        """The settings of the prod profile for this server (read by platform/dagster.prod.yaml, Settings and
+        tooling/services.py); with `suffix`, for the databases named <name><suffix> (see `fresh_databases`)."""
         return {"MLP_PG_HOST": "127.0.0.1", "MLP_PG_PORT": str(self.port), "MLP_PG_USER": SUPERUSER,
-                "MLP_PG_PASSWORD": self.password, "MLP_PG_DAGSTER_DB": "dagster",
-                "MLFLOW_TRACKING_URI": self.url("mlflow"), "MLP_AUDIT_URL": self.url("audit"),
-                "MLP_LAKEFS_KV_URL": self.url("lakefs", scheme="postgres") + "?sslmode=disable"}
+                "MLP_PG_PASSWORD": self.password, "MLP_PG_DAGSTER_DB": f"dagster{suffix}",
+                "MLFLOW_TRACKING_URI": self.url(f"mlflow{suffix}"), "MLP_AUDIT_URL": self.url(f"audit{suffix}"),
+                "MLP_LAKEFS_KV_URL": self.url(f"lakefs{suffix}", scheme="postgres") + "?sslmode=disable"}
+
+    def fresh_databases(self) -> dict[str, str]:
+        """A new, empty set of the platform's databases on this server (e.g. one per test); their settings."""
+        suffix = "_" + secrets.token_hex(4)
+        self.create_databases(tuple(f"{name}{suffix}" for name in DATABASES))
+        return self.env(suffix)
 
     # -- running the server's programs -------------------------------------------------------------------------
     def _run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -211,6 +218,12 @@ def local_postgres() -> PostgresServer:
     from tooling.services import state
 
     folder = Path(os.environ.get("MLP_PG_DIR") or state() / "postgres")
+    if not os.environ.get("MLP_PG_DIR") and _as_root():  # the postgres user cannot enter root's private state
+        import hashlib
+        import tempfile
+
+        tag = hashlib.sha1(str(state()).encode()).hexdigest()[:10]
+        folder = Path(tempfile.gettempdir()) / f"mlp-postgres-{tag}"
     return PostgresServer(folder, port=int(os.environ.get("MLP_PG_PORT") or 55432))
 
 
