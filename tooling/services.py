@@ -514,6 +514,10 @@ def up(with_ui: bool = False) -> None:
             env.update(pg_env)
             lines.append(line)
             kv_url = pg_env.get("MLP_LAKEFS_KV_URL") or os.environ.get("MLP_LAKEFS_KV_URL", "")
+            # What MLP_ENV=prod requires and this one machine can give (exported values win, as always).
+            for k, v in {"LAKEFS_REPOSITORY": "mlplatform", "LAKEFS_STORAGE_NAMESPACE": "local://mlplatform",
+                         "MLFLOW_UI_URL": "http://127.0.0.1:5000"}.items():
+                env.setdefault(k, v)
             if not kv_url:
                 raise ServiceError("MLP_ENV=prod starts lakeFS on Postgres KV: set MLP_LAKEFS_KV_URL "
                                    "(postgres://user:password@host:port/db?sslmode=disable) with MLP_PG_HOST")
