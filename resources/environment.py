@@ -26,6 +26,7 @@ from resources.duckdb import DuckDBResource
 from resources.io import LakeFSIOManager
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
+from resources.landing_store import ObjectStoreLandingZoneResource
 from resources.mlflow import MLflowResource
 
 # Each setting and the environment variable it is read from.
@@ -43,6 +44,7 @@ ENV_VARS: dict[str, str] = {
     "audit_path": "MLP_AUDIT_DB",
     "audit_url": "MLP_AUDIT_URL",
     "mlflow_artifact_root": "MLP_MLFLOW_ARTIFACT_ROOT",
+    "landing_url": "MLP_LANDING_URL",
     "landing_settle_seconds": "MLP_LANDING_SETTLE_SECONDS",
 }
 # Secrets and endpoints: in the Dagster definitions always a dg.EnvVar, resolved at run time.
@@ -79,6 +81,9 @@ class Settings:
     # (default: <state dir>/mlflow/artifacts; an s3:// prefix on a cluster).
     audit_url: str = field(default="", repr=False)  # postgresql://user:password@host:port/db
     mlflow_artifact_root: str = ""
+    # The landing zone as an object-store prefix (lakefs://<repository>/<branch>/<prefix>); default: the folder
+    # <state dir>/landing/<data set>, which is then its local mirror.
+    landing_url: str = ""
     landing_settle_seconds: float = SETTLE_SECONDS
 
     def __post_init__(self) -> None:
@@ -183,6 +188,15 @@ def default_audit_trail():
     return audit_resource(Settings.from_env()).trail()
 
 
+def landing_resource(settings: Settings, lakefs: LakeFSResource) -> LandingZoneResource:
+    """The folder <state dir>/landing/<data set>, or the object-store prefix MLP_LANDING_URL mirrored into it."""
+    root = str(settings.state_dir / "landing" / settings.dataset)
+    if settings.landing_url:
+        return ObjectStoreLandingZoneResource(root=root, settle_seconds=settings.landing_settle_seconds,
+                                              url=settings.landing_url, lakefs=lakefs)
+    return LandingZoneResource(root=root, settle_seconds=settings.landing_settle_seconds)
+
+
 def build_resources(settings: Settings | None = None, deferred: bool = False) -> dict[str, Any]:
     """The platform's resources for `settings` (default: `Settings.from_env()`).
 
@@ -196,8 +210,7 @@ def build_resources(settings: Settings | None = None, deferred: bool = False) ->
         "io_manager": LakeFSIOManager(lakefs=lakefs),
         "duckdb": DuckDBResource(database=str(state / "duckdb" / f"{settings.dataset}.duckdb"), state_dir=str(state),
                                  lakefs=lakefs),
-        "landing": LandingZoneResource(root=str(state / "landing" / settings.dataset),
-                                       settle_seconds=settings.landing_settle_seconds),
+        "landing": landing_resource(settings, lakefs),
         "audit": audit_resource(settings, deferred),
     }
     if deferred or settings.mlflow_tracking_uri:
