@@ -185,3 +185,47 @@ def test_lakefs_on_postgres_kv_keeps_the_products_repository_and_commits_across_
         assert again.commit_metadata(commit)["by"] == "test"
     finally:
         server.stop()
+
+
+# --- the operator's side: MLP_ENV=prod make up -----------------------------------------------------------------
+@pytest.mark.services
+def test_make_up_in_prod_starts_postgres_and_puts_every_store_on_it(tmp_path, monkeypatch, capsys):
+    from tooling import services
+    from tooling.postgres import local_postgres
+
+    for var in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
+                "MLP_AUDIT_URL", "MLP_AUDIT_DB", "MLP_PG_HOST", "MLP_LAKEFS_KV_URL", "LAKEFS_REPOSITORY",
+                "LAKEFS_STORAGE_NAMESPACE", "MLFLOW_UI_URL", "MLP_DATASET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "state" / "dagster_home"))
+    monkeypatch.setenv("MLP_ENV", "prod")
+    monkeypatch.setenv("MLP_PG_PORT", str(free_port()))
+    monkeypatch.setenv("MLP_LAKEFS_PORT", str(free_port()))
+    pg_folder = local_postgres().folder
+    try:
+        services.up()
+        out = capsys.readouterr().out
+        env = services.read_env_file()
+        assert env["MLFLOW_TRACKING_URI"].startswith("postgresql://") and env["MLP_AUDIT_URL"].startswith(
+            "postgresql://") and env["MLP_PG_PORT"] == str(local_postgres().port)
+        assert env["MLP_PG_PASSWORD"] not in out  # printed redacted
+        lakefs_pid = int((tmp_path / "state" / "lakefs" / "lakefs.pid").read_text())
+        assert services._proc_environ(lakefs_pid)["LAKEFS_DATABASE_TYPE"] == "postgres"
+        assert "postgres:" in (tmp_path / "state" / "dagster_home" / "dagster.yaml").read_text()
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        settings = Settings.from_env()  # MLP_ENV=prod is satisfied by what `up` wrote
+        trail = build_resources(settings)["audit"].trail()
+        assert isinstance(trail, PostgresAuditTrail)
+        trail.record("registered", "m", 1, "trained", actor="user:test")
+        with dg.DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        LakeFSResource(endpoint=env["LAKEFS_ENDPOINT"], access_key_id=env["LAKEFS_ACCESS_KEY_ID"],
+                       secret_access_key=env["LAKEFS_SECRET_ACCESS_KEY"],
+                       repository=settings.lakefs_repository).ensure_repository()
+    finally:
+        services.down()
+        stopped = not local_postgres().running()
+        shutil.rmtree(pg_folder, ignore_errors=True)
+    assert stopped  # `make stop` stops the profile's Postgres too
