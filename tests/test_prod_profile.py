@@ -210,7 +210,7 @@ def test_make_up_in_prod_starts_postgres_and_puts_every_store_on_it(tmp_path, mo
         assert env["MLFLOW_TRACKING_URI"].startswith("postgresql://") and env["MLP_AUDIT_URL"].startswith(
             "postgresql://") and env["MLP_PG_PORT"] == str(local_postgres().port)
         assert env["MLP_PG_PASSWORD"] not in out  # printed redacted
-        lakefs_pid = int((tmp_path / "state" / "lakefs" / "lakefs.pid").read_text())
+        lakefs_pid = int((tmp_path / "state" / "lakefs-prod" / "lakefs.pid").read_text())
         assert services._proc_environ(lakefs_pid)["LAKEFS_DATABASE_TYPE"] == "postgres"
         assert "postgres:" in (tmp_path / "state" / "dagster_home" / "dagster.yaml").read_text()
         for k, v in env.items():

@@ -452,7 +452,9 @@ def prod() -> bool:
 
 
 def local_lakefs(kv_url: str = "") -> LakeFSServer:
-    return LakeFSServer(state() / "lakefs", port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")),
+    # Each profile its own folder: the prod profile's keys and encryption secret belong to its Postgres KV.
+    return LakeFSServer(state() / ("lakefs-prod" if prod() else "lakefs"),
+                        port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")),
                         kv_url=kv_url or os.environ.get("MLP_LAKEFS_KV_URL", ""))
 
 
@@ -501,6 +503,11 @@ def up(with_ui: bool = False) -> None:
     if not root.exists():
         make_private_dir(root)
     env = read_env_file()
+    if not prod():  # switching back from the prod profile: its stores are not this profile's
+        for k in [k for k in env if k.startswith("MLP_PG_")] + ["MLP_AUDIT_URL", "MLP_LAKEFS_KV_URL"]:
+            env.pop(k, None)
+        if env.get("MLFLOW_TRACKING_URI", "").startswith("postgresql://"):
+            env.pop("MLFLOW_TRACKING_URI")
     lines = [f"state:      {root}  (all local runtime state; `make clean` removes it)"]
     if os.environ.get("LAKEFS_ENDPOINT"):
         # The caller's own server: start nothing, and make sure mlp.env cannot shadow it.
@@ -557,7 +564,7 @@ def load_env_file() -> None:
 def down() -> None:
     local_lakefs().stop()
     stop_mlflow_ui()
-    if prod() and not os.environ.get("MLP_PG_HOST"):
+    if prod():  # the profile's own Postgres, if `up` started one (its folder says so; another is never touched)
         from tooling.postgres import local_postgres
 
         local_postgres().stop()
