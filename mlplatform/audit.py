@@ -259,6 +259,8 @@ class PostgresAuditTrail(AuditTrail):
 
     @contextmanager
     def _writing(self) -> Iterator[Callable[..., Any]]:
+        import psycopg2
+
         con = self._conn()
         try:
             with con, con.cursor() as cur:  # one transaction: committed on leaving, rolled back on an error
@@ -269,15 +271,21 @@ class PostgresAuditTrail(AuditTrail):
                     return cur
 
                 yield run
+        except psycopg2.OperationalError as exc:  # the server went away mid-write: nothing was appended
+            raise self._fail(exc) from None
         finally:
             con.close()
 
     def _read(self, sql: str, args: tuple | list = ()) -> list[tuple]:
+        import psycopg2
+
         con = self._conn()
         try:
             with con, con.cursor() as cur:
                 cur.execute(sql, args)
                 return cur.fetchall()
+        except psycopg2.OperationalError as exc:
+            raise self._fail(exc) from None
         finally:
             con.close()
 

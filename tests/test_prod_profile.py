@@ -126,6 +126,15 @@ def test_the_audit_setting_chooses_postgres_and_the_trail_records_and_reads_back
     assert isinstance(res, PostgresAuditTrail) and len(res.history("m")) == 2
 
 
+def test_an_unreachable_audit_database_is_named_by_its_setting_without_its_password():
+    from mlplatform.audit import AuditError
+
+    url = f"postgresql://mlp:s3cr3t-pw@127.0.0.1:{free_port()}/audit"
+    with pytest.raises(AuditError, match="MLP_AUDIT_URL") as err:
+        AuditTrail(url)
+    assert "127.0.0.1" in str(err.value) and "s3cr3t-pw" not in str(err.value)
+
+
 @pytest.mark.services
 @pytest.mark.parametrize("statement", ["UPDATE audit_events SET reason = 'edited'", "DELETE FROM audit_events",
                                        "TRUNCATE audit_events"])
