@@ -1,7 +1,8 @@
 """The audit trail as a Dagster resource: where the append-only trail of model decisions lives.
 
-The path is set by the resource factory (resources/environment.py): `<state dir>/audit/audit.db`, or
-MLP_AUDIT_DB. Assets, sensors and jobs take the trail from this resource instead of opening one themselves."""
+Set by the resource factory (resources/environment.py): a Postgres database when `url` is given (MLP_AUDIT_URL,
+the prod profile), else the SQLite file at `path` (`<state dir>/audit/audit.db`, or MLP_AUDIT_DB). Assets,
+sensors and jobs take the trail from this resource instead of opening one themselves."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from mlplatform.audit import AuditError, AuditTrail
+from mlplatform.audit import AuditError, AuditTrail, PostgresAuditTrail
 
 
 class AuditResource(dg.ConfigurableResource):
-    """The audit trail at `path` (a SQLite file; created with its folder on first use)."""
+    """The audit trail in the Postgres database `url` if set, else at `path` (a SQLite file; created with its
+    folder on first use)."""
 
     path: str
+    url: str = ""
 
     _trail: AuditTrail | None = PrivateAttr(default=None)
 
     def trail(self) -> AuditTrail:
         if self._trail is None:
+            if self.url:
+                self._trail = PostgresAuditTrail(self.url)  # its errors name the URL, credentials redacted
+                return self._trail
             import sqlite3
 
             try:

@@ -26,6 +26,7 @@ from resources.duckdb import DuckDBResource
 from resources.io import LakeFSIOManager
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
+from resources.landing_store import ObjectStoreLandingZoneResource
 from resources.mlflow import MLflowResource
 
 # Each setting and the environment variable it is read from.
@@ -41,6 +42,9 @@ ENV_VARS: dict[str, str] = {
     "state_dir": "MLP_STATE_DIR",
     "dataset": "MLP_DATASET",
     "audit_path": "MLP_AUDIT_DB",
+    "audit_url": "MLP_AUDIT_URL",
+    "mlflow_artifact_root": "MLP_MLFLOW_ARTIFACT_ROOT",
+    "landing_url": "MLP_LANDING_URL",
     "landing_settle_seconds": "MLP_LANDING_SETTLE_SECONDS",
 }
 # Secrets and endpoints: in the Dagster definitions always a dg.EnvVar, resolved at run time.
@@ -72,6 +76,14 @@ class Settings:
     state_dir: Path = ROOT / ".state"
     dataset: str = "car_loan"  # a spec name under platform/datasets/
     audit_path: Path | None = None  # default: <state dir>/audit/audit.db
+    # The prod profile's stores (`make up` with MLP_ENV=prod sets them for its Postgres): the audit trail in a
+    # Postgres database instead of the SQLite file, and where MLflow puts artifacts when its store is a database
+    # (default: <state dir>/mlflow/artifacts; an s3:// prefix on a cluster).
+    audit_url: str = field(default="", repr=False)  # postgresql://user:password@host:port/db
+    mlflow_artifact_root: str = ""
+    # The landing zone as an object-store prefix (lakefs://<repository>/<branch>/<prefix>); default: the folder
+    # <state dir>/landing/<data set>, which is then its local mirror.
+    landing_url: str = ""
     landing_settle_seconds: float = SETTLE_SECONDS
 
     def __post_init__(self) -> None:
@@ -145,16 +157,44 @@ def lakefs_resource(settings: Settings, deferred: bool = False) -> LakeFSResourc
 def mlflow_resource(settings: Settings, deferred: bool = False) -> MLflowResource:
     return MLflowResource(tracking_uri=_value(settings, "mlflow_tracking_uri", deferred),
                           ui_url=_value(settings, "mlflow_ui_url", deferred),
-                          experiment=settings.mlflow_experiment, model_name=settings.mlflow_model_name)
+                          experiment=settings.mlflow_experiment, model_name=settings.mlflow_model_name,
+                          artifact_root=mlflow_artifact_root(settings))
 
 
-def audit_resource(settings: Settings) -> AuditResource:
-    return AuditResource(path=str(settings.audit_path))
+DATABASE_URIS = ("postgresql", "postgres", "mysql", "mssql")
+
+
+def mlflow_artifact_root(settings: Settings) -> str:
+    """Where MLflow writes artifacts: the setting, else, for a database store (no server to decide it), a folder
+    under the state folder (MLflow's own default would be ./mlruns in whatever directory a process runs in)."""
+    if settings.mlflow_artifact_root:
+        return settings.mlflow_artifact_root
+    if settings.mlflow_tracking_uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_URIS:
+        return (settings.state_dir / "mlflow" / "artifacts").absolute().as_uri()
+    return ""
+
+
+def audit_resource(settings: Settings, deferred: bool = False) -> AuditResource:
+    """The trail in Postgres when MLP_AUDIT_URL is set (in the definitions a dg.EnvVar: it holds a password),
+    else in the SQLite file."""
+    url: Any = settings.audit_url
+    if deferred and url:
+        url = dg.EnvVar(ENV_VARS["audit_url"])
+    return AuditResource(path=str(settings.audit_path), url=url)
 
 
 def default_audit_trail():
     """The audit trail of this environment's settings, for a caller outside a run that was given none."""
     return audit_resource(Settings.from_env()).trail()
+
+
+def landing_resource(settings: Settings, lakefs: LakeFSResource) -> LandingZoneResource:
+    """The folder <state dir>/landing/<data set>, or the object-store prefix MLP_LANDING_URL mirrored into it."""
+    root = str(settings.state_dir / "landing" / settings.dataset)
+    if settings.landing_url:
+        return ObjectStoreLandingZoneResource(root=root, settle_seconds=settings.landing_settle_seconds,
+                                              url=settings.landing_url, lakefs=lakefs)
+    return LandingZoneResource(root=root, settle_seconds=settings.landing_settle_seconds)
 
 
 def build_resources(settings: Settings | None = None, deferred: bool = False) -> dict[str, Any]:
@@ -170,9 +210,8 @@ def build_resources(settings: Settings | None = None, deferred: bool = False) ->
         "io_manager": LakeFSIOManager(lakefs=lakefs),
         "duckdb": DuckDBResource(database=str(state / "duckdb" / f"{settings.dataset}.duckdb"), state_dir=str(state),
                                  lakefs=lakefs),
-        "landing": LandingZoneResource(root=str(state / "landing" / settings.dataset),
-                                       settle_seconds=settings.landing_settle_seconds),
-        "audit": audit_resource(settings),
+        "landing": landing_resource(settings, lakefs),
+        "audit": audit_resource(settings, deferred),
     }
     if deferred or settings.mlflow_tracking_uri:
         resources["mlflow"] = mlflow_resource(settings, deferred)

@@ -1,7 +1,11 @@
 """End to end under a real dagster-daemon on a temporary instance, with real lakeFS and MLflow: the
 simulator releases drifting batches and nothing else is done by the test; the arrival sensor ingests
 them, declarative automation scores and monitors them, the retrain sensor fires, and a new model version
-is trained, evaluated and gated."""
+is trained, evaluated and gated.
+
+Each scenario runs on both profiles, chosen by configuration alone: `local` (SQLite stores, lakeFS local KV) and
+`prod` (MLP_ENV=prod: Dagster's storage, MLflow's store, the audit trail and lakeFS's KV store all on a real
+Postgres server, tests/pg_fixtures.py)."""
 
 import os
 import shutil
@@ -20,13 +24,66 @@ from mlplatform import registry
 from mlplatform.audit import AuditTrail
 from mlplatform.batches import Landing
 from tooling.simulator import Simulator
+from resources.environment import build_resources
+from resources.lakefs import LakeFSResource
 from resources.publish import publish_run
 from mlplatform.spec import load_spec
+from tooling.services import LakeFSServer, free_port
 
 from .conftest import ROOT
-from .helpers import resources_for
+from .helpers import settings_for
+from .pg_fixtures import postgres  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.daemon
+
+
+# How long the daemon has for a scenario: 25 min by default; a machine shared with other work may need more.
+DEADLINE_SECONDS = float(os.environ.get("MLP_E2E_DEADLINE_SECONDS", "1500"))
+
+
+def prod() -> bool:
+    return os.environ.get("MLP_ENV") == "prod"
+
+
+@pytest.fixture(params=["local", "prod"])
+def profile_env(request, monkeypatch) -> dict[str, str]:
+    """Nothing for the local profile; for prod, MLP_ENV=prod and fresh Postgres databases for Dagster, MLflow,
+    the audit trail and lakeFS, exported (so the daemon, its runs and this test all read them)."""
+    if request.param == "local":
+        return {}
+    env = {"MLP_ENV": "prod", "MLFLOW_UI_URL": "http://127.0.0.1:5000",
+           **request.getfixturevalue("postgres").fresh_databases()}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def lakefs(lakefs, profile_env, tmp_path, monkeypatch):
+    """conftest's lakeFS (local profile), or a lakeFS server on the profile's Postgres KV (prod)."""
+    if not profile_env:
+        yield lakefs
+        return
+    server = LakeFSServer(tmp_path / "lakefs-pg", port=free_port(), kv_url=profile_env["MLP_LAKEFS_KV_URL"]).start()
+    try:
+        namespace = f"local://{lakefs.repository}"
+        for k, v in {**server.env(), "LAKEFS_STORAGE_NAMESPACE": namespace}.items():
+            monkeypatch.setenv(k, v)
+        creds = server.credentials
+        yield LakeFSResource(endpoint=server.endpoint, access_key_id=creds["access_key_id"],
+                             secret_access_key=creds["secret_access_key"], repository=lakefs.repository,
+                             storage_namespace=namespace)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_uri, profile_env, monkeypatch) -> str:
+    """conftest's SQLite store (local profile), or the MLflow database on Postgres (prod)."""
+    if not profile_env:
+        return mlflow_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", profile_env["MLFLOW_TRACKING_URI"])
+    return profile_env["MLFLOW_TRACKING_URI"]
 
 
 def drill_spec(tmp_path, retrain: bool = True):
@@ -43,16 +100,19 @@ def drill_spec(tmp_path, retrain: bool = True):
 
 
 def drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch, retrain: bool = True):
-    """A temporary DAGSTER_HOME seeded from platform/dagster.yaml, the drill spec, the real resources."""
+    """A temporary DAGSTER_HOME seeded from the profile's dagster.yaml, the drill spec, the real resources."""
     spec_path = drill_spec(tmp_path, retrain)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(ROOT / "platform" / ("dagster.prod.yaml" if prod() else "dagster.yaml"), home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("MLP_DATASET", str(spec_path))
     spec = load_spec(spec_path)
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
-    return spec, dg.DagsterInstance.get(), resources_for(lakefs, state, spec, mlflow_uri), assets
+    settings = settings_for(lakefs, state, spec, mlflow_uri)
+    if prod():  # the trail the daemon's runs write to (MLP_AUDIT_URL), for the set-up's entries too
+        settings = settings.replace(audit_url=os.environ["MLP_AUDIT_URL"])
+    return spec, dg.DagsterInstance.get(), build_resources(settings), assets
 
 
 def start_daemon(tmp_path) -> subprocess.Popen:
@@ -80,7 +140,7 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     try:
         # The only action: drifting production batches land.
         Simulator(spec, Landing(state / "landing" / spec.name)).release(2, start="2019-04-01")
-        deadline = time.time() + 1500
+        deadline = time.time() + DEADLINE_SECONDS
         gated = None
         while time.time() < deadline and gated is None:
             time.sleep(10)
@@ -109,7 +169,11 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
     assert order.index("retrain_triggered") < order.index("registered", 2)
-    report_latency(instance, state / "landing" / spec.name)
+    if not prod():
+        report_latency(instance, state / "landing" / spec.name)
+    else:  # everything above was read from Postgres: the runs, the audit trail, the registry, lakeFS's KV
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(AuditTrail()).__name__ == "PostgresAuditTrail"
 
 
 def report_latency(instance, landing_root):
@@ -154,7 +218,7 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     try:
         # The only action: two batches land; the first one's labels arrive with the second.
         Simulator(spec, Landing(state / "landing" / spec.name)).release(2, start="2018-11-01")
-        deadline = time.time() + 1500
+        deadline = time.time() + DEADLINE_SECONDS
         while time.time() < deadline and registry.aliases(m).get("champion") != "1":
             time.sleep(10)
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
@@ -171,3 +235,6 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     assert last.evidence["partition"] == "2018-11-01"
     evidence_run = instance.get_run_by_id(last.evidence["dagster_run_id"])
     assert evidence_run is not None  # the run whose realized performance caused it is linked
+    if prod():
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(AuditTrail()).__name__ == "PostgresAuditTrail" and AuditTrail().verify() == []

@@ -1,5 +1,9 @@
 """Start, health-check and stop the project's own local services: a lakeFS server and an MLflow UI.
 
+With MLP_ENV=prod (the prod profile on one machine), `up` also starts a Postgres server (tooling/postgres.py)
+unless MLP_PG_HOST names one, and puts everything on it: lakeFS's KV store (`database.type: postgres`),
+MLflow's backend store, the audit trail and Dagster's storage (platform/dagster.prod.yaml).
+
 Used by the Makefile (`python -m tooling.services up|down|status`) and by the test fixtures.
 If LAKEFS_ENDPOINT is set in the caller's environment, that server is used and nothing is started.
 """
@@ -202,10 +206,12 @@ def _random_key(prefix: str, length: int, alphabet: str) -> str:
 
 @dataclass
 class LakeFSServer:
-    """A lakeFS server on loopback with local KV and blockstore under `data_dir`."""
+    """A lakeFS server on loopback with its blockstore under `data_dir`, and its KV store there too (local) or,
+    given `kv_url` (postgres://user:password@host:port/db?sslmode=disable), in that Postgres database."""
 
     data_dir: Path
     port: int = 8000
+    kv_url: str = ""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).absolute()
@@ -304,8 +310,8 @@ class LakeFSServer:
         env = {
             **os.environ,
             "LAKEFS_LISTEN_ADDRESS": f"127.0.0.1:{self.port}",
-            "LAKEFS_DATABASE_TYPE": "local",
-            "LAKEFS_DATABASE_LOCAL_PATH": str(self.data_dir / "metadata"),
+            "LAKEFS_DATABASE_TYPE": "postgres" if self.kv_url else "local",
+            "LAKEFS_DATABASE_LOCAL_PATH": str(self.data_dir / "metadata"),  # also proves which server is ours
             "LAKEFS_BLOCKSTORE_TYPE": "local",
             "LAKEFS_BLOCKSTORE_LOCAL_PATH": str(self.data_dir / "data"),
             "LAKEFS_AUTH_ENCRYPT_SECRET_KEY": self._server_secret(),
@@ -313,6 +319,9 @@ class LakeFSServer:
             "LAKEFS_LOGGING_LEVEL": "WARN",
             "LAKEFS_GATEWAYS_S3_DOMAIN_NAME": "s3.local.lakefs.io",
         }
+        if self.kv_url:  # database.postgres.connection_string; the password stays out of files and logs
+            env["LAKEFS_DATABASE_POSTGRES_CONNECTION_STRING"] = self.kv_url
+            env["LAKEFS_DATABASE_POSTGRES_MAX_OPEN_CONNECTIONS"] = "20"
         for k in ("LAKEFS_ENDPOINT", "LAKEFS_ACCESS_KEY_ID", "LAKEFS_SECRET_ACCESS_KEY"):  # client settings
             env.pop(k, None)
         log = open(self.data_dir / "lakefs.log", "ab")
@@ -438,8 +447,35 @@ def stop_mlflow_ui() -> None:
     pid_file.unlink(missing_ok=True)
 
 
-def local_lakefs() -> LakeFSServer:
-    return LakeFSServer(state() / "lakefs", port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")))
+def prod() -> bool:
+    return os.environ.get("MLP_ENV", "").strip() == "prod"
+
+
+def local_lakefs(kv_url: str = "") -> LakeFSServer:
+    # Each profile its own folder: the prod profile's keys and encryption secret belong to its Postgres KV.
+    return LakeFSServer(state() / ("lakefs-prod" if prod() else "lakefs"),
+                        port=int(os.environ.get("MLP_LAKEFS_PORT", "8000")),
+                        kv_url=kv_url or os.environ.get("MLP_LAKEFS_KV_URL", ""))
+
+
+def prod_postgres_env() -> tuple[dict[str, str], str]:
+    """The prod profile's Postgres settings: the caller's (MLP_PG_HOST and the rest exported), else those of a
+    server started here (tooling/postgres.py); and a line saying which."""
+    if os.environ.get("MLP_PG_HOST"):
+        return {}, f"Postgres:   {os.environ['MLP_PG_HOST']} from MLP_PG_HOST (nothing started)"
+    from tooling.postgres import local_postgres
+
+    server = local_postgres().start()
+    return server.env(), f"Postgres:   127.0.0.1:{server.port}  (data {server.pgdata}, log {server.log_file})"
+
+
+def install_dagster_yaml(home: Path, profile_file: Path) -> None:
+    """DAGSTER_HOME/dagster.yaml for the profile: seeded when missing, replaced when it is the other profile's."""
+    target = home / "dagster.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or (("storage:\n  postgres:" in target.read_text())
+                               != ("storage:\n  postgres:" in profile_file.read_text())):
+        shutil.copyfile(profile_file, target)
 
 
 def read_env_file() -> dict[str, str]:
@@ -467,6 +503,11 @@ def up(with_ui: bool = False) -> None:
     if not root.exists():
         make_private_dir(root)
     env = read_env_file()
+    if not prod():  # switching back from the prod profile: its stores are not this profile's
+        for k in [k for k in env if k.startswith("MLP_PG_")] + ["MLP_AUDIT_URL", "MLP_LAKEFS_KV_URL"]:
+            env.pop(k, None)
+        if env.get("MLFLOW_TRACKING_URI", "").startswith("postgresql://"):
+            env.pop("MLFLOW_TRACKING_URI")
     lines = [f"state:      {root}  (all local runtime state; `make clean` removes it)"]
     if os.environ.get("LAKEFS_ENDPOINT"):
         # The caller's own server: start nothing, and make sure mlp.env cannot shadow it.
@@ -474,7 +515,20 @@ def up(with_ui: bool = False) -> None:
             env.pop(k, None)
         lines.append(f"lakeFS:     {redact_uri(os.environ['LAKEFS_ENDPOINT'])} from LAKEFS_ENDPOINT (nothing started)")
     else:
-        server = local_lakefs().start()
+        kv_url = ""
+        if prod():
+            pg_env, line = prod_postgres_env()
+            env.update(pg_env)
+            lines.append(line)
+            kv_url = pg_env.get("MLP_LAKEFS_KV_URL") or os.environ.get("MLP_LAKEFS_KV_URL", "")
+            # What MLP_ENV=prod requires and this one machine can give (exported values win, as always).
+            for k, v in {"LAKEFS_REPOSITORY": "mlplatform", "LAKEFS_STORAGE_NAMESPACE": "local://mlplatform",
+                         "MLFLOW_UI_URL": "http://127.0.0.1:5000"}.items():
+                env.setdefault(k, v)
+            if not kv_url:
+                raise ServiceError("MLP_ENV=prod starts lakeFS on Postgres KV: set MLP_LAKEFS_KV_URL "
+                                   "(postgres://user:password@host:port/db?sslmode=disable) with MLP_PG_HOST")
+        server = local_lakefs(kv_url).start()
         env.update(server.env())
         lines += [f"lakeFS:     {server.endpoint}  (UI and API; port from MLP_LAKEFS_PORT, default 8000)",
                   f"  data:     {server.data_dir}  (log {server.data_dir / 'lakefs.log'})",
@@ -482,15 +536,18 @@ def up(with_ui: bool = False) -> None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
         lines.append(f"MLflow:     {redact_uri(os.environ['MLFLOW_TRACKING_URI'])} from MLFLOW_TRACKING_URI")
+    elif env.get("MLFLOW_TRACKING_URI", "").startswith("postgresql://"):
+        lines.append(f"MLflow:     {redact_uri(env['MLFLOW_TRACKING_URI'])}  (artifacts in {root / 'mlflow' / 'artifacts'})")
+        if env.get("MLP_AUDIT_URL"):
+            lines.append(f"audit:      {redact_uri(env['MLP_AUDIT_URL'])}")
     else:
         (root / "mlflow").mkdir(parents=True, exist_ok=True)
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
         lines.append(f"MLflow:     {env['MLFLOW_TRACKING_URI']}  (artifacts in {root / 'mlflow' / 'artifacts'})")
     home = dagster_home()
-    if not (home / "dagster.yaml").exists():  # what the Makefile's rule does, for `python -m tooling.services up`
-        home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ROOT / "platform" / "dagster.yaml", home / "dagster.yaml")
-    lines.append(f"Dagster:    DAGSTER_HOME={home}")
+    # What the Makefile's rule does, for `python -m tooling.services up`; the prod profile's storage is Postgres.
+    install_dagster_yaml(home, ROOT / "platform" / ("dagster.prod.yaml" if prod() else "dagster.yaml"))
+    lines.append(f"Dagster:    DAGSTER_HOME={home}" + ("  (storage on Postgres)" if prod() else ""))
     lines.append(f"settings:   {env_file()}  (loaded by `python -m tooling.env CMD`, under what you export)")
     write_private(env_file(), "".join(f"{k}={v}\n" for k, v in sorted(env.items())))
     if with_ui:
@@ -507,7 +564,11 @@ def load_env_file() -> None:
 def down() -> None:
     local_lakefs().stop()
     stop_mlflow_ui()
-    print("stopped lakeFS and the MLflow UI")
+    if prod():  # the profile's own Postgres, if `up` started one (its folder says so; another is never touched)
+        from tooling.postgres import local_postgres
+
+        local_postgres().stop()
+    print("stopped lakeFS and the MLflow UI" + (" and Postgres" if prod() else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
