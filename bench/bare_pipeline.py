@@ -12,9 +12,9 @@ car_loan spec, the first `--batches` production batches the simulator releases, 
   per batch  scoring, the drift engine + NannyML's multivariate drift (drift_report), NannyML CBPE
              (performance_estimate), data quality, and the realized metric where labels are in
 
-It prints its own wall time (imports included) as JSON. `--compare` runs `make demo` on a private state folder
-and lakeFS port first (cold services, as a new user meets it: `make up` is part of it), then this script, in
-one go, and prints the ratio.
+It prints its own wall time (imports included) as JSON. `--compare` runs `make demo` twice on a private state
+folder and lakeFS port (cold: services start on a new state; then warm, which the ratio uses), then this script,
+in one go, and prints the ratio of the warm demo to this script.
 
     .venv/bin/python bench/bare_pipeline.py [--batches 4]
     .venv/bin/python bench/bare_pipeline.py --compare [--batches 4]
@@ -186,13 +186,16 @@ def compare(batches: int) -> dict:
     if batches != 4:
         raise SystemExit("make demo releases 4 batches; compare with --batches 4")
     try:
-        t = time.perf_counter()
-        proc = subprocess.run(["make", "demo"], cwd=ROOT, env=env, capture_output=True, text=True)
-        demo_s = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise SystemExit(f"make demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        times = []
+        for attempt in ("cold", "warm"):  # cold: services start and the state is new; warm: run again, as issue 11 did
+            t = time.perf_counter()
+            proc = subprocess.run(["make", "demo"], cwd=ROOT, env=env, capture_output=True, text=True)
+            times.append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise SystemExit(f"make demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            log(f"make demo ({attempt}): {times[-1]:.0f} s")
+        cold_s, demo_s = times
         steps = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(("ok in", "$"))]
-        log(f"make demo: {demo_s:.0f} s")
     finally:
         subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True)
         subprocess.run(["rm", "-rf", str(state)])
@@ -204,7 +207,7 @@ def compare(batches: int) -> dict:
         raise SystemExit(f"bare pipeline failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
     log(f"bare pipeline: {bare_s:.0f} s")
-    return {"make_demo_s": round(demo_s, 1), "bare_pipeline_s": round(bare_s, 1),
+    return {"make_demo_cold_s": round(cold_s, 1), "make_demo_s": round(demo_s, 1), "bare_pipeline_s": round(bare_s, 1),
             "ratio": round(demo_s / bare_s, 2), "target_ratio": 5.0, "bare_stages": result["stages"],
             "demo_steps": steps}
 

@@ -23,6 +23,7 @@ TRAINING = ("stg_reference_records,stg_reference_labels,reference_features,label
             "evaluation_report,model_card")
 PER_BATCH = "batch_predictions,drift_report,performance_estimate,data_quality_report"
 HEALTH = "model_health_report"
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def flow(state: dict) -> list[tuple[str, str | None]]:
@@ -73,9 +74,10 @@ class Runner:
 
         print(f"$ {' '.join(cli_command(select, partition)[1:])}", flush=True)
         t0 = time.time()
+        # The runs' event stream stays in the instance (the UI shows it); the console gets warnings and errors only.
         result = dg.materialize(self.assets, selection=select.split(","), partition_key=partition,
                                 instance=self.instance, resources=self.resources, raise_on_error=False,
-                                tags={"mlp/demo": "1"})
+                                tags={"mlp/demo": "1"}, run_config=QUIET)
         if not result.success:
             from mlplatform.redact import redact
 
