@@ -185,17 +185,15 @@ def approve_from_experiment():
     approve_on_experiment()
 
 
-def online_gate_decision(instance: dg.DagsterInstance, awaiting: str | None, after: int):
-    """(request or None, skip reason, cursor): the newest published online_experiment_report after storage id
-    `after` judged for the version awaiting approval with mlplatform.serving.experiment.gate_verdict."""
+def online_gate_decision(instance: dg.DagsterInstance, recs: list, awaiting: str | None, after: int):
+    """(request or None, skip reason, cursor): the newest published one of `recs` (online_experiment_report
+    materializations after storage id `after`, at least one) judged for the version awaiting approval with
+    mlplatform.serving.experiment.gate_verdict."""
     import polars as pl
 
     from mlplatform.serving.experiment import gate_verdict
     from resources.publish import PUBLISHED_TAG
 
-    recs = [r for r in _checked(instance, "online_experiment_report", limit=5) if r.storage_id > after]
-    if not recs:
-        return None, "no new online experiment report", after
     rec = max(recs, key=lambda r: r.storage_id)
     run = instance.get_run_by_id(rec.run_id) if rec.run_id else None
     if run is not None and PUBLISHED_TAG not in run.tags:  # judged on published data only; asked again later
@@ -301,10 +299,11 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         from mlplatform import registry
 
         after = int(context.cursor or 0)
-        if not any(r.storage_id > after for r in _checked(context.instance, "online_experiment_report", limit=5)):
+        recs = [r for r in _checked(context.instance, "online_experiment_report", limit=5) if r.storage_id > after]
+        if not recs:
             return dg.SkipReason("no new online experiment report")
-        awaiting = registry.aliases(mlflow).get(registry.AWAITING)  # a read; fails closed
-        request, why, cursor = online_gate_decision(context.instance, awaiting, after)
+        awaiting = registry.aliases(mlflow).get(registry.AWAITING)  # a read (only with a new report); fails closed
+        request, why, cursor = online_gate_decision(context.instance, recs, awaiting, after)
         if cursor != after:
             context.update_cursor(str(cursor))
         return request if request is not None else dg.SkipReason(why)
