@@ -1,4 +1,5 @@
-"""`make demo`: materialize the pipeline batch by batch in one process (each step printed as its CLI command), then print where to look.
+"""`make demo`: materialize the pipeline batch by batch in one process (each step printed as its CLI
+command), then print where to look.
 
 The flow is `flow(state)` -> the list of (selection, partition) steps; `main` runs them in one process (the
 definitions loaded once) and publishes each run to lakeFS main, printing for each step the `dagster asset
