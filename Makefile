@@ -51,11 +51,13 @@ lakefs: .venv/.synced
 up: setup
 	@$(PY) -m tooling.services up
 
+# The demo walks one data set (car_loan unless DEMO_DATASET or MLP_DATASET names another); `make dev` serves them all.
+DEMO_DATASET ?= $(or $(MLP_DATASET),car_loan)
 demo: up
-	$(RUN) mlp simulate reset
-	$(RUN) mlp simulate next 4
-	$(RUN) $(PY) -m tooling.demo
-	@$(RUN) $(PY) -m tooling.demo --summary
+	$(RUN) mlp simulate reset --dataset $(DEMO_DATASET)
+	$(RUN) mlp simulate next 4 --dataset $(DEMO_DATASET)
+	MLP_DATASET=$(DEMO_DATASET) $(RUN) $(PY) -m tooling.demo
+	@MLP_DATASET=$(DEMO_DATASET) $(RUN) $(PY) -m tooling.demo --summary
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is not used): installed here
 # if missing (as root), else a clear error naming the package. Idempotent: nothing happens when it is there.

@@ -15,6 +15,7 @@ from mlplatform import behaviour, modeling, registry
 from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import ns
 from resources.publish import EXPERIMENT_TAG, GATE_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
 from mlplatform.spec import DatasetSpec
 
@@ -76,16 +77,18 @@ def plots(spec: DatasetSpec, y, p_new, p_old, importance: dict, slices: list[dic
 
 
 def build_evaluation(spec: DatasetSpec) -> list:
+    n = ns(spec)
     behaviour_checks = [
-        dg.AssetCheckSpec(behaviour_check_name(e), asset="evaluation_report", blocking=True,
+        dg.AssetCheckSpec(behaviour_check_name(e), asset=n.key("evaluation_report"), blocking=True,
                           description=f"Behavioural expectation ({e.kind}): {e.description or e.name}")
         for e in spec.behaviour]
 
     @dg.asset(
-        group_name="evaluation", kinds={"mlflow", "lightgbm"}, code_version="2",
+        key_prefix=[spec.name], group_name="evaluation", kinds={"mlflow", "lightgbm"}, code_version="2",
+        ins=n.ins("candidate_model", "training_set"),
         description="Candidate vs champion on the same test rows, with a paired bootstrap CI, and the spec's "
                     "behavioural expectations (invariance, direction, minimum functionality); gates promotion.",
-        check_specs=[dg.AssetCheckSpec("promotion_gate", asset="evaluation_report", blocking=True,
+        check_specs=[dg.AssetCheckSpec("promotion_gate", asset=n.key("evaluation_report"), blocking=True,
                                        description="Floor from config; not significantly worse than the champion; "
                                                    "every behavioural expectation holds"),
                      *behaviour_checks],
@@ -93,8 +96,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
     def evaluation_report(context: dg.AssetExecutionContext, config: GateConfig, candidate_model: dict,
                           training_set: pl.DataFrame, mlflow: MLflowResource, audit: AuditResource,
                           lakefs: LakeFSResource):
-        import mlflow as mlf
-
+        mlflow = mlflow.scoped(spec)  # this data set's registered model and experiment
         version = str(candidate_model["version"])
         test = training_set.filter(pl.col("split") == "test")
         y = test[spec.target].to_numpy()
@@ -189,12 +191,14 @@ def build_evaluation(spec: DatasetSpec) -> list:
                           "rows": r.rows, "violating_rows": r.violating_rows, "model_version": version})
 
     @dg.asset(
-        group_name="evaluation", kinds={"mlflow", "lakefs"}, code_version="1",
+        key_prefix=[spec.name], group_name="evaluation", kinds={"mlflow", "lakefs"}, code_version="1",
+        ins=n.ins("candidate_model", "evaluation_report", "training_set"),
         description="Model card (Markdown and JSON): use, lineage, metrics, slices, gate and approval.",
     )
     def model_card(context: dg.AssetExecutionContext, candidate_model: dict, evaluation_report: dict,
                    training_set: pl.DataFrame, mlflow: MLflowResource, lakefs: LakeFSResource,
                    audit: AuditResource) -> dict:
+        mlflow = mlflow.scoped(spec)
         card = make_card(spec, candidate_model, evaluation_report, training_set, lakefs,
                          audit.trail().history(mlflow.model_name, candidate_model["version"]))
         md = log_card(mlflow.client(), candidate_model["run_id"], card)
@@ -218,6 +222,8 @@ def log_card(client, run_id: str, card: dict) -> str:
 
 
 def make_card(spec, cand, report, ts, lakefs, events) -> dict:
+    from resources.io import asset_path
+
     splits = {}
     for s in modeling.SPLITS:
         part = ts.filter(pl.col("split") == s)
@@ -228,7 +234,8 @@ def make_card(spec, cand, report, ts, lakefs, events) -> dict:
         "intended_use": spec.description + f" Target: {spec.target} ({spec.problem_type}). Batch scoring of "
                         f"{spec.cadence} production batches; not for individual decisions without review.",
         "training_data": {"lakefs_commit": cand["training_set_commit"],
-                          "lakefs_uri": lakefs.uri(cand["training_set_commit"], "assets/training_set/data.parquet"),
+                          "lakefs_uri": lakefs.uri(cand["training_set_commit"],
+                                                   asset_path(ns(spec).key("training_set"), None, "parquet")),
                           "splits": splits},
         "features": spec.model_feature_names, "params": cand["params"],
         "metrics": report["candidate"], "champion_metrics": report["champion"], "comparison": report["comparison"],

@@ -5,14 +5,14 @@ Two multi-assets, built from dbt's manifest JSON (loading the definitions import
   `stg_reference_labels`, `reference_features`). They change only when the reference data does.
 - `batch_models` (partitioned like raw_records): one production batch's `stg_records`, `stg_labels` and
   `features`, built from that partition's raw files only. A batch costs its own size, however long the
-  platform has run. Each partition is written to `assets/<model>/partition=<key>/data.parquet`, so runs of
+  platform has run. Each partition is written to `assets/<data set>/<model>/partition=<key>/data.parquet`, so runs of
   disjoint partitions never touch the same lakeFS object.
 
 The feature SQL is one dbt macro (`feature_select`), used by both models and rendered for serving by
 mlplatform.features. dbt tests are the models' asset checks; they run in the run's own database, so they
 cover exactly what the run built (one partition, or the history).
 
-Isolation: every step builds into its own DuckDB file, `<state>/duckdb/runs/<run_id>/<step>.duckdb`, removed
+Isolation: every step builds into its own DuckDB file, `<state>/duckdb/runs/<data set>/<run_id>/<step>.duckdb`, removed
 when the step ends; dbt gets that path (and its own target folder) through the environment of its own
 process, so no two runs share a mutable local file. The exports read that file from an in-memory connection.
 
@@ -33,8 +33,9 @@ import dagster as dg
 
 from mlplatform.spec import DatasetSpec, state_dir
 from resources.duckdb import DuckDBResource
-from resources.io import asset_path
+from resources.io import asset_path, asset_prefix
 from resources.lakefs import LakeFSResource
+from resources.naming import Namespace, ns
 from resources.partitions import partitions_def
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
@@ -54,19 +55,21 @@ def dbt_vars(spec: DatasetSpec, tables: dict | None = None) -> dict:
 
 
 def manifest_path(spec: DatasetSpec) -> Path:
-    return DBT_DIR / "target" / spec.name / "manifest.json"
+    """dbt's manifest for the spec's dbt vars: keyed by their content, so data sets (or copies of one) with the same
+    columns share one parse."""
+    digest = hashlib.sha256(json.dumps(dbt_vars(spec), sort_keys=True).encode()).hexdigest()[:16]
+    return DBT_DIR / "target" / "manifests" / digest / "manifest.json"
 
 
 def ensure_manifest(spec: DatasetSpec) -> dict:
     """dbt's manifest for this data set, re-parsed when a dbt file or the spec is newer than it."""
     path = manifest_path(spec)
     sources = [p for p in DBT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
-    sources.append(Path(spec.path))
     if not path.exists() or max(p.stat().st_mtime for p in sources) > path.stat().st_mtime:
         # Parsed into a folder of this process's own, then moved into place in one step: two processes loading
         # the definitions at once never read (or write) a half-written manifest.
         dbt = Path(sys.executable).parent / "dbt"
-        scratch = path.parent.with_name(f".parse-{spec.name}-{os.getpid()}")
+        scratch = path.parent.with_name(f".parse-{path.parent.name}-{os.getpid()}")
         env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(scratch),
                "DBT_LOG_PATH": str(scratch)}
         try:
@@ -105,16 +108,17 @@ def model_code_version(manifest: dict, node: dict, spec: DatasetSpec) -> str:
     return h.hexdigest()[:12]
 
 
-def _source_key(manifest: dict, unique_id: str) -> dg.AssetKey:
+def _source_key(manifest: dict, unique_id: str, n: Namespace) -> dg.AssetKey:
+    """The asset key of a dbt model's parent, in the data set's namespace."""
     if unique_id.startswith("source."):
         meta = manifest["sources"][unique_id].get("meta", {}).get("dagster", {})
-        return dg.AssetKey(meta.get("asset_key") or [manifest["sources"][unique_id]["name"]])
-    return dg.AssetKey(manifest["nodes"][unique_id]["name"])
+        return n.key(dg.AssetKey(meta.get("asset_key") or [manifest["sources"][unique_id]["name"]]))
+    return n.key(manifest["nodes"][unique_id]["name"])
 
 
-def run_database(run_id: str, step: str) -> Path:
-    """The step's own DuckDB file: never shared with another run (or another step)."""
-    return state_dir() / "duckdb" / "runs" / run_id / f"{step}.duckdb"
+def run_database(run_id: str, step: str, dataset: str = "") -> Path:
+    """The step's own DuckDB file, under its data set's folder: never shared with another run (or another step)."""
+    return state_dir() / "duckdb" / "runs" / (dataset or "_") / run_id / f"{step}.duckdb"
 
 
 def remove_run_database(path: Path) -> None:
@@ -144,6 +148,7 @@ def check_outcome(status: str) -> tuple[bool, dg.AssetCheckSeverity]:
 
 
 def build_features(spec: DatasetSpec) -> list:
+    n = ns(spec)
     manifest = ensure_manifest(spec)
     models = {n["name"]: n for n in manifest["nodes"].values()
               if n["resource_type"] == "model" and n["name"] in EXPORTED_MODELS}
@@ -159,9 +164,9 @@ def build_features(spec: DatasetSpec) -> list:
     def specs_for(names, parts):
         return [
             dg.AssetSpec(
-                key=dg.AssetKey(name), group_name="features", kinds={"dbt", "duckdb", "lakefs"},
+                key=n.key(name), group_name="features", kinds={"dbt", "duckdb", "lakefs"},
                 description=(models[name].get("description") or name).split("\n")[0],
-                deps=[_source_key(manifest, d) for d in models[name]["depends_on"]["nodes"]],
+                deps=[_source_key(manifest, d, n) for d in models[name]["depends_on"]["nodes"]],
                 skippable=True, code_version=versions[name], partitions_def=parts,
                 metadata={"dbt_unique_id": models[name]["unique_id"]},
             )
@@ -170,7 +175,7 @@ def build_features(spec: DatasetSpec) -> list:
 
     def checks_for(names):
         return [
-            dg.AssetCheckSpec(t["name"], asset=dg.AssetKey(by_uid[t["attached_node"]]),
+            dg.AssetCheckSpec(t["name"], asset=n.key(by_uid[t["attached_node"]]),
                               blocking=str(t["config"].get("severity", "ERROR")).upper() == "ERROR",
                               description=f"dbt test {t['name']}")
             for t in tests if by_uid[t["attached_node"]] in names
@@ -180,10 +185,10 @@ def build_features(spec: DatasetSpec) -> list:
                    step: str, names: tuple, tables: dict, branch: str, partition: str | None):
         """dbt build of the selected models into the step's own database, each exported to lakeFS and committed;
         then the dbt tests as asset checks."""
-        selected = [n for n in names if dg.AssetKey(n) in context.selected_asset_keys]  # in dependency order
+        selected = [m for m in names if n.key(m) in context.selected_asset_keys]  # in dependency order
         selected_checks = {(k.asset_key.path[-1], k.name) for k in context.selected_asset_check_keys}
-        database = run_database(context.run.run_id, step)
-        target = state_dir() / "duckdb" / "dbt-target" / context.run.run_id / step
+        database = run_database(context.run.run_id, step, spec.name)
+        target = state_dir() / "duckdb" / "dbt-target" / spec.name / context.run.run_id / step
         database.parent.mkdir(parents=True, exist_ok=True)
         # dbt's own process gets the per-run database in its environment: nothing global is changed here.
         env = {**duckdb.dbt_env(), "MLP_DUCKDB_PATH": str(database), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
@@ -205,14 +210,14 @@ def build_features(spec: DatasetSpec) -> list:
                 con.execute(f"ATTACH '{database}' AS run_db (READ_ONLY)")
                 for name in built:
                     rows = con.execute(f'select count(*) from run_db.main."{name}"').fetchone()[0]
-                    path = asset_path(dg.AssetKey(name), partition, "parquet")
+                    path = asset_path(n.key(name), partition, "parquet")
                     con.execute(f"COPY run_db.main.\"{name}\" TO '{lakefs.s3_uri(branch, path)}' "
                                 f"(FORMAT parquet, COMPRESSION zstd)")
                     commit = lakefs.commit(branch, f"{name}{f' [{partition}]' if partition else ''} (dbt)", {
-                        "asset_key": name, "partition": partition or "", "dagster_run_id": context.run.run_id,
+                        "asset_key": n.key_str(name), "partition": partition or "", "dagster_run_id": context.run.run_id,
                         "code_version": versions[name], "dbt_manifest_hash": dbt_hash, "upstream_ref": branch,
                     })
-                    out.append(dg.MaterializeResult(asset_key=dg.AssetKey(name), metadata={
+                    out.append(dg.MaterializeResult(asset_key=n.key(name), metadata={
                         "dagster/row_count": dg.MetadataValue.int(rows),
                         "lakefs_commit": dg.MetadataValue.text(commit),
                         "lakefs_path": dg.MetadataValue.path(lakefs.uri(commit, path)),
@@ -231,7 +236,7 @@ def build_features(spec: DatasetSpec) -> list:
             if r is None or (model, t["name"]) not in selected_checks:
                 continue
             passed, severity = check_outcome(r["status"])
-            yield dg.AssetCheckResult(asset_key=dg.AssetKey(model), check_name=t["name"], passed=passed,
+            yield dg.AssetCheckResult(asset_key=n.key(model), check_name=t["name"], passed=passed,
                                       severity=severity, description=(r.get("message") or r["status"])[:1000],
                                       metadata={"failures": dg.MetadataValue.int(int(r.get("failures") or 0)),
                                                 **({"partition": partition} if partition else {})})
@@ -247,29 +252,29 @@ def build_features(spec: DatasetSpec) -> list:
             pass  # another step of the run still has its target there
 
     @dg.multi_asset(specs=specs_for(REFERENCE_MODELS, None), check_specs=checks_for(REFERENCE_MODELS),
-                    name="reference_models", can_subset=False)
+                    name=n.job("reference_models"), can_subset=False)
     def reference_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
         """Build the history's staging and features from reference_data and version each in lakeFS."""
         from resources.publish import open_run_branch
 
         branch = open_run_branch(context.instance, lakefs, context.run.run_id)
-        path = "assets/reference_data/data.parquet"
-        if not lakefs.list_paths(branch, "assets/reference_data/"):
+        path = asset_path(n.key("reference_data"), None, "parquet")
+        if not lakefs.list_paths(branch, asset_prefix(n.key("reference_data"))):
             raise RuntimeError(f"reference_data is not on lakeFS ref {branch!r} of {lakefs.repository!r}: "
                                f"materialize it (and let its run publish) first")
         tables = {"reference_data": lakefs.s3_uri(branch, path), "raw_records": None, "raw_labels": None}
         yield from run_models(context, lakefs, duckdb, "reference_models", REFERENCE_MODELS, tables, branch, None)
 
     @dg.multi_asset(specs=specs_for(BATCH_MODELS, partitions_def(spec)), check_specs=checks_for(BATCH_MODELS),
-                    name="batch_models", can_subset=True)
+                    name=n.job("batch_models"), can_subset=True)
     def batch_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
         """Build one batch's staging and features from its own raw partition and version each in lakeFS."""
         from resources.publish import open_run_branch
 
         partition = context.partition_key
         branch = open_run_branch(context.instance, lakefs, context.run.run_id)
-        records = asset_path(dg.AssetKey("raw_records"), partition, "parquet")
-        labels = asset_path(dg.AssetKey("raw_labels"), partition, "parquet")
+        records = asset_path(n.key("raw_records"), partition, "parquet")
+        labels = asset_path(n.key("raw_labels"), partition, "parquet")
         if not lakefs.exists(branch, records):
             raise RuntimeError(f"raw_records[{partition}] is not on lakeFS ref {branch!r} of {lakefs.repository!r} "
                                f"({records}): ingest the batch first")

@@ -30,6 +30,7 @@ from mlplatform.batches import Landing, window
 from resources.partitions import partitions_def
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
+from resources.naming import Namespace, ns
 from mlplatform.spec import DatasetSpec
 
 RECORD_CHECKS = ["files_readable", "schema_and_types", "ids_and_times_present", "unique_ids", "values_in_range",
@@ -180,12 +181,16 @@ def _previous_version(context, lakefs: LakeFSResource, key: dg.AssetKey,
 # without conflict), its smallest and largest id in the object's user metadata. A new batch reads the listing
 # (metadata only) and then only the index files whose id range overlaps its own ids, semi-joined against them:
 # its cost follows the batch, not the history (ids that grow over time touch one or two files).
-ID_INDEX_PREFIX = "index/record_ids/"
+# Each data set has its own index under `index/<data set>/record_ids/` (one lakeFS repository, a prefix per data set).
 ID_MIN, ID_MAX = "id_min", "id_max"
 
 
-def id_index_path(partition: str) -> str:
-    return f"{ID_INDEX_PREFIX}partition={partition}.parquet"
+def id_index_prefix(spec: DatasetSpec) -> str:
+    return f"index/{spec.name}/record_ids/"
+
+
+def id_index_path(spec: DatasetSpec, partition: str) -> str:
+    return f"{id_index_prefix(spec)}partition={partition}.parquet"
 
 
 def write_id_index(lakefs: LakeFSResource, branch: str, spec: DatasetSpec, partition: str, df: pl.DataFrame) -> None:
@@ -196,8 +201,9 @@ def write_id_index(lakefs: LakeFSResource, branch: str, spec: DatasetSpec, parti
     meta = {ID_MIN: "", ID_MAX: ""}
     if ids.height:
         meta = {ID_MIN: str(ids[spec.id_column][0]), ID_MAX: str(ids[spec.id_column][-1])}
-    lakefs.call(f"write id index {id_index_path(partition)}", lambda: lakefs.repo().branch(branch).object(
-        id_index_path(partition)).upload(buf.getvalue(), content_type="application/x-parquet", metadata=meta), branch)
+    path = id_index_path(spec, partition)
+    lakefs.call(f"write id index {path}", lambda: lakefs.repo().branch(branch).object(
+        path).upload(buf.getvalue(), content_type="application/x-parquet", metadata=meta), branch)
 
 
 def _overlaps(meta: dict, lo, hi, dtype) -> bool:
@@ -230,6 +236,7 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
 
     Reads the id index (listing metadata, then only the files whose id range overlaps `ids`), the reference
     history's id column (a fixed size), and, for a batch published before the index existed, its id column."""
+    from resources.io import asset_prefix
     from resources.publish import open_run_branch
 
     branch = open_run_branch(context.instance, lakefs, context.run.run_id)
@@ -244,7 +251,7 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
         return ids.filter(ids.is_in(other.cast(ids.dtype, strict=False).implode()))
 
     indexed = set()
-    for obj in ref.objects(prefix=ID_INDEX_PREFIX, user_metadata=True):
+    for obj in ref.objects(prefix=id_index_prefix(spec), user_metadata=True):
         if not obj.path.endswith(".parquet") or "partition=" not in obj.path:
             continue
         where = obj.path.split("partition=", 1)[1].removesuffix(".parquet")
@@ -254,7 +261,7 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
         found = hits(_read_ids(lakefs, branch, obj.path, obj.checksum, spec.id_column))
         if found.len():
             out[where] = found
-    for prefix in ("assets/reference_data/", "assets/raw_records/"):
+    for prefix in (asset_prefix(ns(spec).key("reference_data")), asset_prefix(ns(spec).key("raw_records"))):
         for obj in ref.objects(prefix=prefix):
             if not obj.path.endswith(".parquet"):
                 continue
@@ -291,12 +298,13 @@ def new_landing_files(files, ledger: dict, conform, skipped: list, rejected: lis
 
 def build_ingestion(spec: DatasetSpec) -> list:
     partitions = partitions_def(spec)
+    n = ns(spec)
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2",
+        key_prefix=[spec.name], group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2",
         description=f"Labelled history of {spec.name} (the reference period), versioned in lakeFS.",
-        check_specs=[dg.AssetCheckSpec(n, asset="reference_data", blocking=True) for n in REFERENCE_CHECKS]
-        + [dg.AssetCheckSpec("known_categories", asset="reference_data")],
+        check_specs=[dg.AssetCheckSpec(c, asset=n.key("reference_data"), blocking=True) for c in REFERENCE_CHECKS]
+        + [dg.AssetCheckSpec("known_categories", asset=n.key("reference_data"))],
     )
     def reference_data(context: dg.AssetExecutionContext):
         reference, _, _ = spec.load_source()
@@ -321,16 +329,16 @@ def build_ingestion(spec: DatasetSpec) -> list:
                                  RECORD_CHECK_OF, [v for v in violations if not v.blocking], "known_categories")
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
+        key_prefix=[spec.name], group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
         description="Production records of one batch period: its previous checked version plus the landing "
                     "files that pass the contract; bad files go to quarantine, the good ones still publish.",
-        check_specs=[dg.AssetCheckSpec(n, asset="raw_records", blocking=True) for n in RECORD_CHECKS]
-        + [dg.AssetCheckSpec("known_categories", asset="raw_records"),
-           dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_records")],
+        check_specs=[dg.AssetCheckSpec(c, asset=n.key("raw_records"), blocking=True) for c in RECORD_CHECKS]
+        + [dg.AssetCheckSpec("known_categories", asset=n.key("raw_records")),
+           dg.AssetCheckSpec(QUARANTINE_CHECK, asset=n.key("raw_records"))],
     )
     def raw_records(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
         partition = context.partition_key
-        zone = landing.zone()
+        zone = landing.zone(spec)
         win = window(spec, partition)
         schema = {**contracts.expected_dtypes(spec), contracts.SOURCE_FILE: pl.String}
         previous, ledger = _previous_version(context, lakefs, raw_records.key, partition)
@@ -398,21 +406,21 @@ def build_ingestion(spec: DatasetSpec) -> list:
                                  "known_categories", quarantined)
 
     @dg.asset(
-        group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
+        key_prefix=[spec.name], group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
         description="Delayed labels of one batch period: its previous checked version plus the label files "
                     "that pass the contract (only for ids in the batch's records); bad files go to quarantine; "
                     "a file with ids whose records are still arriving is held in the landing zone.",
-        check_specs=[dg.AssetCheckSpec(n, asset="raw_labels", blocking=True) for n in LABEL_CHECKS]
-        + [dg.AssetCheckSpec(QUARANTINE_CHECK, asset="raw_labels"), dg.AssetCheckSpec(HELD_CHECK, asset="raw_labels")],
-        deps=[dg.AssetDep("raw_records")],
+        check_specs=[dg.AssetCheckSpec(c, asset=n.key("raw_labels"), blocking=True) for c in LABEL_CHECKS]
+        + [dg.AssetCheckSpec(QUARANTINE_CHECK, asset=n.key("raw_labels")), dg.AssetCheckSpec(HELD_CHECK, asset=n.key("raw_labels"))],
+        deps=[dg.AssetDep(n.key("raw_records"))],
     )
     def raw_labels(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
         partition = context.partition_key
-        zone = landing.zone()
+        zone = landing.zone(spec)
         schema = {spec.id_column: pl.Int64, spec.target: pl.Float64, contracts.SOURCE_FILE: pl.String,
                   contracts.ARRIVED_AT: pl.Datetime("us")}
         previous, ledger = _previous_version(context, lakefs, raw_labels.key, partition)
-        records, records_ledger = _previous_version(context, lakefs, dg.AssetKey("raw_records"), partition)
+        records, records_ledger = _previous_version(context, lakefs, n.key("raw_records"), partition)
         known = records[spec.id_column] if records is not None else None
         files = _arrival_order(zone.files("labels", partition))
         by_name = {p.name: p for p in files}
@@ -442,7 +450,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
                 held_why[path.name] = f"the records of batch {partition} have no checked version yet"
             elif unknown:
                 if pending is None:
-                    pending = _records_pending(context, zone, partition, records_ledger)
+                    pending = _records_pending(context, n, zone, partition, records_ledger)
                 if pending:
                     held.append(path.name)
                     held_why[path.name] = (f"{unknown[0].rows} label(s) for ids not (yet) in the records of "
@@ -502,7 +510,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
     return [reference_data, raw_records, raw_labels]
 
 
-def _records_pending(context: dg.AssetExecutionContext, zone: Landing, partition: str,
+def _records_pending(context: dg.AssetExecutionContext, n: Namespace, zone: Landing, partition: str,
                      records_ledger: dict[str, str | None]) -> list[str]:
     """Why the records of a partition are not settled (empty: settled): records files in the landing zone
     still being written or not in the batch's checked version (`records_ledger`), and ingest_batch runs of
@@ -521,7 +529,7 @@ def _records_pending(context: dg.AssetExecutionContext, zone: Landing, partition
     waiting = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED}
     runs = context.instance.get_run_records(
-        dg.RunsFilter(job_name="ingest_batch", tags={"dagster/partition": partition}, statuses=list(waiting)),
+        dg.RunsFilter(job_name=n.job("ingest_batch"), tags={"dagster/partition": partition}, statuses=list(waiting)),
         limit=10)
     out += [f"ingest_batch run {r.dagster_run.run_id} is {r.dagster_run.status.value.lower()}"
             for r in runs if r.dagster_run.run_id != context.run.run_id]

@@ -13,6 +13,7 @@ from resources.partitions import partitions_def
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource, run_branch
 from resources.mlflow import MLflowResource
+from resources.naming import ns
 from mlplatform.spec import DatasetSpec
 
 
@@ -57,7 +58,7 @@ def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: 
     count = spec.monitoring.drift_plot_batches
     frames = []
     for p in previous_partitions(spec, context.partition_key, max(count - 1, 0)):
-        found = latest_checked_materialization(context.instance, dg.AssetKey("drift_report"), p, context.run_id)
+        found = latest_checked_materialization(context.instance, ns(spec).key("drift_report"), p, context.run_id)
         if found:
             frames.append(deserialize(lakefs.get(found[0], found[1]), found[1])
                           .select("feature", "method", "value", pl.lit(p).alias("chunk_key")))
@@ -114,7 +115,7 @@ def drift_problems(summary: dict) -> tuple[list[str], list[str]]:
     return blocking, [p for p in problems if p not in blocking]
 
 
-def drift_check_specs(check_prefix: str, asset: str) -> list[dg.AssetCheckSpec]:
+def drift_check_specs(check_prefix: str, asset: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     """The two checks every one-batch drift report carries (see drift_results)."""
     return [dg.AssetCheckSpec(f"{check_prefix}_inputs_usable", asset=asset, blocking=True,
                               description="every monitored column is present and of its type"),
@@ -150,13 +151,14 @@ def drift_results(check_prefix: str, partition: str, latest: pl.DataFrame, summa
 
 def build_monitoring(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
+    n = ns(spec)
 
     @dg.asset(
-        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=["features", "reference_features", dg.AssetDep("raw_records")],
+        key_prefix=[spec.name], group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, deps=[*n.keys("features", "reference_features"), dg.AssetDep(n.key("raw_records"))],
         description="Univariate drift per feature and method (PSI, KS, chi2, JS, Wasserstein, Hellinger, "
                     "L-inf) and multivariate reconstruction drift of one batch against the reference.",
-        check_specs=drift_check_specs("drift", "drift_report"),
+        check_specs=drift_check_specs("drift", n.key("drift_report")),
     )
     def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource):
         import matplotlib
@@ -165,8 +167,8 @@ def build_monitoring(spec: DatasetSpec) -> list:
         import matplotlib.pyplot as plt
 
         # This batch's partition of `features` and the history's features: never the other batches.
-        ref, _ = read_upstream_table(context, lakefs, "reference_features")
-        batch, commit = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
+        ref, _ = read_upstream_table(context, lakefs, n.key("reference_features"))
+        batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
         if batch.height == 0:
             raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
                              f"commit {commit[:12]}")
@@ -187,7 +189,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         from resources.publish import open_run_branch
 
         branch = open_run_branch(context.instance, lakefs, context.run_id)
-        img_path = f"reports/drift_report/partition={context.partition_key}/drift_over_time.png"
+        img_path = f"reports/{spec.name}/drift_report/partition={context.partition_key}/drift_over_time.png"
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
         yield from drift_results("drift", context.partition_key, latest, summary, batch.height, {
             "drift_over_time": dg.MetadataValue.md(md_img),
@@ -195,17 +197,18 @@ def build_monitoring(spec: DatasetSpec) -> list:
         })
 
     @dg.asset(
-        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=["features"],
+        key_prefix=[spec.name], group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, deps=[n.key("features")], ins=n.ins("batch_predictions"),
         description="Label-free performance estimate of the champion on one batch (NannyML CBPE / DLE).",
     )
     def performance_estimate(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
                              lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
+        mlflow = mlflow.scoped(spec)
         champ_v = batch_predictions["model_version"][0]
         ref = champion_reference(context, spec, lakefs, mlflow, champ_v)
         batch = batch_predictions
         if not spec.is_classification:  # DLE reads the features beside the predictions
-            features, _ = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
+            features, _ = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
             batch = batch.join(features.select(spec.id_column, *spec.model_feature_names), on=spec.id_column)
         est = estimate_performance(spec, ref, batch, lakefs, context)
         metric = spec.estimated_metric
@@ -220,12 +223,14 @@ def build_monitoring(spec: DatasetSpec) -> list:
         })
 
     @dg.asset(
-        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=[dg.AssetDep("performance_estimate"), "features"],
+        key_prefix=[spec.name], group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, deps=[dg.AssetDep(n.key("performance_estimate")), n.key("features")],
+        ins=n.ins("batch_predictions", "raw_labels"),
         description="Realized performance once the batch's delayed labels land, beside the estimate.",
     )
     def realized_performance(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
                              raw_labels: pl.DataFrame, lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
+        mlflow = mlflow.scoped(spec)
         joined = batch_predictions.join(raw_labels.select(spec.id_column, spec.target), on=spec.id_column)
         if joined.height == 0:
             raise ValueError(f"no labelled rows for batch {context.partition_key}: labels and predictions share "
@@ -235,14 +240,14 @@ def build_monitoring(spec: DatasetSpec) -> list:
         metric = spec.estimated_metric
         row = {"partition": context.partition_key, "rows": joined.height, "model_version":
                batch_predictions["model_version"][0], **{f"realized_{k}": v for k, v in realized.items()}}
-        found = latest_checked_materialization(context.instance, dg.AssetKey("performance_estimate"),
+        found = latest_checked_materialization(context.instance, n.key("performance_estimate"),
                                                context.partition_key, context.run_id)
         meta = {f"realized_{metric}": dg.MetadataValue.float(realized[metric]), "rows": joined.height,
                 "model_version": dg.MetadataValue.text(str(row["model_version"]))}
         # The previous champion on the same rows: the evidence the rollback sensor compares.
         prev_v = registry.aliases(mlflow).get(registry.PREVIOUS)
         if prev_v and prev_v != str(row["model_version"]):
-            features, _ = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
+            features, _ = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
             rows = features.join(joined.select(spec.id_column, spec.target), on=spec.id_column)
             prev = registry.load_booster(mlflow, prev_v)
             prev_score = modeling.metrics(rows[spec.target].to_numpy(), modeling.predict(prev, rows, spec), spec)[metric]
@@ -260,7 +265,8 @@ def build_monitoring(spec: DatasetSpec) -> list:
         return dg.Output(pl.DataFrame([row]), metadata=meta)
 
     @dg.asset(
-        group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        key_prefix=[spec.name], group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, ins=n.ins("raw_records"),
         description="Missing values, unseen categories and range violations per feature in one batch.",
     )
     def data_quality_report(context: dg.AssetExecutionContext, raw_records: pl.DataFrame) -> dg.Output:
@@ -306,8 +312,9 @@ def champion_reference(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflo
     """The champion's predictions on its own test split, with labels: what CBPE/DLE are fitted on."""
     from resources.io import load_asset
 
+    mlflow = mlflow.scoped(spec)
     tags = registry.version_tags(mlflow, version)
-    ts = load_asset(lakefs, "training_set", ref=tags["lakefs_commit"])
+    ts = load_asset(lakefs, ns(spec).key("training_set"), ref=tags["lakefs_commit"])
     test = ts.filter(pl.col("split") == "test")
     booster = registry.load_booster(mlflow, version)
     return test.with_columns(pl.Series("prediction", modeling.predict(booster, test, spec)))

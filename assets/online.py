@@ -26,12 +26,15 @@ from mlplatform.spec import DatasetSpec
 from resources.io import read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import ns
 from resources.partitions import partitions_def
 
 
 def build_online(spec: DatasetSpec) -> list:
+    n = ns(spec)
+
     @dg.asset(
-        group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=partitions_def(spec),
+        key_prefix=[spec.name], group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=partitions_def(spec),
         description="Online predictions logged by the model server (make serve) for one batch period: variant, "
                     "model version, features, output and missing-feature policy flags per row.",
     )
@@ -52,15 +55,15 @@ def build_online(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
 
     @dg.asset(
-        group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
-        deps=["reference_features"],
+        key_prefix=[spec.name], group_name="serving", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, deps=[n.key("reference_features")], ins=n.ins("online_predictions"),
         description="Drift of the rows the model server answered for one batch period (shadow scores excluded) "
                     "against the reference: the same engine, methods and thresholds as drift_report.",
-        check_specs=drift_check_specs("online_drift", "online_drift_report"),
+        check_specs=drift_check_specs("online_drift", n.key("online_drift_report")),
     )
     def online_drift_report(context: dg.AssetExecutionContext, online_predictions: pl.DataFrame,
                             lakefs: LakeFSResource):
-        ref, _ = read_upstream_table(context, lakefs, "reference_features")
+        ref, _ = read_upstream_table(context, lakefs, n.key("reference_features"))
         served = served_rows(spec, online_predictions)
         if served.height == 0:
             raise ValueError(f"no answered (non-shadow) online prediction in batch {context.partition_key} of "
@@ -70,7 +73,8 @@ def build_online(spec: DatasetSpec) -> list:
         yield from drift_results("online_drift", context.partition_key, latest, summary, served.height)
 
     @dg.asset(
-        group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        key_prefix=[spec.name], group_name="serving", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, ins=n.ins("online_predictions"),
         description="Label-free performance estimate (NannyML CBPE / DLE) of each model version the server ran "
                     "in one batch period, answering or in shadow, each fitted on its own test split.",
     )
@@ -103,7 +107,8 @@ def build_online(spec: DatasetSpec) -> list:
         })
 
     @dg.asset(
-        group_name="serving", kinds={"polars", "lakefs"}, code_version="1", partitions_def=parts,
+        key_prefix=[spec.name], group_name="serving", kinds={"polars", "lakefs"}, code_version="1",
+        partitions_def=parts, ins=n.ins("online_predictions", "raw_labels"),
         description="Online experiment once a batch's labels land: logged predictions joined to raw_labels, each "
                     "variant against the champion (rows, metric, difference with a bootstrap CI, p-value of a "
                     "t-test on the per-row loss, verdict). A promotion gate reads it with "

@@ -17,18 +17,21 @@ from resources.audit import AuditResource
 from resources.io import deserialize, latest_checked_materialization
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import Namespace, ns
 from resources.partitions import partitions_def
 
 REPORT_FILE = "model_health.html"
 
 
-def report_path(partition: str) -> str:
-    return f"reports/model_health_report/partition={partition}/{REPORT_FILE}"
+def report_path(spec: DatasetSpec | str, partition: str) -> str:
+    """Where a data set's health page of a batch lives in lakeFS: under `reports/<data set>/`."""
+    name = spec if isinstance(spec, str) else spec.name
+    return f"reports/{name}/model_health_report/partition={partition}/{REPORT_FILE}"
 
 
-def _stored(context, lakefs: LakeFSResource, key: str, partition: str):
+def _stored(context, lakefs: LakeFSResource, key: dg.AssetKey, partition: str):
     """A batch's checked output of `key` (from this run or a successful one), or None if there is none yet."""
-    found = latest_checked_materialization(context.instance, dg.AssetKey(key), partition, context.run_id)
+    found = latest_checked_materialization(context.instance, key, partition, context.run_id)
     return deserialize(lakefs.get(found[0], found[1]), found[1]) if found else None
 
 
@@ -37,10 +40,10 @@ def _meta(meta: dict, key: str, default=None):
     return default if v is None else getattr(v, "value", getattr(v, "text", v))
 
 
-def _ingestion(instance: dg.DagsterInstance, partition: str) -> dict | None:
+def _ingestion(instance: dg.DagsterInstance, n: Namespace, partition: str) -> dict | None:
     """What the landing recorded for a batch: rows, files accepted and quarantined (with their reasons)."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_records"), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=n.key("raw_records"), asset_partitions=[partition]), limit=1).records
     if not records or records[0].asset_materialization is None:
         return None
     meta = records[0].asset_materialization.metadata
@@ -57,18 +60,20 @@ def _ingestion(instance: dg.DagsterInstance, partition: str) -> dict | None:
 
 def gather(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflow: MLflowResource,
            audit: AuditResource, window: list[str]) -> report.HealthData:
+    n = ns(spec)
+    mlflow = mlflow.scoped(spec)
     metric = spec.estimated_metric
     drift, perf, quality, ingestion = [], [], [], []
     method = "jensen_shannon" if "jensen_shannon" in spec.monitoring.drift_methods else \
         spec.monitoring.drift_methods[0]
     for p in window:
-        d = _stored(context, lakefs, "drift_report", p)
+        d = _stored(context, lakefs, n.key("drift_report"), p)
         if d is not None and d.height:
             drift.append(d.select("feature", "method", pl.col("value").cast(pl.Float64),
                                   pl.col("upper_threshold").cast(pl.Float64), pl.col("alert").cast(pl.Boolean))
                          .with_columns(pl.lit(p).alias("partition")))
-        est = _stored(context, lakefs, "performance_estimate", p)
-        real = _stored(context, lakefs, "realized_performance", p)
+        est = _stored(context, lakefs, n.key("performance_estimate"), p)
+        real = _stored(context, lakefs, n.key("realized_performance"), p)
         if est is not None and est.height:
             e = est.row(0, named=True)
             realized = real.row(0, named=True).get(f"realized_{metric}") if real is not None and real.height else None
@@ -76,12 +81,12 @@ def gather(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflow: MLflowRes
                          "upper": e.get("upper"), "lower_threshold": e.get("lower_threshold"),
                          "reference_score": e.get("reference_score"), "model_version": str(e.get("model_version")),
                          "realized": realized, "alert": e.get("alert")})
-        q = _stored(context, lakefs, "data_quality_report", p)
+        q = _stored(context, lakefs, n.key("data_quality_report"), p)
         if q is not None and q.height:
             quality.append(q.select("feature", pl.col("rows").cast(pl.Int64), pl.col("missing_rate").cast(pl.Float64),
                                     pl.col("unseen_categories").cast(pl.Int64), pl.col("out_of_range").cast(pl.Int64))
                            .with_columns(pl.lit(p).alias("partition")))
-        landed = _ingestion(context.instance, p)
+        landed = _ingestion(context.instance, n, p)
         if landed:
             ingestion.append(landed)
 
@@ -121,22 +126,25 @@ def gather(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflow: MLflowRes
 MONITORING = ("drift_report", "performance_estimate", "data_quality_report")
 
 
-def after_monitoring() -> dg.AutomationCondition:
+def after_monitoring(n: Namespace) -> dg.AutomationCondition:
     """Refresh once a batch's monitoring outputs change (and again when its realized performance lands, labels
     arriving later); only the three monitoring outputs must exist: the labels may be weeks away."""
     return (
         dg.AutomationCondition.any_deps_updated().since_last_handled()
         & ~dg.AutomationCondition.any_deps_match(dg.AutomationCondition.missing()).allow(
-            dg.AssetSelection.keys(*MONITORING))
+            dg.AssetSelection.assets(*n.keys(*MONITORING)))
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
     ).with_label("after its batch's monitoring")
 
 
 def build_report(spec: DatasetSpec) -> list:
+    n = ns(spec)
+
     @dg.asset(
-        group_name="monitoring", kinds={"plotly", "lakefs"}, code_version="1", partitions_def=partitions_def(spec),
-        deps=[*MONITORING, "realized_performance"], automation_condition=after_monitoring(),
+        key_prefix=[spec.name], group_name="monitoring", kinds={"plotly", "lakefs"}, code_version="1",
+        partitions_def=partitions_def(spec), deps=n.keys(*MONITORING, "realized_performance"),
+        automation_condition=after_monitoring(n),
         description="The model's health on one HTML page, refreshed after each batch's monitoring: drift over time "
                     "per feature, the estimate against the realized metric with its confidence band, data quality "
                     "per batch, and the timeline of versions with promotions and rollbacks.",
@@ -150,7 +158,7 @@ def build_report(spec: DatasetSpec) -> list:
         data = gather(context, spec, lakefs, mlflow, audit, window)
         page = report.build_html(data)
         branch = open_run_branch(context.instance, lakefs, context.run_id)
-        path = report_path(partition)
+        path = report_path(spec, partition)
         lakefs.put(branch, path, page.encode(), "text/html")  # committed together with this asset's output
         url = lakefs.object_url("main", path)
         facts = report.summary(data)

@@ -9,6 +9,7 @@ from resources.partitions import partitions_def
 from resources.io import read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import ns
 from mlplatform.spec import DatasetSpec
 
 
@@ -30,15 +31,18 @@ def score_batch(features: pl.DataFrame, spec: DatasetSpec, champion, champion_ve
 
 
 def build_serving(spec: DatasetSpec) -> list:
+    n = ns(spec)
+
     @dg.asset(
-        group_name="serving", kinds={"polars", "lightgbm", "lakefs"}, code_version="1",
-        partitions_def=partitions_def(spec), deps=["features", dg.AssetDep("raw_records")],
+        key_prefix=[spec.name], group_name="serving", kinds={"polars", "lightgbm", "lakefs"}, code_version="1",
+        partitions_def=partitions_def(spec), deps=[n.key("features"), dg.AssetDep(n.key("raw_records"))],
         description="Champion scores for one production batch; the challenger scores the same rows in shadow.",
     )
     def batch_predictions(context: dg.AssetExecutionContext, lakefs: LakeFSResource,
                           mlflow: MLflowResource) -> dg.Output:
+        mlflow = mlflow.scoped(spec)
         # Only this batch's partition of `features` is read: a batch costs its own size, not the history's.
-        batch, commit = read_upstream_table(context, lakefs, "features", partition=context.partition_key)
+        batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
         if batch.height == 0:
             start, end = window(spec, context.partition_key)
             raise ValueError(f"no production features for batch {context.partition_key} ({start} to {end}) in "

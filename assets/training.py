@@ -15,6 +15,7 @@ from resources.audit import AuditResource
 from resources.io import git_commit, latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import ns
 from mlplatform.spec import DatasetSpec
 
 
@@ -32,21 +33,23 @@ class TrainConfig(dg.Config):
 
 
 def build_training(spec: DatasetSpec) -> list:
+    n = ns(spec)
+
     @dg.asset(
-        group_name="training", kinds={"polars", "lakefs"}, code_version="2",
-        deps=["reference_features", "stg_reference_labels", "features", "stg_labels"],
+        key_prefix=[spec.name], group_name="training", kinds={"polars", "lakefs"}, code_version="2",
+        deps=n.keys("reference_features", "stg_reference_labels", "features", "stg_labels"),
         description="Features joined with the labels known at the cut-off (point in time, no leakage).",
-        check_specs=[dg.AssetCheckSpec("no_label_leakage", asset="labelled_examples", blocking=True)],
+        check_specs=[dg.AssetCheckSpec("no_label_leakage", asset=n.key("labelled_examples"), blocking=True)],
     )
     def labelled_examples(context: dg.AssetExecutionContext, config: ExamplesConfig, lakefs: LakeFSResource):
         """The labelled window: the history (reference_features, stg_reference_labels) plus the batch partitions
         that can hold an example at the cut-off, i.e. whose window starts by then and whose labels are known by
         then; the features of a batch are read only if it has such labels. Partitions after the cut-off are
         never read."""
-        ref_features, fcommit = read_upstream_table(context, lakefs, "reference_features")
-        ref_labels, lcommit = read_upstream_table(context, lakefs, "stg_reference_labels")
+        ref_features, fcommit = read_upstream_table(context, lakefs, n.key("reference_features"))
+        ref_labels, lcommit = read_upstream_table(context, lakefs, n.key("stg_reference_labels"))
         commits = {"reference_features": fcommit, "stg_reference_labels": lcommit}
-        checked = checked_partitions(context, "features")
+        checked = checked_partitions(context, n.key("features"))
         if config.cutoff:
             cutoff = dt.datetime.fromisoformat(config.cutoff)
         else:  # the latest event time in the features: it lies in the newest batch (or the history)
@@ -56,7 +59,7 @@ def build_training(spec: DatasetSpec) -> list:
                 newest = load_partition(context, lakefs, "features", last, checked[last], commits)
                 if newest.height:
                     cutoff = max(cutoff, newest[spec.time_column].max())
-        label_parts = checked_partitions(context, "stg_labels")
+        label_parts = checked_partitions(context, n.key("stg_labels"))
         window_keys = labelled_window(spec, sorted(label_parts), cutoff)
         feature_frames, label_frames = [ref_features], [ref_labels]
         late = int(ref_labels.filter(pl.col("label_available_at") > cutoff).height)
@@ -84,9 +87,10 @@ def build_training(spec: DatasetSpec) -> list:
     ts_checks = ["splits_not_empty", "target_valid"]
 
     @dg.asset(
-        group_name="training", kinds={"polars", "lakefs"}, code_version="1",
+        key_prefix=[spec.name], group_name="training", kinds={"polars", "lakefs"}, code_version="1",
+        ins=n.ins("labelled_examples"),
         description="Time-ordered train / validation / test split of the labelled examples, frozen in lakeFS.",
-        check_specs=[dg.AssetCheckSpec(n, asset="training_set", blocking=True) for n in ts_checks],
+        check_specs=[dg.AssetCheckSpec(c, asset=n.key("training_set"), blocking=True) for c in ts_checks],
     )
     def training_set(context: dg.AssetExecutionContext, labelled_examples: pl.DataFrame):
         ts = modeling.time_split(labelled_examples, spec)
@@ -116,15 +120,17 @@ def build_training(spec: DatasetSpec) -> list:
                                   description="; ".join(other) or "targets finite, both classes in every split")
 
     @dg.asset(
-        group_name="training", kinds={"lightgbm", "mlflow"}, code_version="1",
+        key_prefix=[spec.name], group_name="training", kinds={"lightgbm", "mlflow"}, code_version="1",
+        ins=n.ins("training_set"),
         description="A LightGBM candidate trained on the training set, tracked and registered in MLflow.",
         pool="training",  # one training at a time, however it was launched (platform/dagster.yaml: pools)
     )
     def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
                         mlflow: MLflowResource, lakefs: LakeFSResource, audit: AuditResource) -> dg.Output:
+        mlflow = mlflow.scoped(spec)  # this data set's registered model and experiment
         if context.run.tags.get("retrain/trigger"):  # requested by a trigger: its audit entry, once
             record_retrain_trigger(context.run, mlflow.model_name, audit.trail())
-        found = latest_checked_materialization(context.instance, dg.AssetKey("training_set"), None, context.run_id)
+        found = latest_checked_materialization(context.instance, n.key("training_set"), None, context.run_id)
         ts_commit = found[0] if found else "unknown"
         result = train_and_register(spec, training_set, config, mlflow, lakefs, ts_commit, context.run_id,
                                     actor=f"dagster:{context.run.tags.get('retrain/trigger', 'run')}",
@@ -156,12 +162,13 @@ def labelled_window(spec: DatasetSpec, partitions: list[str], cutoff: dt.datetim
     return [p for p in partitions if window(spec, p)[0] <= cutoff]
 
 
-def checked_partitions(context, key: str) -> dict[str, tuple[str, str]]:
+def checked_partitions(context, key: str | dg.AssetKey) -> dict[str, tuple[str, str]]:
     """partition -> (commit, path) of the newest checked version (from this run or a successful run) of each
     materialized partition of `key`."""
+    key = key if isinstance(key, dg.AssetKey) else dg.AssetKey.from_user_string(key)
     out = {}
-    for p in sorted(context.instance.get_materialized_partitions(dg.AssetKey(key))):
-        found = latest_checked_materialization(context.instance, dg.AssetKey(key), p, context.run_id)
+    for p in sorted(context.instance.get_materialized_partitions(key)):
+        found = latest_checked_materialization(context.instance, key, p, context.run_id)
         if found:
             out[p] = (found[0], found[1])
     return out
@@ -292,6 +299,9 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
 
     from assets.features import manifest_hash
     from mlplatform.registry import RegistryError, store_name, _redact
+    from resources.io import asset_path
+
+    ts_path = asset_path(ns(spec).key("training_set"), None, "parquet")
 
     if config.shuffle_labels:
         rng = np.random.default_rng(config.seed)
@@ -318,9 +328,9 @@ def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig,
         dbt_hash = "unknown"
     tags = {"dagster_run_id": run_id, "code_version": git_commit(), "git_commit": git_commit(),
             "lakefs_commit": ts_commit, "lakefs_repository": lakefs.repository,
-            "training_set_uri": lakefs.uri(ts_commit, "assets/training_set/data.parquet"),
+            "training_set_uri": lakefs.uri(ts_commit, ts_path),
             # The same object through lakeFS's S3 gateway: a source MLflow can resolve.
-            "training_set_s3_uri": lakefs.s3_uri(ts_commit, "assets/training_set/data.parquet"),
+            "training_set_s3_uri": lakefs.s3_uri(ts_commit, ts_path),
             "dbt_manifest_hash": dbt_hash, "dataset": spec.name, "shuffled_labels": str(config.shuffle_labels),
             # Exactly what `mlp reproduce` needs to retrain bit for bit.
             "lgb_params": json.dumps(params, sort_keys=True), "num_boost_round": str(config.num_boost_round),

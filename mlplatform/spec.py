@@ -899,6 +899,37 @@ def dataset_spec() -> "DatasetSpec":
     return load_spec(os.environ.get("MLP_DATASET", "car_loan"))
 
 
+def bundled_specs() -> list[str]:
+    """Every spec file shipped under platform/datasets/, by name."""
+    return sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
+
+
+def live_dataset_names() -> list[str]:
+    """The spec names or paths of the live data sets (one code location serves them all):
+    MLP_DATASETS (comma-separated names under platform/datasets/ or paths to spec files), else MLP_DATASET
+    (exactly that one data set), else every *.yaml spec under platform/datasets/."""
+    many = os.environ.get("MLP_DATASETS", "").strip()
+    if many:
+        return [v.strip() for v in many.split(",") if v.strip()]
+    one = os.environ.get("MLP_DATASET", "").strip()
+    return [one] if one else bundled_specs()
+
+
+def dataset_specs(names: list[str] | None = None) -> list["DatasetSpec"]:
+    """The live data sets' specs (`live_dataset_names`, or `names`), in the order given. Two specs with the same
+    `name` are an error naming both files: a data set's name is its namespace (asset keys, jobs, MLflow model)."""
+    specs = [load_spec(v) for v in (names if names is not None else live_dataset_names())]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise SettingError(f"data sets {seen[spec.name]} and {spec.path} are both named {spec.name!r} "
+                               f"(setting 'name'): each data set needs its own name (MLP_DATASETS)")
+        seen[spec.name] = spec.path
+    if not specs:
+        raise SettingError(f"no data set is live: MLP_DATASETS names none and {DATASETS_DIR} holds no *.yaml spec")
+    return specs
+
+
 def state_dir() -> Path:
     """The one folder of local runtime state (lakeFS data, MLflow store, Dagster home, landing zone, DuckDB,
     audit trail, generated settings): MLP_STATE_DIR, default `.state/` in the repo (git-ignored; `make clean`)."""

@@ -1,5 +1,14 @@
 """The one Definitions of the platform: per-group lists merged, global policies applied here only.
 
+Many data sets, one code location (README "Many data sets"): every live spec (MLP_DATASETS, else MLP_DATASET, else
+every *.yaml under platform/datasets/) is its own namespaced slice of the graph, built by the same builders:
+asset keys `[<data set>, <asset>]`, groups `<data set>_<stage>`, the asset tag `mlp/dataset=<data set>`, and its
+own jobs, sensors and schedules named `<data set>__<name>` (resources/naming.py). Adding a model is adding a
+YAML file; removing one removes its slice and leaves the others as they were. One set of resources serves all
+of them (Dagster allows one resource per key in a Definitions); what differs per data set (MLflow model and
+experiment, landing folder, lakeFS paths, DuckDB files) is derived from the spec inside that data set's own
+assets and sensors. The publish sensors are the platform's (one set for every data set's runs).
+
 Loaded as a file (`-f platform/definitions.py -d .`), never imported as a package: a `platform`
 package would shadow the standard-library module of the same name.
 """
@@ -15,7 +24,8 @@ from assets.report import build_report
 from assets.serving import build_serving
 from assets.training import build_training
 from resources.environment import Settings, build_resources
-from mlplatform.spec import DatasetSpec, dataset_spec
+from resources.naming import DATASET_TAG, Namespace, dataset_of_key, local_name, ns
+from mlplatform.spec import DatasetSpec, SettingError, dataset_specs
 from sensors.alerts import build_alert_sensors
 from sensors.lifecycle import build_lifecycle
 from sensors.publish import build_publish_sensors
@@ -31,62 +41,87 @@ from sensors.publish import build_publish_sensors
 FOLLOWERS = ["realized_performance"]
 
 
-def follow_inputs() -> dg.AutomationCondition:
+def follow_inputs(n: Namespace) -> dg.AutomationCondition:
     # `since_last_handled`: an update is remembered until the asset is requested, so a dep that is
     # in progress at that tick (e.g. a label run rebuilding `features`) delays the run instead of losing it.
     return (
-        dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.keys("features", "reference_features")).since_last_handled()
+        dg.AutomationCondition.any_deps_updated().ignore(
+            dg.AssetSelection.assets(*n.keys("features", "reference_features"))).since_last_handled()
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
     ).with_label("follows its partition's inputs")
 
 
-def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
-    """Freshness SLAs from the spec and automation conditions, applied to the whole graph in one place."""
+def apply_policies(specs: list[DatasetSpec], defs: dg.Definitions) -> dg.Definitions:
+    """Per data set, applied to the whole graph in one place: freshness SLAs from its spec, automation
+    conditions, the group `<data set>_<stage>` and the tag `mlp/dataset=<data set>`."""
+    by_name = {s.name: s for s in specs}
+
     def policy(asset_spec: dg.AssetSpec) -> dg.AssetSpec:
-        name = asset_spec.key.to_user_string()
-        attrs = {}
+        spec = by_name[dataset_of_key(asset_spec.key)]
+        n, name = ns(spec), local_name(asset_spec.key)
+        attrs: dict = {"tags": {**asset_spec.tags, **n.tags}}
+        if asset_spec.group_name and not asset_spec.group_name.startswith(f"{spec.name}_"):
+            attrs["group_name"] = n.group(asset_spec.group_name)
         windows = spec.freshness.get(name)
         if windows:
             attrs["freshness_policy"] = dg.FreshnessPolicy.time_window(fail_window=windows.fail,
                                                                        warn_window=windows.warn)
         if name in FOLLOWERS:
-            attrs["automation_condition"] = follow_inputs()
-        return asset_spec.replace_attributes(**attrs) if attrs else asset_spec
+            attrs["automation_condition"] = follow_inputs(n)
+        return asset_spec.replace_attributes(**attrs)
 
-    known = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
-    unknown = sorted(set(spec.freshness) - known)
-    if unknown:
-        from mlplatform.spec import SettingError
-
-        raise SettingError(f"{spec.path}: setting 'freshness' names {unknown}, which are not assets of the graph; "
-                           f"assets: {sorted(known)}")
+    keys = list(defs.resolve_all_asset_keys())
+    strays = sorted(k.to_user_string() for k in keys if dataset_of_key(k) not in by_name)
+    if strays:
+        raise SettingError(f"assets {strays} belong to no live data set ({sorted(by_name)}): every asset key is "
+                           f"[<data set>, <asset>]")
+    for spec in specs:
+        known = {local_name(k) for k in keys if dataset_of_key(k) == spec.name}
+        unknown = sorted(set(spec.freshness) - known)
+        if unknown:
+            raise SettingError(f"{spec.path}: setting 'freshness' names {unknown}, which are not assets of the "
+                               f"graph; assets: {sorted(known)}")
     return defs.map_asset_specs(func=policy)
 
 
-def build_definitions() -> dg.Definitions:
-    spec = dataset_spec()
+def build_dataset(spec: DatasetSpec, catch_all: bool = False) -> dict:
+    """One data set's slice: its assets, jobs, sensors and schedules (everything it automates is its own)."""
+    n = ns(spec)
     lifecycle = build_lifecycle(spec)
+    assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
+              *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)]
+    sensors = [*lifecycle["sensors"], *build_alert_sensors(spec, catch_all=catch_all),
+               # Evaluates the automation conditions above; on by default so the lifecycle runs by itself. It
+               # targets this data set's assets only: one data set's updates never request another's runs.
+               dg.AutomationConditionSensorDefinition(
+                   # model_health_report carries its own condition (assets/report.py: after_monitoring)
+                   n.sensor("follow_inputs"),
+                   target=dg.AssetSelection.assets(*n.keys(*FOLLOWERS, "model_health_report")),
+                   minimum_interval_seconds=20, default_status=dg.DefaultSensorStatus.RUNNING)]
+    return {"assets": assets, "jobs": lifecycle["jobs"], "sensors": sensors, "schedules": lifecycle["schedules"]}
+
+
+def build_definitions(specs: list[DatasetSpec] | None = None) -> dg.Definitions:
+    specs = dataset_specs() if specs is None else specs
+    # The first live data set's failure sensor also alerts on failed runs that belong to no data set.
+    slices = [build_dataset(spec, catch_all=i == 0) for i, spec in enumerate(specs)]
+    jobs = [j for s in slices for j in s["jobs"]]
     defs = dg.Definitions(
-        assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
-                *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)],
-        jobs=lifecycle["jobs"],
-        sensors=[*build_publish_sensors(lifecycle["jobs"]), *lifecycle["sensors"], *build_alert_sensors(spec),
-                 # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
-                 dg.AutomationConditionSensorDefinition(
-                     # model_health_report carries its own condition (assets/report.py: after_monitoring)
-                     "follow_inputs", target=dg.AssetSelection.keys(*FOLLOWERS, "model_health_report"),
-                     minimum_interval_seconds=20,
-                     default_status=dg.DefaultSensorStatus.RUNNING)],
-        schedules=lifecycle["schedules"],
+        assets=[a for s in slices for a in s["assets"]],
+        jobs=jobs,
+        sensors=[*build_publish_sensors(jobs), *(x for s in slices for x in s["sensors"])],
+        schedules=[x for s in slices for x in s["schedules"]],
         # Secrets and endpoints as dg.EnvVars: resolved when a run starts, never read into the definitions.
         resources=build_resources(Settings.from_env(), deferred=True),
         # In-process: steps of a run commit to one lakeFS branch one after another, so each commit
         # holds exactly its own asset (lakeFS commits everything staged on a branch).
         executor=dg.in_process_executor,
     )
-    return apply_policies(spec, defs)
+    return apply_policies(specs, defs)
 
+
+__all__ = ["DATASET_TAG", "FOLLOWERS", "apply_policies", "build_dataset", "build_definitions", "follow_inputs"]
 
 defs = build_definitions()

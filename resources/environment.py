@@ -189,8 +189,9 @@ def default_audit_trail():
 
 
 def landing_resource(settings: Settings, lakefs: LakeFSResource) -> LandingZoneResource:
-    """The folder <state dir>/landing/<data set>, or the object-store prefix MLP_LANDING_URL mirrored into it."""
-    root = str(settings.state_dir / "landing" / settings.dataset)
+    """The folder <state dir>/landing, each data set landing in its own <state dir>/landing/<data set>
+    (`zone(spec)`), or the object-store prefix MLP_LANDING_URL (`<prefix>/<data set>`) mirrored into it."""
+    root = str(settings.state_dir / "landing")
     if settings.landing_url:
         return ObjectStoreLandingZoneResource(root=root, settle_seconds=settings.landing_settle_seconds,
                                               url=settings.landing_url, lakefs=lakefs)

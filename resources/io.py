@@ -61,10 +61,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def asset_prefix(key: dg.AssetKey) -> str:
+    """Where an asset's objects live in the one lakeFS repository: `assets/<key path>/`. Keys are
+    `[<data set>, <asset>]`, so each data set's objects are under `assets/<data set>/` (README "Many data sets")."""
+    return f"assets/{'/'.join(key.path)}/"
+
+
 def asset_path(key: dg.AssetKey, partition: str | None, suffix: str) -> str:
-    base = "/".join(key.path)
     part = f"partition={partition}/" if partition else ""
-    return f"assets/{base}/{part}data.{suffix}"
+    return f"{asset_prefix(key)}{part}data.{suffix}"
 
 
 def serialize(obj: Any) -> tuple[bytes, str, str]:

@@ -10,7 +10,8 @@ from mlplatform.batches import SETTLE_SECONDS, Landing
 
 
 class LandingZoneResource(dg.ConfigurableResource):
-    """Where production batches and delayed labels arrive before ingestion.
+    """Where production batches and delayed labels arrive before ingestion: `root` holds one folder per data set
+    (`zone(spec)`: `<root>/<data set>`).
 
     A file is read only once complete: a `<file>.done` or `_SUCCESS` marker, or an mtime (hence size)
     unchanged for `settle_seconds` (see mlplatform/batches.py). The arrival sensor retries a failed
@@ -26,5 +27,10 @@ class LandingZoneResource(dg.ConfigurableResource):
     retry_backoff_seconds: float = Field(default=60.0, ge=0,
                                          description="Wait after the first failed run; doubles per failure.")
 
-    def zone(self) -> Landing:
-        return Landing(Path(self.root), settle_seconds=self.settle_seconds)
+    def folder(self, spec=None) -> Path:
+        """The landing folder of a data set: `<root>/<data set>` (each data set lands in its own folder); without
+        a spec, `root` itself (a zone given as one data set's folder, e.g. by a test)."""
+        return Path(self.root) / spec.name if spec is not None else Path(self.root)
+
+    def zone(self, spec=None) -> Landing:
+        return Landing(self.folder(spec), settle_seconds=self.settle_seconds)

@@ -21,11 +21,15 @@ class ObjectStoreLandingZoneResource(LandingZoneResource):
     url: str = Field(description="lakefs://<repository>/<branch>/<prefix> (setting MLP_LANDING_URL)")
     lakefs: LakeFSResource
 
-    def zone(self) -> ObjectStoreLanding:
+    def zone(self, spec=None) -> ObjectStoreLanding:
+        """A data set's zone: objects under `<prefix>/<data set>`, mirrored into `<root>/<data set>` (without a
+        spec: `<prefix>` into `root`)."""
         repository, branch, prefix = parse_landing_url(self.url)
+        if spec is not None:
+            prefix = f"{prefix}{spec.name}/"  # parse_landing_url's prefix ends in '/' or is empty
         self._ensure_repository(repository, branch)
         store = LakeFSPrefixStore(self.lakefs.client, repository, branch)
-        return ObjectStoreLanding(Path(self.root), settle_seconds=self.settle_seconds, store=store, prefix=prefix)
+        return ObjectStoreLanding(self.folder(spec), settle_seconds=self.settle_seconds, store=store, prefix=prefix)
 
     def _ensure_repository(self, repository: str, branch: str) -> None:
         """The landing repository, created on first use next to the data repository's storage namespace."""

@@ -1,5 +1,8 @@
 """MLflow tracking and registry as a Dagster resource: a local SQLite store by default, MLFLOW_TRACKING_URI
-overrides it. The behaviour (retries, redaction, fail-closed alias reads) is the library's `Tracking`."""
+overrides it. The behaviour (retries, redaction, fail-closed alias reads) is the library's `Tracking`.
+
+One store serves every data set: `scoped(spec)` gives a data set's experiment (`<data set>`) and registered model
+(`<data set>-model`); every asset, op and sensor of a data set uses its scoped resource."""
 
 from __future__ import annotations
 
@@ -25,6 +28,17 @@ class MLflowResource(dg.ConfigurableResource):
     timeout_seconds: float = 5.0
 
     _tracking: Tracking | None = PrivateAttr(default=None)
+
+    def scoped(self, spec) -> "MLflowResource":
+        """The same store for one data set (a spec or its name): experiment `<data set>`, registered model
+        `<data set>-model`. One MLflow resource serves every data set; each asset and sensor of a data set
+        scopes it to its own model, so no two data sets ever share a model or an experiment."""
+        name = spec if isinstance(spec, str) else spec.name
+        if (self.experiment, self.model_name) == (name, f"{name}-model"):
+            return self
+        return MLflowResource(tracking_uri=self.tracking_uri, artifact_root=self.artifact_root, experiment=name,
+                              model_name=f"{name}-model", ui_url=self.ui_url, retries=self.retries,
+                              timeout_seconds=self.timeout_seconds)
 
     def tracking(self) -> Tracking:
         if self._tracking is None:

@@ -1,6 +1,10 @@
 """Alert sensors: they read (a failed run, Dagster's event log, freshness states, the audit trail) and hand
 alerts to the outbox (mlplatform.alerts), which de-duplicates, rate-limits and delivers them to the webhooks.
-A webhook that fails is retried on later ticks; nothing here fails a platform run."""
+A webhook that fails is retried on later ticks; nothing here fails a platform run.
+
+Per data set (`<data set>__alert_on_run_failure`, `<data set>__alert_on_platform_events`): each alerts its own
+spec's webhooks about its own runs, assets and model. A failed run that belongs to no data set (another code
+location's, or an ad-hoc run of no asset) is alerted by the first live data set's sensor (`catch_all`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import dagster as dg
 
 from resources.lakefs import LakeFSResource, run_branch
 from resources.mlflow import MLflowResource
+from resources.naming import dataset_of_run, local_name, ns
 from resources.publish import MODEL_VERSION_TAG, PUBLISHED_TAG
 from mlplatform.alerts import Alert, AlertSettings, Outbox
 from mlplatform.spec import DatasetSpec
@@ -62,20 +67,26 @@ def run_commit_url(lakefs: LakeFSResource, run: dg.DagsterRun | None, run_id: st
     return _safe(head)
 
 
-def build_alert_sensors(spec: DatasetSpec) -> list:
+def build_alert_sensors(spec: DatasetSpec, catch_all: bool = True) -> list:
+    n = ns(spec)
+
     def settings() -> AlertSettings:
         return AlertSettings.from_spec(spec)
 
     # Every run of the instance: also runs launched from the CLI (`dagster asset materialize`, `make demo`) or
     # from another code location, which a run status sensor would otherwise not see.
-    @dg.run_failure_sensor(name="alert_on_run_failure", minimum_interval_seconds=5, monitor_all_code_locations=True,
+    @dg.run_failure_sensor(name=n.sensor("alert_on_run_failure"), minimum_interval_seconds=5, monitor_all_code_locations=True,
                            default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Alerts the webhooks (alerts: in the spec, MLP_ALERT_WEBHOOKS) that a run "
                                        "failed, and which of its blocking checks failed, with links to the run, its "
                                        "lakeFS commit and its model version.")
     def alert_on_run_failure(context: dg.RunFailureSensorContext, lakefs: LakeFSResource, mlflow: MLflowResource):
-        s = settings()
         run = context.dagster_run
+        owner = dataset_of_run(run)
+        if owner != spec.name and not (owner is None and catch_all):
+            return  # another data set's run: its own sensor alerts its own webhooks
+        mlflow = mlflow.scoped(spec)
+        s = settings()
         version = run.tags.get(MODEL_VERSION_TAG)
         steps = sorted({e.step_key for e in _safe(lambda: context.get_step_failure_events(), []) if e.step_key})
         commit = run_commit_url(lakefs, run, run.run_id)
@@ -93,13 +104,14 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
         checks = [failed_check_alert(s, ev, run, commit) for ev in failed_blocking_checks(context.instance, run.run_id)]
         context.log.info(_deliver(context, Outbox(s), [alert, *checks]))
 
-    @dg.sensor(name="alert_on_platform_events", minimum_interval_seconds=30,
+    @dg.sensor(name=n.sensor("alert_on_platform_events"), minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Alerts the webhooks on freshness FAIL, drift and estimated-performance alerts, "
                            "retrain requests, promotions and rollbacks; retries failed deliveries.")
     def alert_on_platform_events(context: dg.SensorEvaluationContext, lakefs: LakeFSResource,
                                  mlflow: MLflowResource):
         s = settings()
+        mlflow = mlflow.scoped(spec)
         cur = json.loads(context.cursor) if context.cursor else {}
         alerts = [*_monitor_alerts(context.instance, s, mlflow, cur), *_freshness(context.instance, s, cur),
                   *_audit(s, lakefs, mlflow, cur)]
@@ -122,7 +134,7 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
         out = []
         for asset, kind in MONITORS.items():
             recs = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=cur.get(asset, 0)),
+                dg.AssetRecordsFilter(asset_key=n.key(asset), after_storage_id=cur.get(asset, 0)),
                 limit=200, ascending=True).records
             for rec in recs:
                 cur[asset] = max(cur.get(asset, 0), rec.storage_id)
@@ -130,18 +142,18 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
                 part = rec.partition_key or ""
                 link = _value(meta, "lakefs_link")
                 if kind == "drift":
-                    n, mv = int(_value(meta, "n_alerts", 0) or 0), bool(_value(meta, "multivariate_alert", False))
-                    if not n and not mv:
+                    count, mv = int(_value(meta, "n_alerts", 0) or 0), bool(_value(meta, "multivariate_alert", False))
+                    if not count and not mv:
                         continue
                     feats = (_value(meta, "summary", {}) or {}).get("alerting_features", [])
                     alert = Alert(
                         kind="drift", key=f"drift:{part}:{rec.run_id}", severity="warning", dataset=spec.name,
                         title=f"Drift in batch {part}",
-                        text=f"{n} drift alert(s) on {len(feats)} feature(s) {', '.join(map(str, feats[:10]))}"
+                        text=f"{count} drift alert(s) on {len(feats)} feature(s) {', '.join(map(str, feats[:10]))}"
                              + ("; multivariate reconstruction error alerts" if mv else ""),
-                        dagster_run_url=s.run_url(rec.run_id) if rec.run_id else s.asset_url(asset),
+                        dagster_run_url=s.run_url(rec.run_id) if rec.run_id else s.asset_url(n.key_str(asset)),
                         lakefs_commit_url=link,
-                        fields={"partition": part, "drift_alerts": n, "multivariate_alert": mv})
+                        fields={"partition": part, "drift_alerts": count, "multivariate_alert": mv})
                 else:
                     if not _value(meta, "alert", False):
                         continue
@@ -153,7 +165,7 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
                         title=f"Estimated {metric} alert in batch {part}",
                         text=f"estimated {metric} {est:.4f} of champion v{version} is outside NannyML's thresholds "
                              f"(champion test score {_value(meta, 'champion_test_score', float('nan')):.4f})",
-                        dagster_run_url=s.run_url(rec.run_id) if rec.run_id else s.asset_url(asset),
+                        dagster_run_url=s.run_url(rec.run_id) if rec.run_id else s.asset_url(n.key_str(asset)),
                         lakefs_commit_url=link, mlflow_url=mlflow.model_version_url(version) if version else None,
                         fields={"partition": part, f"estimated_{metric}": round(float(est), 4),
                                 "champion_version": version})
@@ -165,14 +177,14 @@ def build_alert_sensors(spec: DatasetSpec) -> list:
 
         if not spec.freshness:
             return []
-        states = instance.get_freshness_state_records([dg.AssetKey(a) for a in spec.freshness])
+        states = instance.get_freshness_state_records(n.keys(*spec.freshness))
         seen = cur.setdefault("freshness", {})
         out = []
         for key, rec in states.items():
             asset = key.to_user_string()
             state = rec.freshness_state.value
             if rec.freshness_state == FreshnessState.FAIL and seen.get(asset) != state:
-                windows = spec.freshness[asset]
+                windows = spec.freshness[local_name(key)]
                 last = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1).records
                 run_id = last[0].run_id if last else None
                 out.append(Alert(

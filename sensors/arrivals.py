@@ -40,8 +40,10 @@ import dagster as dg
 from mlplatform.batches import KINDS, LandedFile, Landing
 from resources.partitions import partitions_def
 from resources.landing import LandingZoneResource
+from resources.naming import Namespace, ns, partitioned_job_config
 from mlplatform.spec import DatasetSpec
 
+# Bare asset and job names: each data set's are `ns(spec).key(name)` / `ns(spec).job(name)` (resources/naming.py).
 # A batch's dbt models are built from that partition alone: records bring its staging and features, labels its
 # staged labels (features do not depend on labels). The data-quality report needs nothing but the raw records, so
 # it is made in the same run (one run less per batch).
@@ -87,10 +89,11 @@ class Attempts:
 
 
 def run_history(instance: dg.DagsterInstance, job: str, partition: str, stamp: str, entries: set[str],
-                generation: str | None = None, held_asset: str | None = None) -> Attempts:
+                generation: str | None = None, held_asset: dg.AssetKey | None = None) -> Attempts:
     """Group the job's runs for the partition by root run (a run and its Dagster retries are one attempt).
+    `job` is the data set's job name (`car_loan__ingest_batch`): another data set's runs are never counted.
 
-    `held_asset` (labels: "raw_labels"): a successful run whose materialization of it lists one of the
+    `held_asset` (labels: the data set's raw_labels): a successful run whose materialization of it lists one of the
     current files in `files_held` did not ingest them; it counts as an attempt in `held`."""
     names = {e.split("|", 1)[0] for e in entries}
     held_by_run: dict[str, set[str]] | None = None
@@ -134,10 +137,10 @@ def _files_of(run: dg.DagsterRun) -> set[str]:
     return set(value) if isinstance(value, list) else set()
 
 
-def files_held(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, set[str]]:
+def files_held(instance: dg.DagsterInstance, asset: dg.AssetKey, partition: str) -> dict[str, set[str]]:
     """Run id -> the landing files its materialization of `asset` held (metadata `files_held`)."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=RUN_HISTORY_LIMIT
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[partition]), limit=RUN_HISTORY_LIMIT
     ).records
     out: dict[str, set[str]] = {}
     for rec in records:
@@ -149,7 +152,7 @@ def files_held(instance: dg.DagsterInstance, asset: str, partition: str) -> dict
 
 
 def records_waiting(plan: "Plan", instance: dg.DagsterInstance, partition: str,
-                    records: list[LandedFile] | None) -> str | None:
+                    records: list[LandedFile] | None, dataset: Namespace | str) -> str | None:
     """Why the records of a partition are not settled (so its labels must wait), or None if they are.
 
     Not settled: a records file still being written, complete files not yet ingested by a successful run,
@@ -159,28 +162,30 @@ def records_waiting(plan: "Plan", instance: dg.DagsterInstance, partition: str,
     writing = [f for f in records if not f.complete]
     if writing:
         return f"records/{partition}: {', '.join(f.name for f in writing)} still being written"
+    n = ns(dataset)
     stamp = stamp_of(records) if records else ""
-    history = run_history(instance, JOBS["records"], partition, stamp, {f.entry for f in records})
+    job = n.job(JOBS["records"])
+    history = run_history(instance, job, partition, stamp, {f.entry for f in records})
     if history.in_progress:
-        return (f"{JOBS['records']} for {partition} is queued or running "
+        return (f"{job} for {partition} is queued or running "
                 f"({', '.join(history.in_progress[:3])})")
     if not records or plan.done.get(f"records/{partition}") == stamp or history.ingested_by \
-            or materialized_from(instance, "records", partition, records):
+            or materialized_from(instance, "records", partition, records, n):
         return None
     return (f"records/{partition}: {', '.join(f.name for f in records)} not yet ingested by a successful "
-            f"{JOBS['records']} run")
+            f"{job} run")
 
 
-def records_published(instance: dg.DagsterInstance, partition: str) -> str | None:
+def records_published(instance: dg.DagsterInstance, partition: str, dataset: Namespace | str) -> str | None:
     """Run id of the newest raw_records materialization of the partition from a successful run, if any."""
     from resources.io import latest_checked_materialization
 
-    found = latest_checked_materialization(instance, dg.AssetKey("raw_records"), partition)
+    found = latest_checked_materialization(instance, ns(dataset).key("raw_records"), partition)
     return found[2] if found else None
 
 
 def materialized_from(instance: dg.DagsterInstance, kind: str, partition: str,
-                      files: list[LandedFile]) -> str | None:
+                      files: list[LandedFile], dataset: Namespace | str) -> str | None:
     """Run id of the latest checked raw_<kind> materialization of the partition if it read every current
     file as it is now (for runs not made by this sensor: `mlp`/`make demo` materializations, the UI).
 
@@ -188,7 +193,7 @@ def materialized_from(instance: dg.DagsterInstance, kind: str, partition: str,
     prove it when every current file was last modified before that run started."""
     from resources.io import latest_checked_materialization
 
-    key = dg.AssetKey(f"raw_{kind}")
+    key = ns(dataset).key(f"raw_{kind}")
     found = latest_checked_materialization(instance, key, partition)
     if found is None:
         return None
@@ -232,8 +237,11 @@ class Plan:
 
 
 def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: list[str], cursor: str | None,
-                  max_attempts: int = 5, backoff_seconds: float = 60.0, now: float | None = None) -> Plan:
-    """The run requests for the landing zone as it is now, given the run history. No side effects."""
+                  max_attempts: int = 5, backoff_seconds: float = 60.0, now: float | None = None, *,
+                  dataset: Namespace | str) -> Plan:
+    """The run requests for one data set's landing zone as it is now, given the run history of that data set's
+    jobs. No side effects."""
+    n = ns(dataset)
     now = time.time() if now is None else now
     try:
         done = dict(json.loads(cursor).get("done", {})) if cursor else {}
@@ -256,14 +264,14 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
         plan.warnings += [f"skipped {s}" for s in scan.strays]
         for partition, files in scan.partitions.items():
             try:
-                _plan_partition(plan, instance, kind, partition, files, max_attempts, backoff_seconds, now,
+                _plan_partition(plan, instance, n, kind, partition, files, max_attempts, backoff_seconds, now,
                                 None if records is None else records.get(partition, []))
             except Exception as exc:  # noqa: BLE001 - one partition never blocks the others
                 plan.warnings.append(f"{kind}/{partition}: skipped this tick ({type(exc).__name__}: {exc})")
     return plan
 
 
-def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partition: str,
+def _plan_partition(plan: Plan, instance: dg.DagsterInstance, n: Namespace, kind: str, partition: str,
                     files: list[LandedFile], max_attempts: int, backoff_seconds: float, now: float,
                     records: list[LandedFile] | None = None) -> None:
     key = f"{kind}/{partition}"
@@ -278,13 +286,13 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
     stamp = stamp_of(files)
     if plan.done.get(key) == stamp:
         return
-    job = JOBS[kind]
+    job = n.job(JOBS[kind])
     entries = {f.entry for f in files}
     # Labels: which records publication they follow; failed attempts count per publication, so new
     # records (which may hold the ids the labels were missing) give the same labels a fresh set of attempts.
-    generation = records_published(instance, partition) if kind == "labels" else None
+    generation = records_published(instance, partition, n) if kind == "labels" else None
     history = run_history(instance, job, partition, stamp, entries, generation,
-                          "raw_labels" if kind == "labels" else None)
+                          n.key("raw_labels") if kind == "labels" else None)
     if history.ingested_by:
         plan.done[key] = stamp
         return
@@ -292,11 +300,11 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
         plan.waiting.append(f"{key}: a run of {job} for this partition is queued or running "
                             f"({', '.join(history.in_progress[:3])}); waiting for it")
         return
-    if materialized_from(instance, kind, partition, files):
+    if materialized_from(instance, kind, partition, files, n):
         plan.done[key] = stamp  # ingested by a run this sensor did not make
         return
     if kind == "labels":
-        why = records_waiting(plan, instance, partition, records)
+        why = records_waiting(plan, instance, partition, records, n)
         if why:
             plan.waiting.append(f"{key}: labels held until the records of {partition} settle ({why}); a label "
                                 f"for an id in a records file still arriving would otherwise be rejected")
@@ -306,58 +314,64 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, kind: str, partiti
                             f"(no successful run has materialized it yet)")
         return
     attempts = history.attempts  # failed runs, and labels runs that held the files
-    n = len(attempts)
-    if n >= max_attempts:
-        what = f"{n} failed {job} run(s)" if not history.held else \
-            f"{n} {job} run(s) that failed ({len(history.failed)}) or held the files ({len(history.held)})"
+    tries = len(attempts)
+    if tries >= max_attempts:
+        what = f"{tries} failed {job} run(s)" if not history.held else \
+            f"{tries} {job} run(s) that failed ({len(history.failed)}) or held the files ({len(history.held)})"
         plan.warnings.append(
             f"{key}: gave up after {what} on the same files "
             f"({', '.join(r for r, _ in attempts[:3])}); fix or re-deliver the files (a changed file "
             f"is a new delivery) or launch {job} for {partition} by hand")
         return
-    if n:
+    if tries:
         last_end = max(t for _, t in attempts)
-        wait = min(backoff_seconds * 2 ** (n - 1), MAX_BACKOFF_SECONDS)
+        wait = min(backoff_seconds * 2 ** (tries - 1), MAX_BACKOFF_SECONDS)
         if now < last_end + wait:
-            plan.waiting.append(f"{key}: {n} failed attempt(s); retry {n + 1} of {max_attempts} in "
+            plan.waiting.append(f"{key}: {tries} failed attempt(s); retry {tries + 1} of {max_attempts} in "
                                 f"{last_end + wait - now:.0f}s (backoff)")
             return
     names = sorted(f.entry for f in files)
     listing = json.dumps(names, separators=(",", ":"))
-    tags = {KIND_TAG: kind, STAMP_TAG: stamp, ATTEMPT_TAG: str(n)}
+    tags = {**n.partition_tags(partition), KIND_TAG: kind, STAMP_TAG: stamp, ATTEMPT_TAG: str(tries)}
     if len(listing) <= MAX_FILES_TAG_CHARS:
         tags[FILES_TAG] = listing
-    run_key = f"{key}/{stamp}/attempt-{n}"
+    run_key = f"{key}/{stamp}/attempt-{tries}"
     if generation is not None:
         tags[RECORDS_RUN_TAG] = generation
-        run_key = f"{key}/{stamp}/records-{generation[:8]}/attempt-{n}"
+        run_key = f"{key}/{stamp}/records-{generation[:8]}/attempt-{tries}"
     plan.requests.append(dg.RunRequest(run_key=run_key, partition_key=partition, job_name=job, tags=tags))
 
 
 def build_arrivals(spec: DatasetSpec) -> dict:
     parts = partitions_def(spec)
     partition_keys = list(parts.get_partition_keys())
-    ingest_job = dg.define_asset_job(JOBS["records"], selection=INGEST_ASSETS, partitions_def=parts,
-                                     description="A landed batch: raw records of the partition, then the dbt models.")
-    labels_job = dg.define_asset_job(JOBS["labels"], selection=LABEL_ASSETS, partitions_def=parts,
-                                     description="Delayed labels of a partition, then the dbt models.")
+    n = ns(spec)
+
+    def job(name: str, assets: list[str], description: str) -> dg.UnresolvedAssetJobDefinition:
+        """A partitioned job of this data set: its runs tagged with the data set and `mlp/partition`."""
+        return dg.define_asset_job(n.job(name), selection=n.keys(*assets), partitions_def=parts,
+                                   config=partitioned_job_config(n, parts), tags=n.tags, description=description)
+
+    ingest_job = job(JOBS["records"], INGEST_ASSETS,
+                     f"A landed batch of {spec.name}: raw records of the partition, then the dbt models.")
+    labels_job = job(JOBS["labels"], LABEL_ASSETS, f"Delayed labels of a {spec.name} partition, then the dbt models.")
     # The full rebuild, on demand: a backfill of this job over all partitions (e.g. after a feature definition
     # changed, which marks the partitions stale) rebuilds every batch's models from its raw files.
-    score_job = dg.define_asset_job(JOBS["score"], selection=[*SCORE_ASSETS, QUALITY_ASSET], partitions_def=parts,
-                                    description="A published batch: champion scores (challenger in shadow), drift "
-                                                "report and label-free performance estimate of the partition.")
-    rebuild_job = dg.define_asset_job("rebuild_features", selection=FEATURE_ASSETS, partitions_def=parts,
-                                      description="Rebuild one batch's dbt models (staging, features) from its raw "
-                                                  "partition; backfill all partitions for a full rebuild.")
+    score_job = job(JOBS["score"], [*SCORE_ASSETS, QUALITY_ASSET],
+                    f"A published batch of {spec.name}: champion scores (challenger in shadow), drift report and "
+                    f"label-free performance estimate of the partition.")
+    rebuild_job = job("rebuild_features", FEATURE_ASSETS,
+                      f"Rebuild one {spec.name} batch's dbt models (staging, features) from its raw partition; "
+                      f"backfill all partitions for a full rebuild.")
 
-    @dg.sensor(jobs=[ingest_job, labels_job], minimum_interval_seconds=5,
+    @dg.sensor(name=n.sensor("landing_arrivals"), jobs=[ingest_job, labels_job], minimum_interval_seconds=5,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Complete files in the landing zone -> ingest their partition (records, then labels); "
                            "failed ingestions are retried with backoff.")
     def landing_arrivals(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
-        plan = plan_arrivals(context.instance, landing.zone(), partition_keys, context.cursor,
+        plan = plan_arrivals(context.instance, landing.zone(spec), partition_keys, context.cursor,
                              max_attempts=landing.max_ingest_attempts,
-                             backoff_seconds=landing.retry_backoff_seconds)
+                             backoff_seconds=landing.retry_backoff_seconds, dataset=n)
         for message in plan.warnings:
             context.log.warning(message)
         for message in plan.waiting:  # also the skip reason when nothing is requested

@@ -1,6 +1,11 @@
 """Lifecycle automation: arrivals, retraining triggers (schedule, volume, drift, estimated performance)
 and automated rollback. Sensors only read (Dagster's event log, the registry's aliases) and request runs
-with deterministic run keys; every write (audit entries, alias moves) happens in those runs."""
+with deterministic run keys; every write (audit entries, alias moves) happens in those runs.
+
+Per data set: `build_lifecycle(spec)` makes that data set's jobs, sensors and schedule (`<data set>__retrain`,
+`<data set>__retrain_on_evidence`, ...); its sensors read only its own assets (`[<data set>, ...]` keys) and its
+own registered model (`<data set>-model`), and request only its own jobs, so one data set's batch never
+triggers another's runs."""
 
 import datetime as dt
 import json
@@ -13,6 +18,7 @@ import dagster as dg
 from sensors.arrivals import build_arrivals
 from resources.audit import AuditResource
 from resources.mlflow import MLflowResource
+from resources.naming import Namespace, ns
 from mlplatform.spec import DatasetSpec
 
 # The history's dbt models (unpartitioned) are rebuilt with each training; the batches' features are built per
@@ -29,11 +35,12 @@ class Trigger:
     event_id: int = 0    # storage id of the evidence: each event fires once
 
 
-def latest_materializations(instance: dg.DagsterInstance, key: str, limit: int = 1):
-    return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=limit).records
+def latest_materializations(instance: dg.DagsterInstance, key: str | dg.AssetKey, limit: int = 1):
+    key = key if isinstance(key, dg.AssetKey) else dg.AssetKey.from_user_string(key)
+    return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=limit).records
 
 
-def _checked(instance: dg.DagsterInstance, key: str, limit: int = 1):
+def _checked(instance: dg.DagsterInstance, key: str | dg.AssetKey, limit: int = 1):
     """The newest materializations of `key` that count as evidence: from SUCCESS runs (a failed run's
     output never passed its checks) or reported from outside a run. Newest first."""
     records = latest_materializations(instance, key, limit=limit)
@@ -53,19 +60,20 @@ def meta_value(meta: dict, key: str, default=None):
 def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dict) -> list[Trigger]:
     """Which retraining triggers have new evidence since `seen` (storage ids per trigger)."""
     auto = spec.automation
+    n = ns(spec)
     fired: list[Trigger] = []
     # Since the last model a successful run produced: a failed retrain must not hide the evidence.
-    last_model = _checked(instance, "candidate_model", limit=20)
+    last_model = _checked(instance, n.key("candidate_model"), limit=20)
     trained_at = last_model[0].timestamp if last_model else 0.0
 
     vol = auto.volume
     if vol.enabled:
         per_partition = {}  # partition -> its latest checked materialization: each partition's rows count once
-        for r in _checked(instance, "raw_labels", limit=500):
+        for r in _checked(instance, n.key("raw_labels"), limit=500):
             per_partition.setdefault(r.partition_key, r)
         new = [r for r in per_partition.values() if r.timestamp > trained_at]
         rows = sum(int(meta_value(r.asset_materialization.metadata, "rows", 0)) for r in new)
-        ts = _checked(instance, "training_set", limit=5)
+        ts = _checked(instance, n.key("training_set"), limit=5)
         base = int(meta_value(ts[0].asset_materialization.metadata, "rows_train", 0)) if ts else 0
         frac = rows / base if base else float("inf")
         top = max((r.storage_id for r in new), default=0)
@@ -79,7 +87,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     drift = auto.drift
     if drift.enabled:
-        rec = _checked(instance, "drift_report", limit=10)[:1]
+        rec = _checked(instance, n.key("drift_report"), limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
             summary = meta_value(rec[0].asset_materialization.metadata, "summary", {}) or {}
             method = drift.method
@@ -95,7 +103,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     perf = auto.performance
     if perf.enabled:
-        rec = _checked(instance, "performance_estimate", limit=10)[:1]
+        rec = _checked(instance, n.key("performance_estimate"), limit=10)[:1]
         if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
             meta = rec[0].asset_materialization.metadata
             metric = spec.estimated_metric
@@ -130,10 +138,9 @@ class RollbackConfig(dg.Config):
     requested_by: str = "sensor:rollback_on_regression"
 
 
-@dg.op(description="Move `champion` back to `previous` (audit intent, alias moves, outcome), if the evidence's "
-                   "champion is still the champion.")
-def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource,
-                       audit: AuditResource) -> None:
+def roll_back(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource,
+              audit: AuditResource) -> None:
+    """Move `champion` back to `previous` of `mlflow`'s model (scoped to the data set by the caller)."""
     from mlplatform import registry
 
     current = registry.aliases(mlflow)
@@ -149,9 +156,24 @@ def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, m
     context.log.info(f"rolled back champion v{frm} -> v{to}")
 
 
-@dg.job(description="Roll the champion back to the previous version (requested by rollback_on_regression or by hand).")
-def rollback_champion():
-    roll_back_champion()
+def rollback_job(spec: DatasetSpec) -> dg.JobDefinition:
+    """`<data set>__rollback_champion`: its one op, `<data set>__roll_back_champion`, acts on the data set's model."""
+    n = ns(spec)
+
+    @dg.op(name=n.job("roll_back_champion"),
+           description=f"Move `champion` of {spec.name}-model back to `previous` (audit intent, alias moves, "
+                       f"outcome), if the evidence's champion is still the champion.")
+    def roll_back_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowResource,
+                           audit: AuditResource) -> None:
+        roll_back(context, config, mlflow.scoped(spec), audit)
+
+    @dg.job(name=n.job("rollback_champion"), tags=n.tags,
+            description=f"Roll the champion of {spec.name}-model back to the previous version (requested by "
+                        f"rollback_on_regression or by hand).")
+    def rollback_champion():
+        roll_back_champion()
+
+    return rollback_champion
 
 
 class ExperimentApprovalConfig(dg.Config):
@@ -162,10 +184,9 @@ class ExperimentApprovalConfig(dg.Config):
     evidence_storage_id: int = 0
 
 
-@dg.op(description="Approve the version awaiting approval on the evidence of the online experiment (audit intent, "
-                   "alias moves, outcome), if it is still the one awaiting approval.")
-def approve_on_experiment(context: dg.OpExecutionContext, config: ExperimentApprovalConfig, mlflow: MLflowResource,
-                          audit: AuditResource):
+def approve_on_evidence(context: dg.OpExecutionContext, config: ExperimentApprovalConfig, mlflow: MLflowResource,
+                        audit: AuditResource):
+    """Approve the version awaiting approval of `mlflow`'s model (scoped to the data set by the caller)."""
     from mlplatform import registry
 
     current = registry.aliases(mlflow)
@@ -179,13 +200,28 @@ def approve_on_experiment(context: dg.OpExecutionContext, config: ExperimentAppr
     context.log.info(f"approved v{config.version}: {config.reason}")
 
 
-@dg.job(description="Promote the version awaiting approval once the online experiment shows it better "
-                    "(requested by online_experiment_gate).")
-def approve_from_experiment():
-    approve_on_experiment()
+def approval_job(spec: DatasetSpec) -> dg.JobDefinition:
+    """`<data set>__approve_from_experiment`, with its one op `<data set>__approve_on_experiment`."""
+    n = ns(spec)
+
+    @dg.op(name=n.job("approve_on_experiment"),
+           description=f"Approve the {spec.name}-model version awaiting approval on the evidence of the online "
+                       f"experiment (audit intent, alias moves, outcome), if it is still the one awaiting approval.")
+    def approve_on_experiment(context: dg.OpExecutionContext, config: ExperimentApprovalConfig,
+                              mlflow: MLflowResource, audit: AuditResource):
+        approve_on_evidence(context, config, mlflow.scoped(spec), audit)
+
+    @dg.job(name=n.job("approve_from_experiment"), tags=n.tags,
+            description=f"Promote the {spec.name}-model version awaiting approval once the online experiment shows "
+                        f"it better (requested by online_experiment_gate).")
+    def approve_from_experiment():
+        approve_on_experiment()
+
+    return approve_from_experiment
 
 
-def online_gate_decision(instance: dg.DagsterInstance, recs: list, awaiting: str | None, after: int):
+def online_gate_decision(instance: dg.DagsterInstance, recs: list, awaiting: str | None, after: int,
+                         dataset: Namespace | str):
     """(request or None, skip reason, cursor): the newest published one of `recs` (online_experiment_report
     materializations after storage id `after`, at least one) judged for the version awaiting approval with
     mlplatform.serving.experiment.gate_verdict."""
@@ -207,22 +243,29 @@ def online_gate_decision(instance: dg.DagsterInstance, recs: list, awaiting: str
     if not ok:
         return None, f"v{awaiting} stays awaiting approval: {why}", rec.storage_id
     partition = rec.asset_materialization.partition or ""
-    return dg.RunRequest(run_key=f"online-approval-{awaiting}-{rec.storage_id}", job_name="approve_from_experiment",
-                         run_config={"ops": {"approve_on_experiment": {"config": {
+    n = ns(dataset)
+    return dg.RunRequest(run_key=f"online-approval-{awaiting}-{rec.storage_id}",
+                         job_name=n.job("approve_from_experiment"),
+                         run_config={"ops": {n.job("approve_on_experiment"): {"config": {
                              "version": awaiting, "reason": f"online experiment [{partition}]: {why}"[:2000],
                              "partition": partition, "evidence_run_id": rec.run_id or "",
                              "evidence_storage_id": rec.storage_id}}}},
-                         tags={"approval/version": awaiting, "approval/evidence_storage_id": str(rec.storage_id)}), \
+                         tags={**n.tags, "approval/version": awaiting,
+                               "approval/evidence_storage_id": str(rec.storage_id)}), \
         "", rec.storage_id
 
 
 def build_lifecycle(spec: DatasetSpec) -> dict:
     arrivals = build_arrivals(spec)
-    retrain_job = dg.define_asset_job("retrain", selection=RETRAIN_ASSETS,
-                                      description="Rebuild features and the training set, train, evaluate, gate.")
+    n = ns(spec)
+    retrain_job = dg.define_asset_job(n.job("retrain"), selection=n.keys(*RETRAIN_ASSETS), tags=n.tags,
+                                      description=f"Rebuild {spec.name}'s history features and training set, train, "
+                                                  f"evaluate, gate.")
+    rollback_champion = rollback_job(spec)
+    approve_from_experiment = approval_job(spec)
     auto = spec.automation
 
-    @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+    @dg.sensor(name=n.sensor("retrain_on_evidence"), job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Retrain when labelled volume, drift or estimated performance says so (once per event, "
                            "one run per storm, a minimum interval between retrains). Only requests the run; the "
                            "run writes the audit entry.")
@@ -248,7 +291,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
             "retrain/reason": "; ".join(t.reason for t in fired)[:1000],
             "retrain/evidence": json.dumps(evidence, default=str)[:4000]})
 
-    @dg.sensor(job=rollback_champion, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+    @dg.sensor(name=n.sensor("rollback_on_regression"), job=rollback_champion, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Request a rollback run when the champion does worse than the previous champion on the "
                            "same rows (the sensor reads; the rollback_champion job acts).")
     def rollback_on_regression(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
@@ -256,7 +299,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         if not rb.enabled:
             return dg.SkipReason("automated rollback is switched off")
         seen = int(context.cursor or 0)
-        recs = [r for r in _checked(context.instance, "realized_performance", limit=5) if r.storage_id > seen]
+        recs = [r for r in _checked(context.instance, n.key("realized_performance"), limit=5) if r.storage_id > seen]
         if not recs:
             return dg.SkipReason("no new realized performance")
         metric = spec.estimated_metric
@@ -270,7 +313,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
                 continue
             worse = (prev - cur) if spec.higher_is_better else (cur - prev)
             if worse > rb.margin:
-                al = al if al is not None else registry.aliases(mlflow)  # a read; fails closed
+                al = al if al is not None else registry.aliases(mlflow.scoped(spec))  # a read; fails closed
                 champ = al.get(registry.CHAMPION)
                 if champ != str(meta_value(meta, "model_version")) or not al.get(registry.PREVIOUS):
                     continue  # the champion changed since (or nothing to go back to): evidence about another state
@@ -279,7 +322,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
                           f"{al.get(registry.PREVIOUS)} on batch {rec.partition_key} (margin {rb.margin})")
                 return dg.RunRequest(
                     run_key=f"rollback-{champ}-{rec.storage_id}",
-                    run_config={"ops": {"roll_back_champion": {"config": {
+                    run_config={"ops": {n.job("roll_back_champion"): {"config": {
                         "expected_champion": champ, "reason": reason, "partition": rec.partition_key or "",
                         "evidence_run_id": rec.run_id or "", "evidence_storage_id": rec.storage_id,
                         "champion_score": float(cur), "previous_score": float(prev),
@@ -288,7 +331,7 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         context.update_cursor(str(max(r.storage_id for r in recs)))
         return dg.SkipReason("champion is not worse than the previous champion")
 
-    @dg.sensor(job=approve_from_experiment, minimum_interval_seconds=60,
+    @dg.sensor(name=n.sensor("online_experiment_gate"), job=approve_from_experiment, minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="The online gate (serving.experiment_gate): request the approval of the version awaiting "
                            "approval when a published online_experiment_report shows it better than the champion "
@@ -299,19 +342,21 @@ def build_lifecycle(spec: DatasetSpec) -> dict:
         from mlplatform import registry
 
         after = int(context.cursor or 0)
-        recs = [r for r in _checked(context.instance, "online_experiment_report", limit=5) if r.storage_id > after]
+        recs = [r for r in _checked(context.instance, n.key("online_experiment_report"), limit=5)
+                if r.storage_id > after]
         if not recs:
             return dg.SkipReason("no new online experiment report")
-        awaiting = registry.aliases(mlflow).get(registry.AWAITING)  # a read (only with a new report); fails closed
-        request, why, cursor = online_gate_decision(context.instance, recs, awaiting, after)
+        # a read (only with a new report); fails closed
+        awaiting = registry.aliases(mlflow.scoped(spec)).get(registry.AWAITING)
+        request, why, cursor = online_gate_decision(context.instance, recs, awaiting, after, n)
         if cursor != after:
             context.update_cursor(str(cursor))
         return request if request is not None else dg.SkipReason(why)
 
     schedules = []
     if auto.retrain_schedule:
-        schedules.append(dg.ScheduleDefinition(name="scheduled_retrain", cron_schedule=auto.retrain_schedule,
-                                               job=retrain_job, tags={"retrain/trigger": "schedule"},
+        schedules.append(dg.ScheduleDefinition(name=n.schedule("scheduled_retrain"), cron_schedule=auto.retrain_schedule,
+                                               job=retrain_job, tags={**n.tags, "retrain/trigger": "schedule"},
                                                default_status=dg.DefaultScheduleStatus.RUNNING))
     return {"jobs": [*arrivals["jobs"], retrain_job, rollback_champion, approve_from_experiment],
             "sensors": [*arrivals["sensors"], retrain_on_evidence, rollback_on_regression, online_experiment_gate],

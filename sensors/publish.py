@@ -8,7 +8,11 @@ through the same `publish_run`). A run opening its branch waits for its predeces
 A same-partition conflict (two runs of one partition both changed its paths; main keeps the one merged
 first) is re-executed once from the new main: the sensor requests a new run of the same job, partition and
 config tagged `mlp/conflict_retry=1`. If that run conflicts again, its publication fails with a message naming
-the partition and the conflicting run(s), and its branch is kept."""
+the partition and the conflicting run(s), and its branch is kept.
+
+Publishing is the platform's, not a data set's: one set of publish sensors serves every data set (a run's branch
+holds only its own data set's paths, so publishing one never touches another's). What a publication requests
+stays inside the run's data set: a published records run of `car_loan` requests `car_loan__score_batch`."""
 
 from collections.abc import Sequence
 
@@ -17,6 +21,7 @@ import dagster as dg
 from resources.audit import AuditResource
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
+from resources.naming import dataset_of_run, ns
 from resources.publish import ACTIVE, PARTITION_TAG, conflict_retry_request, publish_pending, publish_run
 from sensors.arrivals import JOBS, QUALITY_ASSET, SCORE_ASSETS
 
@@ -28,27 +33,32 @@ def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunR
     (with its data-quality report if that run did not make one), unless one is already queued or running.
     This is the only automatic path to these assets: records ingested by the arrivals sensor, or raw_records
     materialized by hand in the UI or the CLI, are followed the same way."""
-    partition = run.tags.get(PARTITION_TAG)
-    if not partition or run.job_name == JOBS["score"]:
+    partition, dataset = run.tags.get(PARTITION_TAG), dataset_of_run(run)
+    if not partition or not dataset:
+        return None
+    n = ns(dataset)
+    if run.job_name == n.job(JOBS["score"]):
         return None
     selection = run.asset_selection
-    if selection is not None and dg.AssetKey("raw_records") not in selection:
+    if selection is not None and n.key("raw_records") not in selection:
         return None
-    if selection is None and run.job_name != JOBS["records"]:
+    if selection is None and run.job_name != n.job(JOBS["records"]):
         return None
-    wanted = {dg.AssetKey(k) for k in SCORE_ASSETS}
+    wanted = set(n.keys(*SCORE_ASSETS))
     for other in instance.get_runs(dg.RunsFilter(tags={PARTITION_TAG: partition}, statuses=list(ACTIVE)), limit=20):
         if other.asset_selection is not None and wanted <= set(other.asset_selection):
             return None
-    assets = [*SCORE_ASSETS] + ([] if selection and dg.AssetKey(QUALITY_ASSET) in selection else [QUALITY_ASSET])
-    return dg.RunRequest(run_key=f"score/{partition}/{run.run_id}", job_name=JOBS["score"], partition_key=partition,
-                         asset_selection=[dg.AssetKey(a) for a in assets], tags={AFTER_RUN_TAG: run.run_id})
+    assets = [*SCORE_ASSETS] + ([] if selection and n.key(QUALITY_ASSET) in selection else [QUALITY_ASSET])
+    return dg.RunRequest(run_key=f"score/{dataset}/{partition}/{run.run_id}", job_name=n.job(JOBS["score"]),
+                         partition_key=partition, asset_selection=n.keys(*assets),
+                         tags={**n.partition_tags(partition), AFTER_RUN_TAG: run.run_id})
 
 
 def build_publish_sensors(jobs: Sequence = ()) -> list:
     """The publish sensors. With `jobs` (every job whose runs may conflict), a conflicting run is re-executed
     once; without, a conflict fails the sensor tick with the conflict named (the branch is kept either way)."""
     retry_jobs = list(jobs)
+    score_jobs = [j for j in retry_jobs if j.name.endswith(f"__{JOBS['score']}")]  # every data set's
 
     @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, minimum_interval_seconds=5,
                           default_status=dg.DefaultSensorStatus.RUNNING,  # publishing must not wait for a person
@@ -70,10 +80,10 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
         if outcome.promotion_pending:
             # Reported on the run; the branch is kept, so the next publish (this sensor or `mlp publish`) retries.
             raise RuntimeError(outcome.detail)
-        if outcome.status == "published" and JOBS["score"] in {j.name for j in retry_jobs}:
+        if outcome.status == "published" and score_jobs:
             request = scoring_request(context.instance, context.dagster_run)
-            if request is not None:
-                context.log.info(f"requesting {JOBS['score']} [{request.partition_key}] after {outcome.run_id}")
+            if request is not None and request.job_name in {j.name for j in score_jobs}:
+                context.log.info(f"requesting {request.job_name} [{request.partition_key}] after {outcome.run_id}")
                 return request
         return None
 
@@ -83,8 +93,6 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
     def keep_failed_run_branches(context: dg.RunStatusSensorContext, lakefs: LakeFSResource):
         outcome = publish_run(context.instance, lakefs, context.dagster_run.run_id)
         context.log.info(f"{outcome.run_id}: {outcome.status}: {outcome.detail}")
-
-    score_jobs = [j for j in retry_jobs if j.name == JOBS["score"]]
 
     @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING, jobs=score_jobs or None,
                description="Sweep: publishes successful runs the run-status sensor could not (lakeFS or MLflow was "
@@ -99,7 +107,7 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
             context.log.info(f"{o.run_id}: {o.status}: {o.detail}")
             run = context.instance.get_run_by_id(o.run_id) if o.status == "published" and score_jobs else None
             request = scoring_request(context.instance, run) if run is not None else None
-            if request is not None:
+            if request is not None and request.job_name in {j.name for j in score_jobs}:
                 requests.append(request)
         if requests:
             return dg.SensorResult(run_requests=requests)

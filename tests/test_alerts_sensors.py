@@ -130,18 +130,18 @@ def test_drift_estimate_freshness_retrain_promotion_and_rollback_each_alert_once
     resources = {"lakefs": lakefs, "mlflow": mlflow}
     commit_link = lakefs.commit_url("c0ffee")
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        "drift_report", partition="2024-02", metadata={
+        ["car_loan", "drift_report"], partition="2024-02", metadata={
             "n_alerts": 3, "multivariate_alert": True, "lakefs_link": dg.MetadataValue.url(commit_link),
             "summary": dg.MetadataValue.json({"alerting_features": ["debt_to_income_ratio", "loan_amount"]})}))
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        "drift_report", partition="2024-03", metadata={"n_alerts": 0, "multivariate_alert": False}))  # no alert
+        ["car_loan", "drift_report"], partition="2024-03", metadata={"n_alerts": 0, "multivariate_alert": False}))  # no alert
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        "performance_estimate", partition="2024-02", metadata={
+        ["car_loan", "performance_estimate"], partition="2024-02", metadata={
             "estimated_roc_auc": 0.61, "alert": True, "champion_version": 3, "champion_test_score": 0.74,
             "lakefs_link": dg.MetadataValue.url(commit_link)}))
     # the freshness daemon's own record of a state change (as dagster._daemon.freshness writes it)
     instance._report_runless_asset_event(asset_event=FreshnessStateChange(  # noqa: SLF001
-        key=dg.AssetKey("features"), new_state=FreshnessState.FAIL, previous_state=FreshnessState.WARN,
+        key=dg.AssetKey(["car_loan", "features"]), new_state=FreshnessState.FAIL, previous_state=FreshnessState.WARN,
         state_change_timestamp=time.time()))
     audit = AuditTrail()
     audit.record("retrain_triggered", "car_loan-model", None, "3 features drift", {"dagster_run_id": "r-retrain",
@@ -159,12 +159,12 @@ def test_drift_estimate_freshness_retrain_promotion_and_rollback_each_alert_once
     got = {b["kind"]: b for b in hooks.bodies("/json")}
     assert len(hooks.bodies("/json")) == 6 and len(hooks.bodies("/slack")) == 6
     assert set(got) == {"drift", "estimate", "freshness", "retrain", "promotion", "rollback"}
-    assert got["drift"]["links"] == {"dagster_run": f"{DAGSTER_URL}/assets/drift_report",
+    assert got["drift"]["links"] == {"dagster_run": f"{DAGSTER_URL}/assets/car_loan/drift_report",
                                      "lakefs_commit": commit_link}
     assert "debt_to_income_ratio" in got["drift"]["text"] and got["drift"]["fields"]["partition"] == "2024-02"
     assert got["estimate"]["links"]["mlflow"].endswith("/#/models/car_loan-model/versions/3")
     assert "0.6100" in got["estimate"]["text"]
-    assert got["freshness"]["fields"]["asset"] == "features" and "stale" in got["freshness"]["title"]
+    assert got["freshness"]["fields"]["asset"] == "car_loan/features" and "stale" in got["freshness"]["title"]
     assert got["retrain"]["links"] == {"dagster_run": f"{DAGSTER_URL}/runs/r-retrain"}
     assert got["promotion"]["links"] == {"dagster_run": f"{DAGSTER_URL}/runs/r-pub", "lakefs_commit": commit_link,
                                          "mlflow": mlflow.model_version_url("4")}

@@ -37,12 +37,14 @@ def spec():
 @pytest.fixture
 def sensor(spec):
     (s,) = build_arrivals(spec)["sensors"]
+    assert s.name == "car_loan__landing_arrivals"
     return s
 
 
 @pytest.fixture
-def root(state):
-    return state / "landing"
+def root(state, spec):
+    """The data set's landing folder; the resource's root is the folder of every data set's (`root.parent`)."""
+    return state / "landing" / spec.name
 
 
 def land(root, kind, partition, name, rows=(1,), marker=True):
@@ -73,7 +75,7 @@ class Tick:
         return [(r.job_name, r.partition_key) for r in self.requests]
 
 
-def launch(instance, req: dg.RunRequest, sensor_name="landing_arrivals", **extra_tags) -> dg.DagsterRun:
+def launch(instance, req: dg.RunRequest, sensor_name="car_loan__landing_arrivals", **extra_tags) -> dg.DagsterRun:
     """Record the run the daemon makes of a request (QUEUED, with the request's tags and run key)."""
     tags = {**req.tags, "dagster/partition": req.partition_key, "dagster/run_key": req.run_key,
             "dagster/sensor_name": sensor_name, **extra_tags}
@@ -104,8 +106,8 @@ def start(instance, run):
 def succeed(instance, run, materialize: str | None = None):
     start(instance, run)
     if materialize:
-        mat = dg.AssetMaterialization(asset_key=materialize, partition=run.tags["dagster/partition"], metadata={
-            "lakefs_commit": "c0ffee", "lakefs_path": f"lakefs://repo/c0ffee/assets/{materialize}/data.parquet"})
+        mat = dg.AssetMaterialization(asset_key=["car_loan", materialize], partition=run.tags["dagster/partition"], metadata={
+            "lakefs_commit": "c0ffee", "lakefs_path": f"lakefs://repo/c0ffee/assets/car_loan/{materialize}/data.parquet"})
         event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
     event(instance, run, DagsterEventType.RUN_SUCCESS)
 
@@ -113,8 +115,8 @@ def succeed(instance, run, materialize: str | None = None):
 def fail(instance, run, materialize: str | None = None):
     start(instance, run)
     if materialize:
-        mat = dg.AssetMaterialization(asset_key=materialize, partition=run.tags["dagster/partition"], metadata={
-            "lakefs_commit": "bad", "lakefs_path": f"lakefs://repo/bad/assets/{materialize}/data.parquet"})
+        mat = dg.AssetMaterialization(asset_key=["car_loan", materialize], partition=run.tags["dagster/partition"], metadata={
+            "lakefs_commit": "bad", "lakefs_path": f"lakefs://repo/bad/assets/car_loan/{materialize}/data.parquet"})
         event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
     instance.report_run_failed(instance.get_run_by_id(run.run_id))
 
@@ -258,7 +260,7 @@ def test_the_simulator_writes_atomically_and_marks_its_files_complete(tmp_path, 
 # --- the sensor, on a real Dagster instance ----------------------------------------------------------------
 
 def test_the_sensor_requests_a_file_still_being_written_only_once_it_settles(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), settle_seconds=0.6)
+    zone = LandingZoneResource(root=str(root.parent), settle_seconds=0.6)
     path = land(root, "records", NOV, "batch.csv", marker=False)
     t = Tick(sensor, instance, zone)
     assert t.requests == [] and f"records/{NOV}: waiting for batch.csv" in t.skip
@@ -268,12 +270,12 @@ def test_the_sensor_requests_a_file_still_being_written_only_once_it_settles(sen
     assert t.requests == []
     time.sleep(0.7)
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_batch", NOV)]
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]
 
 
 def test_complete_files_are_requested_while_another_file_of_the_partition_is_still_settling(
         sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), settle_seconds=60)
+    zone = LandingZoneResource(root=str(root.parent), settle_seconds=60)
     land(root, "records", NOV, "a.parquet")                    # complete: its marker is there
     b = land(root, "records", NOV, "b.csv", marker=False)      # still being written
     t = Tick(sensor, instance, zone)
@@ -292,39 +294,39 @@ def test_complete_files_are_requested_while_another_file_of_the_partition_is_sti
 
 
 def test_a_file_with_an_mtime_in_the_future_warns_and_never_blocks_its_partition(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), settle_seconds=0.6)
+    zone = LandingZoneResource(root=str(root.parent), settle_seconds=0.6)
     land(root, "records", NOV, "a.parquet")
     skewed = land(root, "records", NOV, "b.parquet", marker=False)
     ahead = time.time() + 3600
     os.utime(skewed, (ahead, ahead))
     t = Tick(sensor, instance, zone)
-    assert t.keys() == [("ingest_batch", NOV)]
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]
     assert any("b.parquet" in w and "mtime in the future" in w for w in t.warnings), t.warnings
 
 
 def test_subfolders_and_unknown_root_entries_warn_and_the_partition_is_still_requested(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     land(root, "records", NOV, "batch.parquet")
     land(root, "records", f"{NOV}/region=eu", "part-0.parquet")
     (root / "incoming").mkdir()
     t = Tick(sensor, instance, zone)
-    assert t.keys() == [("ingest_batch", NOV)]
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]
     warned = "\n".join(t.warnings)
     assert f"records/{NOV}/region=eu" in warned and "never read" in warned, warned
     assert str(root / "incoming") in warned and "not a landing-zone entry" in warned, warned
 
 
 def test_a_marker_makes_the_sensor_request_at_once(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))  # default settle time of 10 s
+    zone = LandingZoneResource(root=str(root.parent))  # default settle time of 10 s
     land(root, "records", NOV, "batch.parquet", marker=False)
     assert Tick(sensor, instance, zone).requests == []
     (root / "records" / NOV / "batch.parquet.done").touch()
-    assert Tick(sensor, instance, zone).keys() == [("ingest_batch", NOV)]
+    assert Tick(sensor, instance, zone).keys() == [("car_loan__ingest_batch", NOV)]
 
 
 def test_a_stray_folder_is_skipped_with_a_warning_and_the_good_partition_beside_it_is_requested(
         sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     for folder in ("tmp", "2019-09-01", "2018-11-15"):
         land(root, "records", folder, "batch.parquet")
     land(root, "labels", "not-a-date", "labels.parquet")
@@ -334,7 +336,7 @@ def test_a_stray_folder_is_skipped_with_a_warning_and_the_good_partition_beside_
     assert "tmp" in t.skip and "2019-09-01" in t.skip and "not-a-date" in t.skip  # visible in the UI
     land(root, "records", NOV, "batch.parquet")
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_batch", NOV)]
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]
     warned = "\n".join(t.warnings)
     for name in ("records/tmp", "records/2019-09-01", "records/2018-11-15", "labels/not-a-date",
                  "records/batch.parquet"):
@@ -342,29 +344,29 @@ def test_a_stray_folder_is_skipped_with_a_warning_and_the_good_partition_beside_
 
 
 def test_labels_before_records_are_held_then_requested_once_raw_records_is_published(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0)
     land(root, "labels", NOV, "labels.parquet")
     t = Tick(sensor, instance, zone)
     assert t.requests == [] and f"labels/{NOV}: labels held until raw_records [{NOV}]" in t.skip
     land(root, "records", NOV, "batch.parquet")
     t = Tick(sensor, instance, zone, t.cursor)
     (req,) = t.requests
-    assert req.job_name == "ingest_batch"  # the records; the labels still wait for them to publish
+    assert req.job_name == "car_loan__ingest_batch"  # the records; the labels still wait for them to publish
     first = launch(instance, req)
     fail(instance, first, materialize="raw_records")  # materialized in a run that failed: not published
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_batch", NOV)] and "labels held" not in t.skip
+    assert t.keys() == [("car_loan__ingest_batch", NOV)] and "labels held" not in t.skip
     second = launch(instance, t.requests[0])
     succeed(instance, second, materialize="raw_records")
     t = Tick(sensor, instance, zone, t.cursor)
     (req,) = t.requests
-    assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+    assert (req.job_name, req.partition_key) == ("car_loan__ingest_labels", NOV)
     assert req.tags["arrival/records_run"] == second.run_id
 
 
 def test_a_failed_ingest_run_is_requested_again_with_a_new_key_but_never_beside_one_in_progress(
         sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0, max_ingest_attempts=3)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0, max_ingest_attempts=3)
     land(root, "records", NOV, "batch.parquet")
     t = Tick(sensor, instance, zone)
     (req0,) = t.requests
@@ -387,21 +389,21 @@ def test_a_failed_ingest_run_is_requested_again_with_a_new_key_but_never_beside_
 
 
 def test_retries_back_off_and_stop_after_the_maximum_number_of_attempts(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=3600, max_ingest_attempts=2)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=3600, max_ingest_attempts=2)
     land(root, "records", NOV, "batch.parquet")
     run = launch(instance, Tick(sensor, instance, zone).requests[0])
     fail(instance, run)
     t = Tick(sensor, instance, zone)
     assert t.requests == [] and "retry 2 of 2 in" in t.skip  # backing off
-    quick = LandingZoneResource(root=str(root), retry_backoff_seconds=0, max_ingest_attempts=2)
+    quick = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0, max_ingest_attempts=2)
     t = Tick(sensor, instance, quick)
     fail(instance, launch(instance, t.requests[0]))
     t = Tick(sensor, instance, quick)
-    assert t.requests == [] and any("gave up after 2 failed ingest_batch run(s)" in w for w in t.warnings)
+    assert t.requests == [] and any("gave up after 2 failed car_loan__ingest_batch run(s)" in w for w in t.warnings)
 
 
 def test_a_run_with_a_dagster_retry_coming_counts_as_in_progress(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0)
     land(root, "records", NOV, "batch.parquet")
     (req,) = Tick(sensor, instance, zone).requests
     run = launch(instance, req, **{"dagster/max_retries": "1"})
@@ -420,7 +422,7 @@ def test_a_run_with_a_dagster_retry_coming_counts_as_in_progress(sensor, instanc
 
 
 def test_two_files_with_overlapping_ids_in_separate_ticks_each_produce_a_request(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     land(root, "records", NOV, "a.parquet", rows=(1, 2, 3))
     t = Tick(sensor, instance, zone)
     (first,) = t.requests
@@ -438,7 +440,7 @@ def test_two_files_with_overlapping_ids_in_separate_ticks_each_produce_a_request
 
 
 def test_a_partition_whose_bad_file_was_quarantined_is_requested_again_for_its_good_file(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))  # default backoff: the new request is not a retry
+    zone = LandingZoneResource(root=str(root.parent))  # default backoff: the new request is not a retry
     land(root, "records", NOV, "good.parquet")
     land(root, "records", NOV, "bad.parquet")
     t = Tick(sensor, instance, zone)
@@ -452,7 +454,7 @@ def test_a_partition_whose_bad_file_was_quarantined_is_requested_again_for_its_g
 
 
 def test_the_same_files_on_the_same_tick_twice_make_one_request(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     land(root, "records", NOV, f"batch-{NOV}.parquet")
     land(root, "labels", "2018-10-01", "labels.parquet")
     a, b = Tick(sensor, instance, zone), Tick(sensor, instance, zone)
@@ -462,20 +464,20 @@ def test_the_same_files_on_the_same_tick_twice_make_one_request(sensor, instance
 
 
 def test_arrivals_request_the_landed_partition_once_and_labels_their_own_job(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     land(root, "records", NOV, "batch.parquet")
     t = Tick(sensor, instance, zone)
-    assert t.keys() == [("ingest_batch", NOV)]
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]
     succeed(instance, launch(instance, t.requests[0]), materialize="raw_records")
     t = Tick(sensor, instance, zone, t.cursor)
     assert t.requests == []  # the same files never fire twice
     land(root, "labels", NOV, "labels.parquet")
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_labels", NOV)]
+    assert t.keys() == [("car_loan__ingest_labels", NOV)]
 
 
 def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     from mlplatform.batches import partition_keys
     from .helpers import car_loan as _spec
 
@@ -483,7 +485,7 @@ def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, 
     for p in keys:
         land(root, "records", p, "batch.parquet")
     t = Tick(sensor, instance, zone)
-    assert sorted(t.keys()) == [("ingest_batch", p) for p in sorted(keys)]  # every partition gets ingested first
+    assert sorted(t.keys()) == [("car_loan__ingest_batch", p) for p in sorted(keys)]  # every partition gets ingested first
     for req in t.requests:
         succeed(instance, launch(instance, req), materialize="raw_records")
     t0 = time.perf_counter()
@@ -497,13 +499,13 @@ def test_a_tick_over_every_partition_already_ingested_is_fast(sensor, instance, 
 
 def test_files_ingested_by_a_run_the_sensor_did_not_make_are_not_requested_again(sensor, instance, root):
     """`make demo` materializes raw_records from the CLI; a daemon started afterwards must not ingest twice."""
-    zone = LandingZoneResource(root=str(root))
+    zone = LandingZoneResource(root=str(root.parent))
     path = land(root, "records", NOV, "batch.parquet")
     time.sleep(0.05)
     run = queue(instance, dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()),
                                         status=dg.DagsterRunStatus.NOT_STARTED, tags={"dagster/partition": NOV}))
     start(instance, run)
-    mat = dg.AssetMaterialization(asset_key="raw_records", partition=NOV, metadata={
+    mat = dg.AssetMaterialization(asset_key=["car_loan", "raw_records"], partition=NOV, metadata={
         "lakefs_commit": "c0ffee", "lakefs_path": "lakefs://repo/c0ffee/assets/raw_records/data.parquet",
         "files": dg.MetadataValue.json(["batch.parquet"])})
     event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
@@ -513,7 +515,7 @@ def test_files_ingested_by_a_run_the_sensor_did_not_make_are_not_requested_again
     with path.open("ab") as fh:  # rewritten after that run started: a new delivery
         fh.write(b"x")
     (root / "records" / NOV / "batch.parquet.done").touch()
-    assert Tick(sensor, instance, zone, t.cursor).keys() == [("ingest_batch", NOV)]
+    assert Tick(sensor, instance, zone, t.cursor).keys() == [("car_loan__ingest_batch", NOV)]
 
 
 # --- labels wait for every records file of their partition (issue 9: labels before records) ---------------
@@ -521,7 +523,7 @@ def test_files_ingested_by_a_run_the_sensor_did_not_make_are_not_requested_again
 def succeed_holding(instance, run, held: list[str]):
     """A labels run that succeeds but HELD files (raw_labels metadata `files_held`, as the asset writes it)."""
     start(instance, run)
-    mat = dg.AssetMaterialization(asset_key="raw_labels", partition=run.tags["dagster/partition"], metadata={
+    mat = dg.AssetMaterialization(asset_key=["car_loan", "raw_labels"], partition=run.tags["dagster/partition"], metadata={
         "lakefs_commit": "c0ffee", "lakefs_path": "lakefs://repo/c0ffee/assets/raw_labels/data.parquet",
         "files_held": dg.MetadataValue.json(held)})
     event(instance, run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(mat))
@@ -539,8 +541,8 @@ def published_records(sensor, instance, zone, root):
 
 
 def test_labels_wait_while_a_second_records_file_of_their_partition_is_written_pending_or_being_ingested(
-        sensor, instance, root):
-    zone = LandingZoneResource(root=str(root))  # default settle time: a file without marker is still written
+        sensor, instance, root, spec):
+    zone = LandingZoneResource(root=str(root.parent))  # default settle time: a file without marker is still written
     _, cursor = published_records(sensor, instance, zone, root)
     land(root, "records", NOV, "late.parquet", rows=range(100, 150), marker=False)  # still being written
     land(root, "labels", NOV, "labels.parquet", rows=range(150))  # covers a's ids and late's
@@ -550,28 +552,28 @@ def test_labels_wait_while_a_second_records_file_of_their_partition_is_written_p
     assert "late.parquet still being written" in t.skip
     (root / "records" / NOV / "late.parquet.done").touch()  # complete, but no run has ingested it
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_batch", NOV)]  # the records only
-    waiting = "\n".join(plan_arrivals(instance, zone.zone(), [NOV], t.cursor).waiting)
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]  # the records only
+    waiting = "\n".join(plan_arrivals(instance, zone.zone(spec), [NOV], t.cursor, dataset=spec).waiting)
     assert f"labels/{NOV}: labels held until the records of {NOV} settle" in waiting
-    assert "late.parquet not yet ingested by a successful ingest_batch run" in waiting
+    assert "late.parquet not yet ingested by a successful car_loan__ingest_batch run" in waiting
     records_run = launch(instance, t.requests[0])
     t = Tick(sensor, instance, zone, t.cursor)  # the records run is queued
-    assert t.requests == [] and f"ingest_batch for {NOV} is queued or running ({records_run.run_id})" in t.skip
+    assert t.requests == [] and f"car_loan__ingest_batch for {NOV} is queued or running ({records_run.run_id})" in t.skip
     start(instance, records_run)
     assert Tick(sensor, instance, zone, t.cursor).requests == []  # running
     event(instance, records_run, DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(
-        dg.AssetMaterialization(asset_key="raw_records", partition=NOV, metadata={
+        dg.AssetMaterialization(asset_key=["car_loan", "raw_records"], partition=NOV, metadata={
             "lakefs_commit": "beef", "lakefs_path": "lakefs://repo/beef/assets/raw_records/data.parquet"})))
     event(instance, records_run, DagsterEventType.RUN_SUCCESS)
     t = Tick(sensor, instance, zone, t.cursor)
     (req,) = t.requests
-    assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+    assert (req.job_name, req.partition_key) == ("car_loan__ingest_labels", NOV)
     assert req.tags["arrival/records_run"] == records_run.run_id  # after the records that hold every id
 
 
 def test_a_labels_run_that_held_its_file_did_not_ingest_it_and_the_labels_are_requested_after_the_records(
         sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0)
     first_records, cursor = published_records(sensor, instance, zone, root)
     land(root, "labels", NOV, "labels.parquet", rows=range(150))
     t = Tick(sensor, instance, zone, cursor)
@@ -581,19 +583,19 @@ def test_a_labels_run_that_held_its_file_did_not_ingest_it_and_the_labels_are_re
     land(root, "records", NOV, "late.parquet", rows=range(100, 150))
     succeed_holding(instance, labels_run, ["labels.parquet"])
     t = Tick(sensor, instance, zone, t.cursor)
-    assert t.keys() == [("ingest_batch", NOV)]  # the late records; the held labels wait for them
+    assert t.keys() == [("car_loan__ingest_batch", NOV)]  # the late records; the held labels wait for them
     assert json.loads(t.cursor)["done"].get(f"labels/{NOV}") is None  # not remembered as ingested
     records_run = launch(instance, t.requests[0])
     succeed(instance, records_run, materialize="raw_records")
     for cursor in (t.cursor, None):  # also with a lost cursor: the run history says the labels are not in
         (req,) = Tick(sensor, instance, zone, cursor).requests
-        assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+        assert (req.job_name, req.partition_key) == ("car_loan__ingest_labels", NOV)
         assert req.run_key != labels_req.run_key and req.tags["arrival/records_run"] == records_run.run_id
 
 
 def test_held_labels_are_requested_again_when_the_late_records_file_is_quarantined_instead_of_published(
         sensor, instance, root):
-    zone = LandingZoneResource(root=str(root), retry_backoff_seconds=0)
+    zone = LandingZoneResource(root=str(root.parent), retry_backoff_seconds=0)
     _, cursor = published_records(sensor, instance, zone, root)
     land(root, "labels", NOV, "labels.parquet", rows=range(150))
     labels_run = launch(instance, Tick(sensor, instance, zone, cursor).requests[0])
@@ -603,5 +605,5 @@ def test_held_labels_are_requested_again_when_the_late_records_file_is_quarantin
     Landing(root).quarantine("records", NOV, late, "unreadable", records_run.run_id)
     fail(instance, records_run)  # no new publication of the records: the same generation
     (req,) = Tick(sensor, instance, zone).requests
-    assert (req.job_name, req.partition_key) == ("ingest_labels", NOV)
+    assert (req.job_name, req.partition_key) == ("car_loan__ingest_labels", NOV)
     assert req.run_key != labels_run.tags["dagster/run_key"] and req.run_key.endswith("attempt-1")

@@ -23,19 +23,24 @@ SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 HINT = "run with MLP_UPDATE_SNAPSHOT=1 to accept"
 
 
-def load_definitions(dataset: str):
-    """platform/definitions.py executed afresh for the spec MLP_DATASET names (it reads it at build time)."""
-    previous = os.environ.get("MLP_DATASET")
+def load_definitions(dataset: str, many: str = ""):
+    """platform/definitions.py executed afresh for the spec MLP_DATASET names, or the data sets MLP_DATASETS
+    names (`many`; it reads them at build time)."""
+    previous = {k: os.environ.get(k) for k in ("MLP_DATASET", "MLP_DATASETS")}
     os.environ["MLP_DATASET"] = dataset
+    os.environ.pop("MLP_DATASETS", None)
+    if many:
+        os.environ["MLP_DATASETS"] = many
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # preview/beta warnings of Dagster APIs the definitions use
             return runpy.run_path(str(DEFINITIONS), run_name=f"mlp_definitions_snapshot_{dataset}")["defs"]
     finally:
-        if previous is None:
-            os.environ.pop("MLP_DATASET", None)
-        else:
-            os.environ["MLP_DATASET"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _keys(keys) -> str:
@@ -140,8 +145,9 @@ def car_loan_text():
 
 def test_the_car_loan_definitions_match_their_snapshot(car_loan_text):
     # The snapshot covers the whole graph, not an empty rendering.
-    assert car_loan_text.count("\n  group: ") >= 10 and "raw_records: not_empty (blocking)" in car_loan_text
-    assert "\nretrain\n  assets: " in car_loan_text and "\nretrain_on_evidence\n" in car_loan_text
+    assert car_loan_text.count("\n  group: car_loan_") >= 10
+    assert "car_loan/raw_records: not_empty (blocking)" in car_loan_text
+    assert "\ncar_loan__retrain\n  assets: " in car_loan_text and "\ncar_loan__retrain_on_evidence\n" in car_loan_text
     compare_with_snapshot(car_loan_text, "definitions.txt")
 
 
@@ -160,3 +166,59 @@ def test_the_rendering_does_not_depend_on_set_order(car_loan_text):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == car_loan_text
+
+
+def test_both_bundled_data_sets_load_at_once_as_disjoint_slices_of_one_graph(car_loan_text):
+    """Many data sets: both specs in one Definitions. Each data set's slice is exactly what it is alone (the same
+    assets, checks, jobs and sensors), no key or name is shared, every asset carries its data set's group and
+    tag, and every sensor or job of a data set targets only that data set's jobs and assets."""
+    import dagster as dg
+
+    both = load_definitions("car_loan", many="car_loan,car_price")
+    alone = {name: load_definitions(name) for name in ("car_loan", "car_price")}
+    graph = both.resolve_asset_graph()
+    keys = {name: {k for k in graph.get_all_asset_keys() if k.path[0] == name} for name in alone}
+    assert set(graph.get_all_asset_keys()) == keys["car_loan"] | keys["car_price"]
+    assert not keys["car_loan"] & keys["car_price"]
+    for name, defs in alone.items():
+        assert keys[name] == set(defs.resolve_asset_graph().get_all_asset_keys())
+        for key in keys[name]:
+            node = graph.get(key)
+            assert node.group_name.startswith(f"{name}_") and node.tags.get("mlp/dataset") == name, key
+            assert all(p.path[0] == name for p in node.parent_keys), key  # lineage stays inside the data set
+        assert {c for c in graph.asset_check_keys if c.asset_key.path[0] == name} == \
+            set(defs.resolve_asset_graph().asset_check_keys)
+    jobs = {j.name: j for j in both.jobs}
+    sensors = {s.name: s for s in both.sensors}
+    for name, defs in alone.items():
+        assert {j.name for j in defs.jobs} == {j for j in jobs if j.startswith(f"{name}__")}
+        for job in (j for j in both.jobs if j.name.startswith(f"{name}__")):
+            if not isinstance(job, dg.JobDefinition):  # an asset job: its selection is its own data set's
+                assert {k.path[0] for k in job.selection.resolve(graph)} == {name}, job.name
+        own = [s for s in sensors.values() if s.name.startswith(f"{name}__")]
+        assert {s.name for s in own} == {s.name for s in defs.sensors if s.name.startswith(f"{name}__")}
+        for sensor in own:
+            assert all(t.job_name.startswith(f"{name}__") for t in sensor.targets if t.job_name), sensor.name
+            selection = getattr(sensor, "asset_selection", None)
+            if selection is not None:
+                assert {k.path[0] for k in selection.resolve(graph)} == {name}, sensor.name
+    # the platform's publish sensors are shared; every other sensor belongs to one data set
+    assert {s for s in sensors if "__" not in s} == {"publish_successful_runs", "keep_failed_run_branches",
+                                                      "publish_stragglers"}
+    # Adding a data set leaves another's slice as it was: car_loan's assets and checks render the same beside
+    # car_price as alone (the snapshot's text).
+    def section(text, name, prefix):
+        body = text.split(f"[{name}]\n", 1)[1].split("\n\n[", 1)[0]
+        blocks, current = [], []
+        for line in body.splitlines():
+            if not line.startswith("  ") and current:
+                blocks.append("\n".join(current))
+                current = []
+            current.append(line)
+        blocks.append("\n".join(current))
+        return [b for b in blocks if b.startswith(prefix)]
+
+    text = render(both)
+    for name in ("assets", "asset checks"):
+        assert section(text, name, "car_loan/") == section(car_loan_text, name, "car_loan/")
+        assert section(text, name, "car_price/")  # and car_price's are there too

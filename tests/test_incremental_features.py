@@ -64,7 +64,7 @@ def test_a_changed_feature_macro_or_feature_expression_changes_the_feature_code_
     # and the partitioned Dagster assets carry it as their code version (what marks partitions stale in the UI)
     batch = build_features(spec)[1]
     assert batch.partitions_def is not None
-    assert batch.code_versions_by_key[dg.AssetKey("features")] == before
+    assert batch.code_versions_by_key[dg.AssetKey([spec.name, "features"])] == before
 
 
 def test_training_reads_only_batches_that_start_by_the_cutoff(spec):

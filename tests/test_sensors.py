@@ -22,14 +22,24 @@ def spec():
     return car_loan()
 
 
+def by_name(sensors) -> dict:
+    """A data set's sensors by their own name (`car_loan__retrain_on_evidence` -> `retrain_on_evidence`)."""
+    assert all(s.name.startswith("car_loan__") for s in sensors)
+    return {s.name.split("__", 1)[1]: s for s in sensors}
+
+
 @pytest.fixture
 def sensors(spec):
-    return {s.name: s for s in build_lifecycle(spec)["sensors"]}
+    return by_name(build_lifecycle(spec)["sensors"])
 
 
-def report(instance, key, partition=None, **meta):
+def key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["car_loan", name])
+
+
+def report(instance, key_name, partition=None, **meta):
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        asset_key=key, partition=partition,
+        asset_key=key(key_name), partition=partition,
         metadata={k: dg.MetadataValue.json(v) if isinstance(v, dict) else v for k, v in meta.items()}))
 
 
@@ -120,6 +130,20 @@ def test_estimated_performance_triggers_below_the_floor_only(sensors, instance, 
     assert json.loads(req.tags["retrain/evidence"])["performance"]["estimated"] == 0.85
 
 
+def test_one_data_sets_drift_never_triggers_another_data_sets_retrain(sensors, instance, state):
+    """Many data sets: car_price's drifting batch is car_price's evidence; car_loan's sensor reads only
+    car_loan's keys and requests only car_loan's retrain job."""
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key=dg.AssetKey(["car_price", "drift_report"]), partition="2019-05-01",
+        metadata={"summary": dg.MetadataValue.json(drift_evidence(5, "2019-05-01"))}))
+    s = sensors["retrain_on_evidence"]
+    result, cursor = tick(s, instance)
+    assert skipped(result) == "no trigger has new evidence"
+    report(instance, "drift_report", "2019-05-01", summary=drift_evidence(5, "2019-05-01"))
+    (req,) = requests(tick(s, instance, cursor=cursor)[0])
+    assert req.job_name in (None, "car_loan__retrain") and s.job_name == "car_loan__retrain"
+
+
 def test_volume_triggers_when_enough_labelled_rows_arrive(sensors, instance, state):
     s = sensors["retrain_on_evidence"]
     report(instance, "training_set", None, rows_train=60000)
@@ -147,7 +171,9 @@ def two_versions(spec, mlflow_uri):
 
 def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors, instance, state, two_versions,
                                                                           spec):
-    from sensors.lifecycle import rollback_champion
+    from sensors.lifecycle import rollback_job
+
+    rollback_champion = rollback_job(spec)
 
     s = sensors["rollback_on_regression"]
     report(instance, "realized_performance", "2019-05-01", realized_roc_auc=0.96, previous_roc_auc=0.965,
@@ -161,8 +187,8 @@ def test_the_rollback_sensor_only_requests_a_run_and_the_job_rolls_back(sensors,
     # Evaluating the sensor (as a UI "test sensor" does) changes nothing: no alias, no audit entry.
     assert registry.aliases(two_versions) == {"champion": "2", "previous": "1"}
     assert AuditTrail().history() == []
-    evidence_id = instance.fetch_materializations(dg.AssetKey("realized_performance"), limit=1).records[0].storage_id
-    assert req.run_key == f"rollback-2-{evidence_id}" and req.job_name in (None, "rollback_champion")
+    evidence_id = instance.fetch_materializations(key("realized_performance"), limit=1).records[0].storage_id
+    assert req.run_key == f"rollback-2-{evidence_id}" and req.job_name in (None, "car_loan__rollback_champion")
     again, _ = tick(s, instance, mlflow=two_versions)  # the same evidence from scratch: the same run key
     assert [r.run_key for r in requests(again)] == [req.run_key]
     again_result, _ = tick(s, instance, cursor=cursor, mlflow=two_versions)
@@ -195,7 +221,7 @@ def test_retrain_run_keys_come_from_the_evidence_and_the_run_writes_the_audit_en
     report(instance, "drift_report", "2019-05-01", summary=drift_evidence(5, "2019-05-01"))
     (first,) = requests(tick(s, instance)[0])
     (second,) = requests(tick(s, instance)[0])  # a fresh cursor sees the same evidence: the same key
-    evidence_id = instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1).records[0].storage_id
+    evidence_id = instance.fetch_materializations(key("drift_report"), limit=1).records[0].storage_id
     assert first.run_key == second.run_key == f"retrain-drift{evidence_id}"
     report(instance, "drift_report", "2019-06-01", summary=drift_evidence(5, "2019-06-01"))
     (third,) = requests(tick(s, instance)[0])
@@ -210,7 +236,7 @@ def test_retrain_run_keys_come_from_the_evidence_and_the_run_writes_the_audit_en
     assert record_retrain_trigger(instance.get_run_by_id(run.run_id), model)
     assert not record_retrain_trigger(instance.get_run_by_id(run.run_id), model)  # once per run
     (entry,) = AuditTrail().history(model)
-    assert entry.action == "retrain_triggered" and entry.actor == "sensor:retrain_on_evidence"
+    assert entry.action == "retrain_triggered" and entry.actor == "sensor:car_loan__retrain_on_evidence"
     assert entry.evidence["dagster_run_id"] == run.run_id and entry.evidence["drift"]["partition"] == "2019-05-01"
 
 
@@ -223,11 +249,11 @@ def test_volume_counts_labels_from_successful_runs_once_per_partition(sensors, i
         rows: int
         fail_after: bool = False
 
-    @dg.asset(name="raw_labels", partitions_def=parts)
+    @dg.asset(name="raw_labels", key_prefix=["car_loan"], partitions_def=parts)
     def raw_labels(config: Rows):
         return dg.MaterializeResult(metadata={"rows": config.rows})
 
-    @dg.asset(deps=[raw_labels], partitions_def=parts)
+    @dg.asset(key_prefix=["car_loan"], deps=[raw_labels], partitions_def=parts)
     def later_step(config: Rows):
         if config.fail_after:
             raise RuntimeError("the run fails after raw_labels materialized")
@@ -235,8 +261,9 @@ def test_volume_counts_labels_from_successful_runs_once_per_partition(sensors, i
     def land(partition, rows, fail=False):
         return dg.materialize([raw_labels, later_step], instance=instance, partition_key=partition,
                               raise_on_error=False,
-                              run_config={"ops": {"raw_labels": {"config": {"rows": rows}},
-                                                  "later_step": {"config": {"rows": rows, "fail_after": fail}}}})
+                              run_config={"ops": {"car_loan__raw_labels": {"config": {"rows": rows}},
+                                                  "car_loan__later_step": {"config": {"rows": rows,
+                                                                                      "fail_after": fail}}}})
 
     assert not land("2019-01-01", 50000, fail=True).success  # a failed run's labels are no evidence
     result, cursor = tick(s, instance)
@@ -253,7 +280,7 @@ def test_volume_counts_labels_from_successful_runs_once_per_partition(sensors, i
 
 
 def test_each_sensor_tick_is_fast(sensors, instance, state, two_versions):
-    zone = LandingZoneResource(root=str(state / "landing"))
+    zone = LandingZoneResource(root=str(state / "landing"))  # car_loan's folder: landing/car_loan
     for i in range(30):
         report(instance, "drift_report", f"2019-0{1 + i % 8}-01", summary=drift_evidence(1))
     timings = {}
@@ -274,7 +301,9 @@ def test_the_online_gate_approves_the_awaiting_version_only_when_the_published_e
 
     from mlplatform.serving.experiment import BETTER, INCONCLUSIVE
     from resources.audit import AuditResource
-    from sensors.lifecycle import approve_from_experiment
+    from sensors.lifecycle import approval_job
+
+    approve_from_experiment = approval_job(spec)
 
     m = two_versions  # champion v2, previous v1
     m.client().create_model_version(m.model_name, source="file:///tmp/none")
@@ -285,12 +314,12 @@ def test_the_online_gate_approves_the_awaiting_version_only_when_the_published_e
                 "n_baseline": 900, "n_variant": 880, "difference": 0.02 if verdict == BETTER else 0.0,
                 "ci_low": 0.01 if verdict == BETTER else -0.01, "ci_high": 0.03, "p_value": 0.001, "verdict": verdict}
 
-    off = {s.name: s for s in build_lifecycle(spec)["sensors"]}["online_experiment_gate"]
+    off = by_name(build_lifecycle(spec)["sensors"])["online_experiment_gate"]
     report(instance, "online_experiment_report", "2019-05-01", comparisons=[comparison(BETTER)])
     assert skipped(tick(off, instance, mlflow=m)[0]).startswith("the online gate is switched off")
 
     gated = dataclasses.replace(spec, serving=spec.serving.model_copy(update={"experiment_gate": True}))
-    s = {x.name: x for x in build_lifecycle(gated)["sensors"]}["online_experiment_gate"]
+    s = by_name(build_lifecycle(gated)["sensors"])["online_experiment_gate"]
     report(instance, "online_experiment_report", "2019-05-01", comparisons=[comparison(INCONCLUSIVE)])
     result, cursor = tick(s, instance, mlflow=m)
     assert "v3 stays awaiting approval" in skipped(result)

@@ -1,4 +1,10 @@
-"""`mlp`: the operator's command line (simulator, publishing, branches, models, lifecycle state)."""
+"""`mlp`: the operator's command line (simulator, publishing, branches, models, lifecycle state).
+
+Many data sets: the commands about a data set take `--dataset NAME` (repeatable, or comma-separated; default:
+every live data set, MLP_DATASETS / MLP_DATASET / platform/datasets/*.yaml). `mlp status` shows every model's
+lifecycle in one table; `simulate`, `doctor` and `history` run for each chosen data set; `approve`,
+`rollback` and `reproduce` act on one model, so they need `--dataset` when more than one data set is live.
+`publish` and `branches` are the platform's (one lakeFS repository, every data set's run branches)."""
 
 from __future__ import annotations
 
@@ -34,25 +40,47 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def _simulator(scale: int = 1):
+def _specs(args=None) -> list:
+    """The data sets a command is about: `--dataset` (names or spec paths), else every live data set."""
+    from mlplatform.spec import dataset_specs
+
+    chosen = [v.strip() for given in (getattr(args, "dataset", None) or []) for v in given.split(",") if v.strip()]
+    return dataset_specs(chosen or None)
+
+
+def _one_spec(args, what: str):
+    """The one data set a command acts on: `--dataset`, or the only live one."""
+    from mlplatform.spec import SettingError
+
+    specs = _specs(args)
+    if len(specs) != 1:
+        raise SettingError(f"`mlp {what}` acts on one model and {len(specs)} data sets are live "
+                           f"({', '.join(s.name for s in specs)}): name one with --dataset")
+    return specs[0]
+
+
+def _simulator(scale: int = 1, spec=None):
     from tooling.simulator import Simulator
     from mlplatform.spec import dataset_spec
 
-    return Simulator(dataset_spec(), _resources()["landing"].zone(), scale=scale)
+    spec = spec or dataset_spec()
+    return Simulator(spec, _resources()["landing"].zone(spec), scale=scale)
 
 
 def cmd_simulate(args) -> int:
-    sim = _simulator(args.scale)
-    if args.action == "reset":
-        sim.reset()
-        print(f"landing zone {sim.landing.root} reset")
-    elif args.action == "next":
-        rel = sim.release(args.n, start=args.start)
-        print(json.dumps({"released_batches": rel.records, "released_labels": rel.labels, "clock": rel.clock}))
-    else:
-        st = sim.state()
-        print(json.dumps({**st, "clock": sim.clock(st), "remaining": [b for b in sim.batches()
-                                                                      if b not in st["released"]]}))
+    for spec in _specs(args):
+        sim = _simulator(args.scale, spec)
+        if args.action == "reset":
+            sim.reset()
+            print(f"{spec.name}: landing zone {sim.landing.root} reset")
+        elif args.action == "next":
+            rel = sim.release(args.n, start=args.start)
+            print(json.dumps({"dataset": spec.name, "released_batches": rel.records, "released_labels": rel.labels,
+                              "clock": rel.clock}))
+        else:
+            st = sim.state()
+            print(json.dumps({"dataset": spec.name, **st, "clock": sim.clock(st),
+                              "remaining": [b for b in sim.batches() if b not in st["released"]]}))
     return 0
 
 
@@ -95,17 +123,19 @@ def _spec():
     return dataset_spec()
 
 
-def _mlflow():
+def _mlflow(spec=None):
+    """The MLflow store, scoped to `spec`'s registered model (default: MLP_DATASET's)."""
     from resources.environment import MLFLOW
 
-    return _resources(*MLFLOW)["mlflow"]
+    return _resources(*MLFLOW)["mlflow"].scoped(spec or _spec())
 
 
 def cmd_approve(args) -> int:
     from mlplatform import registry
 
-    registry.approve(_mlflow(), _audit(), str(args.version), args.by, args.reason)
-    print(f"version {args.version} approved by {args.by} and promoted to champion")
+    spec = _one_spec(args, "approve")
+    registry.approve(_mlflow(spec), _audit(), str(args.version), args.by, args.reason)
+    print(f"{spec.name}-model version {args.version} approved by {args.by} and promoted to champion")
     return 0
 
 
@@ -113,8 +143,9 @@ def cmd_rollback(args) -> int:
     from mlplatform import registry
     from mlplatform.audit import default_actor
 
-    old, new = registry.rollback(_mlflow(), _audit(), args.reason, actor=default_actor())
-    print(f"champion rolled back from version {old} to version {new}")
+    spec = _one_spec(args, "rollback")
+    old, new = registry.rollback(_mlflow(spec), _audit(), args.reason, actor=default_actor())
+    print(f"{spec.name}-model: champion rolled back from version {old} to version {new}")
     return 0
 
 
@@ -126,11 +157,13 @@ def reproduce(version: str, mlflow=None, lakefs=None, spec=None, audit=None) -> 
     from mlplatform import modeling, registry
     from mlplatform.audit import default_actor
     from resources.io import load_asset
+    from resources.naming import ns
 
-    mlflow, lakefs, spec = mlflow or _mlflow(), lakefs or _lakefs(), spec or _spec()
+    spec = spec or _spec()
+    mlflow, lakefs = (mlflow or _mlflow(spec)).scoped(spec), lakefs or _lakefs()
     tags = registry.version_tags(mlflow, version)
     commit = tags["lakefs_commit"]
-    ts = load_asset(lakefs, "training_set", ref=commit)
+    ts = load_asset(lakefs, ns(spec).key("training_set"), ref=commit)
     params = json.loads(tags["lgb_params"])
     trained = modeling.train(ts, spec, params, int(tags["num_boost_round"]), int(tags["early_stopping_rounds"]))
     test = ts.filter(pl.col("split") == "test")
@@ -145,16 +178,18 @@ def reproduce(version: str, mlflow=None, lakefs=None, spec=None, audit=None) -> 
 
 
 def cmd_reproduce(args) -> int:
-    result = reproduce(str(args.version))
+    result = reproduce(str(args.version), spec=_one_spec(args, "reproduce"))
     print(json.dumps(result, indent=1))
     return 0 if result["identical"] else 1
 
 
 def cmd_history(args) -> int:
     trail = _audit()
-    model = _mlflow().model_name
-    for e in trail.history(model, args.version):
-        print(f"{e.seq:>4} {e.at[:19]} {e.actor:<28} {e.action:<18} v{e.version or '-':<4} {e.reason}")
+    for spec in _specs(args):
+        model = f"{spec.name}-model"
+        print(f"== {model}")
+        for e in trail.history(model, args.version):
+            print(f"{e.seq:>4} {e.at[:19]} {e.actor:<28} {e.action:<18} v{e.version or '-':<4} {e.reason}")
     broken = trail.verify()
     print("audit trail intact" if not broken else f"audit trail TAMPERED at entries {broken}")
     return 0 if not broken else 1
@@ -165,7 +200,7 @@ def doctor(mlflow, lakefs, instance=None, audit=None) -> list[str]:
     import dagster as dg
 
     from mlplatform import registry
-    from resources.publish import GATE_TAG, PUBLISHED_TAG, commit_on_main
+    from resources.publish import GATE_TAG, MODEL_NAME_TAG, PUBLISHED_TAG, commit_on_main
 
     trail = audit or _audit()
     model, store = mlflow.model_name, registry.store_name(mlflow)
@@ -219,7 +254,8 @@ def doctor(mlflow, lakefs, instance=None, audit=None) -> list[str]:
     if instance is not None:
         done = {e.evidence.get("dagster_run_id") for e in moves if e.action in ("promoted", "awaiting_approval")}
         for decision in (registry.PROMOTE, registry.AWAIT_APPROVAL):
-            for run in instance.get_runs(filters=dg.RunsFilter(tags={GATE_TAG: decision})):
+            # this model's runs only: another data set's runs carry their own model's name
+            for run in instance.get_runs(filters=dg.RunsFilter(tags={GATE_TAG: decision, MODEL_NAME_TAG: model})):
                 if run.tags.get(PUBLISHED_TAG) and run.run_id not in done:
                     problems.append(f"run {run.run_id} was published with gate decision {decision} for "
                                     f"v{run.tags.get('mlp/model_version')}, but its alias move is not recorded: "
@@ -228,13 +264,17 @@ def doctor(mlflow, lakefs, instance=None, audit=None) -> list[str]:
 
 
 def cmd_doctor(args) -> int:
-    mlflow, lakefs = _mlflow(), _lakefs()
-    problems = doctor(mlflow, lakefs, _instance())
-    for p in problems:
-        print(f"DIVERGENCE: {p}")
-    if not problems:
-        print(f"ok: the audit trail, the MLflow aliases of {mlflow.model_name} and lakeFS {lakefs.repository} agree")
-    return 1 if problems else 0
+    lakefs, instance, status = _lakefs(), _instance(), 0
+    for spec in _specs(args):
+        mlflow = _mlflow(spec)
+        problems = doctor(mlflow, lakefs, instance)
+        for p in problems:
+            print(f"DIVERGENCE: {p}")
+        if not problems:
+            print(f"ok: the audit trail, the MLflow aliases of {mlflow.model_name} and lakeFS {lakefs.repository} "
+                  f"agree")
+        status = status or (1 if problems else 0)
+    return status
 
 
 def _sensor_cursor(instance, name: str) -> str | None:
@@ -245,13 +285,16 @@ def _sensor_cursor(instance, name: str) -> str | None:
 
 
 def lifecycle_state(instance, mlflow, spec, audit=None) -> dict:
-    """Everything the operator view shows, as data (the `status` command prints it)."""
+    """Everything the operator view shows about one data set's model, as data (the `status` command prints it)."""
     import dagster as dg
 
     from mlplatform import registry
+    from resources.naming import ns
     from sensors.lifecycle import evaluate_triggers, latest_materializations, meta_value
 
-    out: dict = {"model": mlflow.model_name, "aliases": {}}
+    n = ns(spec)
+    mlflow = mlflow.scoped(spec)
+    out: dict = {"dataset": spec.name, "model": mlflow.model_name, "aliases": {}}
     for alias, version in sorted(registry.aliases(mlflow).items()):
         tags = registry.version_tags(mlflow, version)
         out["aliases"][alias] = {"version": version, "training_commit": tags.get("lakefs_commit", "?"),
@@ -266,52 +309,85 @@ def lifecycle_state(instance, mlflow, spec, audit=None) -> dict:
                              "action": (f"gate:{decisions[-1].evidence.get('decision')}"
                                         if decisions[-1].action == "gate_decision" else decisions[-1].action),
                              "why": decisions[-1].reason} if decisions else None)
-    drift = latest_materializations(instance, "drift_report")
+    batches = sorted(instance.get_materialized_partitions(n.key("raw_records")))
+    out["last_batch"] = batches[-1] if batches else None
+    drift = latest_materializations(instance, n.key("drift_report"))
     if drift:
         summary = meta_value(drift[0].asset_materialization.metadata, "summary", {}) or {}
         out["latest_drift"] = {"partition": drift[0].partition_key, "n_alerts": summary.get("n_alerts"),
                                "alerting_features": summary.get("alerting_features"),
                                "multivariate_alert": summary.get("multivariate", {}).get("alert")}
-    est = latest_materializations(instance, "performance_estimate")
+    est = latest_materializations(instance, n.key("performance_estimate"))
     if est:
         meta = est[0].asset_materialization.metadata
         metric = spec.estimated_metric
         out["latest_estimate"] = {"partition": est[0].partition_key, metric: meta_value(meta, f"estimated_{metric}"),
                                   "champion_test_score": meta_value(meta, "champion_test_score"), "alert": meta_value(meta, "alert")}
-    keys = [dg.AssetKey(k) for k in spec.freshness]
+    keys = n.keys(*spec.freshness)
     records = instance.get_freshness_state_records(keys)
-    out["freshness"] = {k.to_user_string(): (records[k].freshness_state.value if k in records else "UNKNOWN")
-                        for k in keys}
-    cursor = _sensor_cursor(instance, "retrain_on_evidence")
+    out["freshness"] = {k.path[-1]: (records[k].freshness_state.value if k in records else "UNKNOWN") for k in keys}
+    cursor = _sensor_cursor(instance, n.sensor("retrain_on_evidence"))
     seen = json.loads(cursor)["seen"] if cursor else {}
     out["pending_triggers"] = [{"trigger": t.name, "reason": t.reason} for t in evaluate_triggers(instance, spec, seen)]
     return out
 
 
+STATUS_COLUMNS = ("data set", "champion", "challenger", "awaiting", "last batch", "last retrain", "last decision",
+                  "latest drift", "latest estimate", "freshness", "pending triggers")
+
+
+def status_row(state: dict) -> dict[str, str]:
+    """One model's lifecycle as the cells of the `mlp status` table."""
+    def version(alias):
+        v = state["aliases"].get(alias)
+        return f"v{v['version']}" if v else "-"
+
+    lr, ld, d, e = (state.get(k) for k in ("last_retrain", "last_decision", "latest_drift", "latest_estimate"))
+    bad = sorted(k for k, v in state["freshness"].items() if v in ("FAIL", "WARN"))
+    return {
+        "data set": state["dataset"], "champion": version("champion"), "challenger": version("challenger"),
+        "awaiting": version("awaiting-approval"), "last batch": state.get("last_batch") or "-",
+        "last retrain": f"{lr['at'][:16]} {lr['by']}" if lr else "-",
+        "last decision": f"{ld['action']} v{ld['version']}" if ld else "-",
+        "latest drift": (f"{d['partition']}: {d['n_alerts']} alert(s)" + (", multivariate" if d["multivariate_alert"]
+                                                                        else "")) if d else "-",
+        "latest estimate": (f"{e['partition']}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                             for k, v in e.items() if k not in ("partition",)))
+        if e else "-",
+        "freshness": ", ".join(f"{k}={state['freshness'][k]}" for k in bad) or "ok",
+        "pending triggers": ", ".join(t["trigger"] for t in state["pending_triggers"]) or "-",
+    }
+
+
+def status_table(states: list[dict]) -> str:
+    """Every model's lifecycle in one table: one row per data set."""
+    rows = [status_row(s) for s in states]
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in STATUS_COLUMNS}
+    line = lambda cells: "  ".join(str(cells[c]).ljust(widths[c]) for c in STATUS_COLUMNS).rstrip()  # noqa: E731
+    return "\n".join([line({c: c for c in STATUS_COLUMNS}), line({c: "-" * widths[c] for c in STATUS_COLUMNS}),
+                      *(line(r) for r in rows)])
+
+
 def cmd_status(args) -> int:
-    state = lifecycle_state(_instance(), _mlflow(), _spec())
+    instance, audit = _instance(), _audit()
+    states = [lifecycle_state(instance, _mlflow(spec), spec, audit) for spec in _specs(args)]
     if args.json:
-        print(json.dumps(state, indent=1, default=str))
+        print(json.dumps(states, indent=1, default=str))
         return 0
-    print(f"== {state['model']}")
-    for alias, v in state["aliases"].items():
-        print(f"  {alias:<18} v{v['version']:<4} trained on lakeFS {v['training_commit'][:12]}  run {v['dagster_run_id'][:8]}")
-    if not state["aliases"]:
-        print("  no model registered yet")
-    lr, ld = state["last_retrain"], state["last_decision"]
-    print(f"last retrain:     {lr['at'][:19]} by {lr['by']}: {lr['why']}" if lr else "last retrain:     none")
-    print(f"last decision:    {ld['at'][:19]} {ld['action']} v{ld['version']}: {ld['why']}" if ld else
-          "last decision:    none")
-    d = state.get("latest_drift")
-    print(f"latest drift:     batch {d['partition']}: {d['n_alerts']} alerts on {d['alerting_features']}, "
-          f"multivariate alert {d['multivariate_alert']}" if d else "latest drift:     none")
-    e = state.get("latest_estimate")
-    print(f"latest estimate:  batch {e['partition']}: " + ", ".join(f"{k}={v}" for k, v in e.items() if k != 'partition')
-          if e else "latest estimate:  none")
-    print("freshness:        " + ", ".join(f"{k}={v}" for k, v in state["freshness"].items()))
-    print("pending triggers: " + ("; ".join(f"{t['trigger']}: {t['reason']}" for t in state["pending_triggers"])
-                                  or "none"))
+    print(status_table(states))
+    for state in states:  # the reasons behind the table's cells
+        lr, ld = state["last_retrain"], state["last_decision"]
+        why = [f"last retrain: {lr['why']}" if lr else "", f"last decision: {ld['why']}" if ld else "",
+               *(f"pending {t['trigger']}: {t['reason']}" for t in state["pending_triggers"])]
+        why = [w for w in why if w]
+        if why:
+            print(f"\n{state['model']}:\n  " + "\n  ".join(why))
     return 0
+
+
+def _add_dataset(p) -> None:
+    p.add_argument("--dataset", action="append", metavar="NAME",
+                   help="a data set (spec name or path; repeat or comma-separate; default: every live data set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("n", nargs="?", type=int, default=1)
     s.add_argument("--scale", type=int, default=1, help="resample the production data this many times")
     s.add_argument("--start", help="jump ahead: release batches from this partition key on")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_simulate)
     s = sub.add_parser("publish", help="merge finished, passing runs' lakeFS branches into main")
     s.add_argument("--run-id")
@@ -335,21 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("version")
     s.add_argument("--by", required=True, help="who approves")
     s.add_argument("--reason", required=True)
+    _add_dataset(s)
     s.set_defaults(fn=cmd_approve)
     s = sub.add_parser("rollback", help="move `champion` back to the previous version, in one step")
     s.add_argument("--reason", default="manual rollback")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_rollback)
     s = sub.add_parser("reproduce", help="rebuild a version's training set from lakeFS and retrain it")
     s.add_argument("version")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_reproduce)
-    s = sub.add_parser("status", help="the lifecycle at a glance: models, retrains, drift, estimates, freshness")
+    s = sub.add_parser("status", help="every model's lifecycle in one table: champion, challenger, last batch, "
+                                      "retrains, decisions, drift, estimates, freshness, pending triggers")
     s.add_argument("--json", action="store_true")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_status)
     s = sub.add_parser("doctor", help="check that the audit trail, the MLflow aliases and lakeFS agree; "
                                       "names each divergence (exit 1 if any)")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_doctor)
     s = sub.add_parser("history", help="the audit trail of the model (every decision, in order)")
     s.add_argument("--version")
+    _add_dataset(s)
     s.set_defaults(fn=cmd_history)
     return p
 

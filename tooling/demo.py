@@ -5,6 +5,10 @@ The flow is `flow(state)` -> the list of (selection, partition) steps; `main` ru
 definitions loaded once) and publishes each run to lakeFS main, printing for each step the `dagster asset
 materialize` command that does the same from the CLI. tests/test_demo_flow.py runs these same commands from an
 empty state (a lakeFS with no repository, an empty MLflow store, an empty DAGSTER_HOME).
+
+The demo walks ONE data set through its lifecycle: MLP_DATASET's, car_loan by default (`make demo
+DEMO_DATASET=car_price` for the other). The definitions it loads hold every live data set; its selections name
+that data set's assets (`car_loan/raw_records`, ...), so the others are left untouched.
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ HEALTH = "model_health_report"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def flow(state: dict) -> list[tuple[str, str | None]]:
-    """The demo's materializations, in order, for the simulator's state (released batches and labels)."""
+def flow(state: dict, spec=None) -> list[tuple[str, str | None]]:
+    """The demo's materializations, in order, for the simulator's state (released batches and labels), as
+    `--select` strings of `spec`'s asset keys (default: MLP_DATASET's data set, car_loan)."""
+    from mlplatform.spec import dataset_spec
+    from resources.naming import ns
+
+    n = ns(spec or dataset_spec())
+    return [(n.selection(select.split(",")), partition) for select, partition in _flow(state)]
+
+
+def _flow(state: dict) -> list[tuple[str, str | None]]:
     steps: list[tuple[str, str | None]] = [("reference_data", None)]
     for partition in state["released"]:
         batch = "raw_records,stg_records,features"  # a batch's features are built with its records
@@ -98,8 +111,12 @@ def summary() -> None:
     from resources.environment import LAKEFS
     from tooling.cli import _resources
 
+    from mlplatform.spec import dataset_spec
+
+    spec = dataset_spec()
     res = _resources(*LAKEFS)
     lakefs, mlflow = res["lakefs"], res.get("mlflow")
+    mlflow = mlflow.scoped(spec) if mlflow is not None else None
     head = lakefs.head()
     print("\n== where to look")
     print(f"lakeFS main:   {head}  {lakefs.commit_url(head)}")
@@ -114,7 +131,7 @@ def summary() -> None:
           f"schema at http://127.0.0.1:8080/docs)\n")
     from tooling.cli import main as mlp
 
-    mlp(["status"])
+    mlp(["status", "--dataset", spec.name])
 
 
 def main(argv: list[str] | None = None) -> None:
