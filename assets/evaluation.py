@@ -1,6 +1,8 @@
 """Evaluation: candidate vs champion on the same test rows, the promotion gate (a decision, applied when the
 run is published), and the model card."""
 
+
+
 import base64
 import datetime as dt
 import io
@@ -8,8 +10,9 @@ import json
 import os
 
 import dagster as dg
-import numpy as np
-import polars as pl
+from mlplatform.lazy import lazy_import
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 from mlplatform import behaviour, modeling, registry
 from resources.audit import AuditResource
@@ -94,7 +97,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
                      *behaviour_checks],
     )
     def evaluation_report(context: dg.AssetExecutionContext, config: GateConfig, candidate_model: dict,
-                          training_set: pl.DataFrame, mlflow: MLflowResource, audit: AuditResource,
+                          training_set, mlflow: MLflowResource, audit: AuditResource,
                           lakefs: LakeFSResource):
         mlflow = mlflow.scoped(spec)  # this data set's registered model and experiment
         version = str(candidate_model["version"])
@@ -196,7 +199,7 @@ def build_evaluation(spec: DatasetSpec) -> list:
         description="Model card (Markdown and JSON): use, lineage, metrics, slices, gate and approval.",
     )
     def model_card(context: dg.AssetExecutionContext, candidate_model: dict, evaluation_report: dict,
-                   training_set: pl.DataFrame, mlflow: MLflowResource, lakefs: LakeFSResource,
+                   training_set, mlflow: MLflowResource, lakefs: LakeFSResource,
                    audit: AuditResource) -> dict:
         mlflow = mlflow.scoped(spec)
         card = make_card(spec, candidate_model, evaluation_report, training_set, lakefs,

@@ -21,6 +21,7 @@ backfill of `rebuild_features` over all partitions is the full rebuild. A change
 definition in the spec changes the models' code versions, which marks their partitions stale in the UI.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -81,7 +82,13 @@ def ensure_manifest(spec: DatasetSpec) -> dict:
             os.replace(scratch / "manifest.json", path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return json.loads(path.read_text())
+    return _read_manifest(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_manifest(path: str, mtime_ns: int) -> dict:
+    """A parsed manifest, once per process and version: data sets with the same dbt vars share it (read only)."""
+    return json.loads(Path(path).read_text())
 
 
 def manifest_hash(spec: DatasetSpec) -> str:

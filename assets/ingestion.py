@@ -17,12 +17,15 @@ quarantined only once they have settled (see raw_labels).
 """
 
 
+
+
 import datetime as dt
 import io
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from mlplatform import contracts
 from mlplatform.sources import source_name
@@ -52,7 +55,7 @@ QUARANTINE_CHECK = "files_quarantined"
 HELD_CHECK = "files_held"  # raw_labels (WARN): label files left in the landing zone until their records settle
 
 # (repository, path, lakeFS checksum) -> ids of a published batch: objects are immutable per checksum.
-_IDS_CACHE: dict[tuple[str, str, str], pl.Series] = {}
+_IDS_CACHE: "dict[tuple[str, str, str], pl.Series]" = {}
 
 
 def check_results(asset_key: dg.AssetKey, names: list[str], violations: list[contracts.Violation],
@@ -151,7 +154,7 @@ def _rejected_table(quarantined: list[dict]) -> dg.MetadataValue:
 
 
 def _previous_version(context, lakefs: LakeFSResource, key: dg.AssetKey,
-                      partition: str) -> tuple[pl.DataFrame | None, dict[str, str | None]]:
+                      partition: str) -> "tuple[pl.DataFrame | None, dict[str, str | None]]":
     """The batch's latest checked version and the ledger of landing files it holds (name -> sha256)."""
     from resources.io import _meta_text, deserialize, latest_checked_materialization
 
@@ -193,7 +196,7 @@ def id_index_path(spec: DatasetSpec, partition: str) -> str:
     return f"{id_index_prefix(spec)}partition={partition}.parquet"
 
 
-def write_id_index(lakefs: LakeFSResource, branch: str, spec: DatasetSpec, partition: str, df: pl.DataFrame) -> None:
+def write_id_index(lakefs: LakeFSResource, branch: str, spec: DatasetSpec, partition: str, df: "pl.DataFrame") -> None:
     """Write the batch's id index on its branch (committed with the batch by the I/O manager)."""
     ids = df.select(pl.col(spec.id_column).drop_nulls().unique().sort())
     buf = io.BytesIO()
@@ -219,7 +222,7 @@ def _overlaps(meta: dict, lo, hi, dtype) -> bool:
     return not (fmax < lo or fmin > hi)
 
 
-def _read_ids(lakefs: LakeFSResource, ref: str, path: str, checksum: str, column: str) -> pl.Series:
+def _read_ids(lakefs: LakeFSResource, ref: str, path: str, checksum: str, column: str) -> "pl.Series":
     key = (lakefs.repository, path, checksum)
     if key not in _IDS_CACHE:
         data = lakefs.get(ref, path)
@@ -230,7 +233,7 @@ def _read_ids(lakefs: LakeFSResource, ref: str, path: str, checksum: str, column
 
 
 def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition: str,
-                   ids: pl.Series) -> dict[str, pl.Series]:
+                   ids: "pl.Series") -> "dict[str, pl.Series]":
     """Which of `ids` (this batch's) other batches and the reference history already hold, as the run's
     branch (main once its predecessors are published) has them: {batch or 'reference': the repeated ids}.
 
@@ -242,12 +245,12 @@ def _ids_elsewhere(context, lakefs: LakeFSResource, spec: DatasetSpec, partition
     branch = open_run_branch(context.instance, lakefs, context.run.run_id)
     ref = lakefs.repo().ref(branch)
     ids = ids.drop_nulls().unique()
-    out: dict[str, pl.Series] = {}
+    out: "dict[str, pl.Series]" = {}
     if ids.len() == 0:
         return out
     lo, hi = ids.min(), ids.max()
 
-    def hits(other: pl.Series) -> pl.Series:
+    def hits(other: "pl.Series") -> "pl.Series":
         return ids.filter(ids.is_in(other.cast(ids.dtype, strict=False).implode()))
 
     indexed = set()

@@ -1,12 +1,15 @@
 """Monitoring per production batch: univariate drift (our polars engine) and multivariate drift (NannyML),
 label-free performance estimation (NannyML CBPE / DLE), realized performance, and data quality."""
 
+
+
 import base64
 import io
 
 import dagster as dg
-import numpy as np
-import polars as pl
+from mlplatform.lazy import lazy_import
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
 from resources.partitions import partitions_def
@@ -24,7 +27,7 @@ def _png_md(fig, title: str) -> tuple[bytes, str]:
     return data, f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
-def _md_table(df: pl.DataFrame, cols: list[str], limit: int = 60) -> str:
+def _md_table(df: "pl.DataFrame", cols: list[str], limit: int = 60) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in df.select(cols).head(limit).iter_rows():
         lines.append("| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
@@ -49,7 +52,7 @@ def previous_partitions(spec: DatasetSpec, partition: str, count: int) -> list[s
     return keys[max(0, i - count):i]
 
 
-def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: pl.DataFrame) -> pl.DataFrame:
+def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: "pl.DataFrame") -> "pl.DataFrame":
     """This batch's drift beside the published drift reports of the batches before it (at most
     `monitoring.drift_plot_batches`): one chunk per batch, read from those small reports, so the
     plot costs a bounded number of reads instead of recomputing drift over all history."""
@@ -68,7 +71,7 @@ def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: 
     return out.with_columns(pl.col("chunk_key").replace_strict(order, return_dtype=pl.Int64).alias("chunk_index"))
 
 
-def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec, chunk_size: int) -> dict:
+def multivariate_drift(ref: "pl.DataFrame", batch: "pl.DataFrame", spec: DatasetSpec, chunk_size: int) -> dict:
     """NannyML's data-reconstruction (PCA) drift: reconstruction error of the batch vs reference bounds."""
     import os
 
@@ -91,7 +94,7 @@ def multivariate_drift(ref: pl.DataFrame, batch: pl.DataFrame, spec: DatasetSpec
             "alert": bool(rec["alert"].any()), "chunks": int(len(rec))}
 
 
-def batch_drift(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFrame):
+def batch_drift(spec: DatasetSpec, ref: "pl.DataFrame", batch: "pl.DataFrame"):
     """One batch's drift against the reference, as one chunk: (engine, per feature and method table, summary
     with the multivariate reconstruction drift under "multivariate"). Shared by drift_report and the online
     drift report (assets/online.py)."""
@@ -123,7 +126,7 @@ def drift_check_specs(check_prefix: str, asset: dg.AssetKey) -> list[dg.AssetChe
                               description="chunks large enough, no all-null or constant columns")]
 
 
-def drift_results(check_prefix: str, partition: str, latest: pl.DataFrame, summary: dict, rows: int,
+def drift_results(check_prefix: str, partition: str, latest: "pl.DataFrame", summary: dict, rows: int,
                   extra_metadata: dict | None = None):
     """The output and the two check results of a one-batch drift report (drift_report, online_drift_report):
     the per feature and method table, alert counts that plot over time, and the checks named
@@ -201,7 +204,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         partitions_def=parts, deps=[n.key("features")], ins=n.ins("batch_predictions"),
         description="Label-free performance estimate of the champion on one batch (NannyML CBPE / DLE).",
     )
-    def performance_estimate(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
+    def performance_estimate(context: dg.AssetExecutionContext, batch_predictions,
                              lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
         mlflow = mlflow.scoped(spec)
         champ_v = batch_predictions["model_version"][0]
@@ -228,8 +231,8 @@ def build_monitoring(spec: DatasetSpec) -> list:
         ins=n.ins("batch_predictions", "raw_labels"),
         description="Realized performance once the batch's delayed labels land, beside the estimate.",
     )
-    def realized_performance(context: dg.AssetExecutionContext, batch_predictions: pl.DataFrame,
-                             raw_labels: pl.DataFrame, lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
+    def realized_performance(context: dg.AssetExecutionContext, batch_predictions,
+                             raw_labels, lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
         mlflow = mlflow.scoped(spec)
         joined = batch_predictions.join(raw_labels.select(spec.id_column, spec.target), on=spec.id_column)
         if joined.height == 0:
@@ -269,7 +272,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
         partitions_def=parts, ins=n.ins("raw_records"),
         description="Missing values, unseen categories and range violations per feature in one batch.",
     )
-    def data_quality_report(context: dg.AssetExecutionContext, raw_records: pl.DataFrame) -> dg.Output:
+    def data_quality_report(context: dg.AssetExecutionContext, raw_records) -> dg.Output:
         report = data_quality(raw_records, spec)
         issues = int(report.filter(pl.col("missing") + pl.col("unseen_categories") + pl.col("out_of_range") > 0)
                      .height)
@@ -284,7 +287,7 @@ def build_monitoring(spec: DatasetSpec) -> list:
     return [drift_report, performance_estimate, realized_performance, data_quality_report]
 
 
-def data_quality(df: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
+def data_quality(df: "pl.DataFrame", spec: DatasetSpec) -> "pl.DataFrame":
     rows = []
     n = df.height
     for f in spec.features:
@@ -308,7 +311,7 @@ def data_quality(df: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
 
 
 def champion_reference(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflow: MLflowResource,
-                       version: str) -> pl.DataFrame:
+                       version: str) -> "pl.DataFrame":
     """The champion's predictions on its own test split, with labels: what CBPE/DLE are fitted on."""
     from resources.io import load_asset
 
@@ -320,7 +323,7 @@ def champion_reference(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflo
     return test.with_columns(pl.Series("prediction", modeling.predict(booster, test, spec)))
 
 
-def estimate_performance(spec: DatasetSpec, ref: pl.DataFrame, batch: pl.DataFrame, lakefs, context) -> dict:
+def estimate_performance(spec: DatasetSpec, ref: "pl.DataFrame", batch: "pl.DataFrame", lakefs, context) -> dict:
     import os
 
     os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")

@@ -15,8 +15,11 @@ bootstrap CI on the metric difference, Welch or paired t-test on the per-row los
 reads the published report with `mlplatform.serving.experiment.gate_verdict` (README "Online serving").
 """
 
+
+
 import dagster as dg
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from assets.monitoring import (_md_table, batch_drift, champion_reference, drift_check_specs, drift_results,
                                estimate_performance)
@@ -61,7 +64,7 @@ def build_online(spec: DatasetSpec) -> list:
                     "against the reference: the same engine, methods and thresholds as drift_report.",
         check_specs=drift_check_specs("online_drift", n.key("online_drift_report")),
     )
-    def online_drift_report(context: dg.AssetExecutionContext, online_predictions: pl.DataFrame,
+    def online_drift_report(context: dg.AssetExecutionContext, online_predictions,
                             lakefs: LakeFSResource):
         ref, _ = read_upstream_table(context, lakefs, n.key("reference_features"))
         served = served_rows(spec, online_predictions)
@@ -78,7 +81,7 @@ def build_online(spec: DatasetSpec) -> list:
         description="Label-free performance estimate (NannyML CBPE / DLE) of each model version the server ran "
                     "in one batch period, answering or in shadow, each fitted on its own test split.",
     )
-    def online_performance_estimate(context: dg.AssetExecutionContext, online_predictions: pl.DataFrame,
+    def online_performance_estimate(context: dg.AssetExecutionContext, online_predictions,
                                     lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
         logged = served_rows(spec, online_predictions, shadow=None)
         rows = []
@@ -114,8 +117,8 @@ def build_online(spec: DatasetSpec) -> list:
                     "t-test on the per-row loss, verdict). A promotion gate reads it with "
                     "mlplatform.serving.experiment.gate_verdict.",
     )
-    def online_experiment_report(context: dg.AssetExecutionContext, online_predictions: pl.DataFrame,
-                                 raw_labels: pl.DataFrame) -> dg.Output:
+    def online_experiment_report(context: dg.AssetExecutionContext, online_predictions,
+                                 raw_labels) -> dg.Output:
         from mlplatform.serving.experiment import experiment_table
 
         joined = join_labels(spec, online_predictions, raw_labels)
@@ -138,7 +141,7 @@ def build_online(spec: DatasetSpec) -> list:
     return [online_predictions, online_drift_report, online_performance_estimate, online_experiment_report]
 
 
-def served_rows(spec: DatasetSpec, logged: pl.DataFrame, shadow: bool | None = False) -> pl.DataFrame:
+def served_rows(spec: DatasetSpec, logged: "pl.DataFrame", shadow: bool | None = False) -> "pl.DataFrame":
     """Logged rows as a batch of the data set: the event time (else the prediction time) under the spec's time
     column, the entity id under its id column; only answered rows by default (shadow=None: all)."""
     out = logged if shadow is None else logged.filter(pl.col("shadow") == shadow)
@@ -146,7 +149,7 @@ def served_rows(spec: DatasetSpec, logged: pl.DataFrame, shadow: bool | None = F
                             pl.col("entity_id").alias(spec.id_column))
 
 
-def join_labels(spec: DatasetSpec, logged: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+def join_labels(spec: DatasetSpec, logged: "pl.DataFrame", labels: "pl.DataFrame") -> "pl.DataFrame":
     """Logged predictions with their label (inner join on the entity id; the newest label of an id wins)."""
     lab = labels.select(pl.col(spec.id_column).cast(pl.String).alias("entity_id"), spec.target) \
         .unique(subset="entity_id", keep="last", maintain_order=True)

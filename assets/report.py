@@ -5,10 +5,13 @@ This module only gathers the inputs (the stored monitoring outputs of the last `
 batches, the landing results of raw_records, the registry's versions and aliases, the audit trail); the page is
 built by mlplatform.report."""
 
+
+
 import datetime as dt
 
 import dagster as dg
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from mlplatform import registry, report
 from mlplatform.spec import LOWER_IS_BETTER, DatasetSpec

@@ -1,7 +1,10 @@
 """Serving: batch predictions per production batch by the champion, with the challenger in shadow."""
 
+
+
 import dagster as dg
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
 from mlplatform.batches import window
@@ -13,8 +16,8 @@ from resources.naming import ns
 from mlplatform.spec import DatasetSpec
 
 
-def score_batch(features: pl.DataFrame, spec: DatasetSpec, champion, champion_version: str, challenger,
-                challenger_version: str | None, input_commit: str) -> pl.DataFrame:
+def score_batch(features: "pl.DataFrame", spec: DatasetSpec, champion, champion_version: str, challenger,
+                challenger_version: str | None, input_commit: str) -> "pl.DataFrame":
     """Champion scores; the challenger's scores sit beside them (shadow, never acted on)."""
     p = modeling.predict(champion, features, spec)
     out = features.select(spec.id_column, spec.time_column).with_columns(

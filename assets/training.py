@@ -1,13 +1,16 @@
 """Training: point-in-time labelled examples, the time-split training set, and the LightGBM candidate."""
 
+
+
 import datetime as dt
 import hashlib
 import json
 import os
 
 import dagster as dg
-import numpy as np
-import polars as pl
+from mlplatform.lazy import lazy_import
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 from mlplatform import modeling
 from mlplatform.audit import AuditTrail
@@ -92,7 +95,7 @@ def build_training(spec: DatasetSpec) -> list:
         description="Time-ordered train / validation / test split of the labelled examples, frozen in lakeFS.",
         check_specs=[dg.AssetCheckSpec(c, asset=n.key("training_set"), blocking=True) for c in ts_checks],
     )
-    def training_set(context: dg.AssetExecutionContext, labelled_examples: pl.DataFrame):
+    def training_set(context: dg.AssetExecutionContext, labelled_examples):
         ts = modeling.time_split(labelled_examples, spec)
         rows = []
         for s in modeling.SPLITS:
@@ -125,7 +128,7 @@ def build_training(spec: DatasetSpec) -> list:
         description="A LightGBM candidate trained on the training set, tracked and registered in MLflow.",
         pool="training",  # one training at a time, however it was launched (platform/dagster.yaml: pools)
     )
-    def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set: pl.DataFrame,
+    def candidate_model(context: dg.AssetExecutionContext, config: TrainConfig, training_set,
                         mlflow: MLflowResource, lakefs: LakeFSResource, audit: AuditResource) -> dg.Output:
         mlflow = mlflow.scoped(spec)  # this data set's registered model and experiment
         if context.run.tags.get("retrain/trigger"):  # requested by a trigger: its audit entry, once
@@ -175,7 +178,7 @@ def checked_partitions(context, key: str | dg.AssetKey) -> dict[str, tuple[str, 
 
 
 def load_partition(context, lakefs: LakeFSResource, key: str, partition: str, found: tuple[str, str],
-                   commits: dict) -> pl.DataFrame:
+                   commits: dict) -> "pl.DataFrame":
     """One partition of a dbt model at its checked commit; the commit is recorded as upstream lineage."""
     from resources.io import deserialize
 
@@ -215,7 +218,7 @@ def record_retrain_trigger(run: dg.DagsterRun, model: str, audit: AuditTrail | N
     return True
 
 
-def content_digest(ts: pl.DataFrame) -> str:
+def content_digest(ts: "pl.DataFrame") -> str:
     """A digest of the training set's content (schema, rows and their order)."""
     h = hashlib.sha256(json.dumps([[n, str(t)] for n, t in ts.schema.items()]).encode())
     h.update(pl.__version__.encode())
@@ -239,7 +242,7 @@ def code_is_exact(code_version: str) -> bool:
     return bool(code_version) and code_version != "unknown" and not code_version.endswith("-dirty")
 
 
-def fingerprint(ts: pl.DataFrame, code_version: str, params: dict, config: TrainConfig) -> str:
+def fingerprint(ts: "pl.DataFrame", code_version: str, params: dict, config: TrainConfig) -> str:
     """Same fingerprint = same model: training-set content, code version, training parameters."""
     payload = {"data": content_digest(ts), "code": code_version, "params": params,
                "config": config.model_dump() if hasattr(config, "model_dump") else dict(config)}
@@ -286,7 +289,7 @@ def _discard_versions(mlflow: MLflowResource, mlflow_run_id: str, version: str |
     return left
 
 
-def train_and_register(spec: DatasetSpec, ts: pl.DataFrame, config: TrainConfig, mlflow: MLflowResource,
+def train_and_register(spec: DatasetSpec, ts: "pl.DataFrame", config: TrainConfig, mlflow: MLflowResource,
                        lakefs: LakeFSResource, ts_commit: str, run_id: str, actor: str, audit: AuditResource) -> dict:
     """Train, log and register one model version; on any failure no version is left behind (the audit trail is
     opened when the version is registered, so a trail that cannot be written is such a failure).

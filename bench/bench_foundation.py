@@ -4,8 +4,10 @@ Measured side by side in one run, printed as a compact table and written to
 bench/results/foundation.json:
 
 1. Code-location load: median wall time of fresh subprocesses running `import dagster` (A) vs
-   loading platform/definitions.py and accessing `defs` (B), interleaved A,B,A,B,... so both see the
-   same machine noise; one untimed warm-up of each first. Goal: B/A < 2.
+   loading platform/definitions.py and accessing `defs` with the bundled data sets (B) and with 10 data sets
+   (C: copies of the bundled specs, named <spec>_copy<i>, in a temporary folder, given by MLP_DATASETS paths),
+   interleaved A,B,C,A,B,C,... so all see the same machine noise; one untimed warm-up of each first.
+   Goals: B/A < 2, C/A <= 1.5 (issue 13: many data sets in one code location).
 2. lakeFS commit of a small table: a ~1000-row polars DataFrame written as parquet, `put` then
    `commit`; median of upload+commit and of commit alone (one untimed warm-up first).
 3. Branch creation with 10 MB and 1 GB of random (incompressible) bytes committed on main: median
@@ -17,6 +19,7 @@ the server of `make up` (port 8000) is never touched.
 
     .venv/bin/python bench/bench_foundation.py            # from the repository root
     .venv/bin/python bench/bench_foundation.py --quick    # smaller sizes / fewer iterations (smoke)
+    .venv/bin/python bench/bench_foundation.py --load-only --load-runs 7   # only the code-location load (1.)
 """
 
 from __future__ import annotations
@@ -117,7 +120,22 @@ def bytecode_context() -> dict:
 
 
 # --- 1. code-location load time ------------------------------------------------------------------
-def bench_load(runs: int) -> dict:
+def many_specs(folder: Path, count: int) -> list[Path]:
+    """`count` spec files in `folder`: copies of the bundled specs in turn, each with its own name."""
+    from mlplatform.spec import DATASETS_DIR, bundled_specs
+
+    names, out = bundled_specs(), []
+    for i in range(count):
+        source = names[i % len(names)]
+        text = (DATASETS_DIR / f"{source}.yaml").read_text()
+        lines = [f"name: {source}_copy{i}" if line.startswith("name:") else line for line in text.splitlines()]
+        path = folder / f"{source}_copy{i}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        out.append(path)
+    return out
+
+
+def bench_load(runs: int, many: int = 10) -> dict:
     env = dict(os.environ)
     # Any values suffice for loading: EnvVar is only resolved at run time.
     env.setdefault("LAKEFS_ENDPOINT", "http://127.0.0.1:1")
@@ -125,30 +143,45 @@ def bench_load(runs: int) -> dict:
     env.setdefault("LAKEFS_SECRET_ACCESS_KEY", "bench")
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
     env.update({"DAGSTER_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"})
-    load_code = LOAD_DEFS.format(root=str(ROOT), defs_file=str(ROOT / "platform" / "definitions.py"))
-    variants = {"import_dagster": IMPORT_DAGSTER, "load_definitions": load_code}
+    env.pop("MLP_DATASET", None)
+    env.pop("MLP_DATASETS", None)  # B: the bundled specs (platform/datasets/*.yaml)
+    folder = Path(tempfile.mkdtemp(prefix="bench-foundation-specs-"))
+    try:
+        paths = many_specs(folder, many)
+        return _bench_load(runs, env, {**env, "MLP_DATASETS": ",".join(str(p) for p in paths)}, many)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
-    def run(code: str) -> tuple[float, str]:
+
+def _bench_load(runs: int, env: dict, env_many: dict, many: int) -> dict:
+    load_code = LOAD_DEFS.format(root=str(ROOT), defs_file=str(ROOT / "platform" / "definitions.py"))
+    variants = {"import_dagster": IMPORT_DAGSTER, "load_definitions": load_code, "load_definitions_many": load_code}
+    envs = {"load_definitions_many": env_many}
+
+    def run(code: str, name: str = "") -> tuple[float, str]:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=envs.get(name, env), capture_output=True,
+                              text=True)
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return elapsed, proc.stdout
 
-    for code in variants.values():  # untimed warm-up: page cache, first-touch effects
-        run(code)
+    for name, code in variants.items():  # untimed warm-up: page cache, first-touch effects, dbt manifests
+        run(code, name)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    inner: list[dict] = []
+    inner: dict[str, list[dict]] = {"load_definitions": [], "load_definitions_many": []}
     for i in range(runs):
-        for name, code in variants.items():  # interleaved A,B,A,B,...
-            elapsed, out = run(code)
+        for name, code in variants.items():  # interleaved A,B,C,A,B,C,...
+            elapsed, out = run(code, name)
             times[name].append(elapsed)
-            if name == "load_definitions":
-                inner.append(json.loads(out.strip().splitlines()[-1]))
+            if name in inner:
+                inner[name].append(json.loads(out.strip().splitlines()[-1]))
         log(f"load run {i + 1}/{runs}: import dagster {times['import_dagster'][-1]:.2f}s, "
-            f"definitions {times['load_definitions'][-1]:.2f}s")
+            f"definitions {times['load_definitions'][-1]:.2f}s, {many} data sets "
+            f"{times['load_definitions_many'][-1]:.2f}s")
     a, b = median(times["import_dagster"]), median(times["load_definitions"])
+    c = median(times["load_definitions_many"])
     return {
         "runs": runs,
         "interleaved": True,
@@ -158,10 +191,21 @@ def bench_load(runs: int) -> dict:
         "goal_ratio_below": 2.0,
         "meets_goal": b / a < 2.0,
         "load_definitions_breakdown_median_s": {
-            k: median([d[k] for d in inner]) for k in ("import_dagster_s", "exec_definitions_s",
-                                                       "resolve_asset_graph_s")
+            k: median([d[k] for d in inner["load_definitions"]]) for k in ("import_dagster_s", "exec_definitions_s",
+                                                                            "resolve_asset_graph_s")
         },
-        "n_assets": inner[-1]["n_assets"],
+        "n_assets": inner["load_definitions"][-1]["n_assets"],
+        "many": {
+            "data_sets": many,
+            "load_definitions": summary(times["load_definitions_many"]),
+            "ratio": c / a,
+            "goal_ratio_at_most": 1.5,
+            "meets_goal": c / a <= 1.5,
+            "n_assets": inner["load_definitions_many"][-1]["n_assets"],
+            "breakdown_median_s": {
+                k: median([d[k] for d in inner["load_definitions_many"]])
+                for k in ("import_dagster_s", "exec_definitions_s", "resolve_asset_graph_s")},
+        },
         **bytecode_context(),
     }
 
@@ -317,15 +361,36 @@ def bench_lakefs(args) -> tuple[dict, dict, str]:
 
 
 # --- report ----------------------------------------------------------------------------------------------
+def load_rows(L: dict) -> list[tuple[str, str, str]]:
+    M = L["many"]
+    return [
+        ("1 load: python -c 'import dagster'", fmt_s(L["import_dagster"]["median_s"]),
+         f"median of {L['runs']}, interleaved"),
+        ("1 load: platform/definitions.py defs", fmt_s(L["load_definitions"]["median_s"]),
+         f"median of {L['runs']}, {L['n_assets']} assets (bundled specs)"),
+        ("1 load: ratio definitions / dagster", f"{L['ratio']:.2f}x", f"goal < 2x: {'OK' if L['meets_goal'] else 'MISSED'}"),
+        (f"1 load: {M['data_sets']} data sets defs", fmt_s(M["load_definitions"]["median_s"]),
+         f"median of {L['runs']}, {M['n_assets']} assets (MLP_DATASETS: {M['data_sets']} spec copies)"),
+        (f"1 load: ratio {M['data_sets']} data sets / dagster", f"{M['ratio']:.2f}x",
+         f"goal <= 1.5x: {'OK' if M['meets_goal'] else 'MISSED'}"),
+    ]
+
+
+def print_rows(rows: list[tuple[str, str, str]]) -> None:
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    line = "-" * (w0 + w1 + 40)
+    print(line)
+    print(f"{'measure':<{w0}}  {'value':>{w1}}  note")
+    print(line)
+    for a, b, c in rows:
+        print(f"{a:<{w0}}  {b:>{w1}}  {c}")
+    print(line)
+
+
 def print_table(result: dict) -> None:
     L, C, B = result["code_location_load"], result["lakefs_commit"], result["branch_creation"]
-    rows: list[tuple[str, str, str]] = []
-    rows.append(("1 load: python -c 'import dagster'", fmt_s(L["import_dagster"]["median_s"]),
-                 f"median of {L['runs']}, interleaved"))
-    rows.append(("1 load: platform/definitions.py defs", fmt_s(L["load_definitions"]["median_s"]),
-                 f"median of {L['runs']}, {L['n_assets']} assets"))
-    rows.append(("1 load: ratio definitions / dagster", f"{L['ratio']:.2f}x",
-                 f"goal < 2x: {'OK' if L['meets_goal'] else 'MISSED'}"))
+    rows: list[tuple[str, str, str]] = load_rows(L)
     rows.append((f"2 commit: put + commit ({C['rows']} rows)", fmt_s(C["upload_plus_commit"]["median_s"]),
                  f"median of {C['iterations']}, parquet {fmt_bytes(C['parquet_bytes_median'])}"))
     rows.append(("2 commit: commit alone", fmt_s(C["commit_only"]["median_s"]),
@@ -336,15 +401,7 @@ def print_table(result: dict) -> None:
     rows.append((f"3 branch: growth {B['compared'][1]} / {B['compared'][0]}", f"{B['growth_ratio_create']:.2f}x",
                  f"ensure_branch {B['growth_ratio_ensure_branch']:.2f}x; blockstore +"
                  f"{fmt_bytes(max(s['blockstore_growth_bytes'] for s in B['sizes']))} while branching"))
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    line = "-" * (w0 + w1 + 40)
-    print(line)
-    print(f"{'measure':<{w0}}  {'value':>{w1}}  note")
-    print(line)
-    for a, b, c in rows:
-        print(f"{a:<{w0}}  {b:>{w1}}  {c}")
-    print(line)
+    print_rows(rows)
     ctx = result["meta"]
     print(f"python {ctx['python']} | lakeFS {ctx['lakefs_version']} | {ctx['cpus']} CPUs | "
           f"PYTHONDONTWRITEBYTECODE={L['PYTHONDONTWRITEBYTECODE'] or '-'} | dagster .pyc cache: "
@@ -369,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
                    help="LABEL:NxSIZE ... (default: 10MB:10x1MB 1GB:100x10MB)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 load runs, 5 commits, 1GB -> 100MB")
+    p.add_argument("--load-only", action="store_true", help="only the code-location load (1.), printed; "
+                                                            "writes bench/results/foundation_load.json")
+    p.add_argument("--many", type=int, default=10, help="data sets in the many-data-set load (default 10)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.sizes is None:
@@ -378,7 +438,17 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     log(f"code-location load: {args.load_runs} interleaved runs of each (+1 warm-up)")
-    load = bench_load(args.load_runs)
+    load = bench_load(args.load_runs, args.many)
+    if args.load_only:
+        out = args.out.with_name("foundation_load.json") if args.out == RESULTS else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds"), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "total_s": time.perf_counter() - started}, "code_location_load": load}, indent=2) + "\n")
+        print_rows(load_rows(load))
+        print(f"PYTHONDONTWRITEBYTECODE={load['PYTHONDONTWRITEBYTECODE'] or '-'} | dagster .pyc cache: "
+              f"{'yes' if load['dagster_has_pyc_cache'] else 'no'} | wrote {out}")
+        return 0
     commit, branches, version = bench_lakefs(args)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {

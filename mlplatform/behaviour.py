@@ -20,14 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-import polars as pl
+from mlplatform.lazy import lazy_import
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 from mlplatform.errors import SettingError
 from mlplatform.spec import (LOWER_IS_BETTER, DatasetSpec, DirectionExpectation, InvarianceExpectation,
                              MinimumFunctionalityExpectation)
 
-Predict = Callable[[pl.DataFrame], np.ndarray]
+Predict = Callable[["pl.DataFrame"], "np.ndarray"]
 
 
 @dataclass(frozen=True)

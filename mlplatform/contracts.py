@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from mlplatform.spec import DatasetSpec
 
@@ -55,8 +56,10 @@ class Violation:
                 "message": self.message}
 
 
-NUMERIC = (pl.Float32, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32,
-           pl.UInt64)
+def numeric_dtypes() -> tuple:
+    """polars' numeric column types (a function: polars is imported on first use, not with this module)."""
+    return (pl.Float32, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32,
+            pl.UInt64)
 
 
 def expected_dtypes(spec: DatasetSpec, with_target: bool = False) -> dict[str, Any]:

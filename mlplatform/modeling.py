@@ -9,8 +9,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import polars as pl
+from mlplatform.lazy import lazy_import
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 from mlplatform.spec import DatasetSpec
 

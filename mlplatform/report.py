@@ -17,7 +17,8 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 SECTIONS = ("drift", "performance", "quality", "versions")
 EVENT_ACTIONS = ("registered", "gate_decision", "promoted", "awaiting_approval", "approved", "rolled_back",

@@ -23,7 +23,8 @@ import json
 import os
 from pathlib import Path
 
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 
 from mlplatform.spec import ROOT, DatasetSpec, SettingError
 

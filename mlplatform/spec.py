@@ -863,7 +863,8 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         known = sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
         raise SettingError(f"data-set spec {path} does not exist (MLP_DATASET); known: {known}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        # libyaml's loader when PyYAML has it: a code location loads every live spec (~10x faster than pure Python)
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise SettingError(f"{path}: not valid YAML: {exc}") from None
     return DatasetSpec.from_model(validate_spec(raw, path), path)

@@ -2,12 +2,16 @@
 unreachable store and credentials never shown. No Dagster here: `resources.mlflow.MLflowResource` configures one."""
 
 
+
+from __future__ import annotations
+
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import requests
+from mlplatform.lazy import lazy_import
+requests = lazy_import("requests")
 
 from mlplatform.redact import install_log_filter, redact, redact_exception, redact_uri, redacting, uri_secrets
 

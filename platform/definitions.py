@@ -72,7 +72,7 @@ def apply_policies(specs: list[DatasetSpec], defs: dg.Definitions) -> dg.Definit
             attrs["automation_condition"] = follow_inputs(n)
         return asset_spec.replace_attributes(**attrs)
 
-    keys = list(defs.resolve_all_asset_keys())
+    keys = [k for a in defs.assets or [] for k in a.keys]  # from the assets themselves: no repository built twice
     strays = sorted(k.to_user_string() for k in keys if dataset_of_key(k) not in by_name)
     if strays:
         raise SettingError(f"assets {strays} belong to no live data set ({sorted(by_name)}): every asset key is "

@@ -13,6 +13,8 @@ failed run's branch is kept for inspection.
 """
 
 
+
+
 import functools
 import io
 import json
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import polars as pl
+from mlplatform.lazy import lazy_import
+pl = lazy_import("polars")
 from pydantic import PrivateAttr
 
 from resources.lakefs import LakeFSError, LakeFSResource, LakeFSUnavailable, run_branch
@@ -420,7 +423,7 @@ def load_asset(lakefs: LakeFSResource, key: str | dg.AssetKey, ref: str = "main"
 
 
 def read_upstream_table(context, lakefs: LakeFSResource, key: str | dg.AssetKey,
-                        partition: str | None = None) -> tuple[pl.DataFrame, str]:
+                        partition: str | None = None) -> "tuple[pl.DataFrame, str]":
     """Read an asset that is not an IO-manager input (e.g. a dbt model) at its latest checked commit,
     and record that commit as this step's upstream lineage. Returns (table, commit)."""
     akey = key if isinstance(key, dg.AssetKey) else dg.AssetKey.from_user_string(key)

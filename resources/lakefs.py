@@ -7,6 +7,8 @@ Non-idempotent calls (commit) check whether the first attempt took effect before
 """
 
 
+
+
 import json
 import random
 import time
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import dagster as dg
-import requests
+from mlplatform.lazy import lazy_import
+requests = lazy_import("requests")
 from pydantic import PrivateAttr
 
 T = TypeVar("T")
