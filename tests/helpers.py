@@ -46,9 +46,36 @@ def materialize_and_publish(assets, selection, instance, resources: dict, lakefs
 
     from resources.publish import publish_run
 
+    by_name: dict = {}
+    for a in assets:  # bare asset names (`"raw_records"`) are the assets' own: `[<data set>, "raw_records"]`
+        for k in getattr(a, "keys", ()):
+            by_name.setdefault(k.path[-1], []).append(k)
+    selection = [by_name[s][0] if isinstance(s, str) and "/" not in s and len(by_name.get(s, ())) == 1 else s
+                 for s in selection]
     result = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
                             resources=resources, raise_on_error=False)
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
     assert result.success, (selection, partition, [(e.check_name, e.description) for e in failed])
     assert publish_run(instance, lakefs, result.run_id).status == "published"
     return result
+
+
+# --- many data sets: asset keys and job names of the tests' data set --------------------------------------------------
+def K(*names: str, dataset: str = "car_loan") -> list:
+    """The asset keys `[<data set>, <name>]` of bare asset names (a `selection=` for dg.materialize)."""
+    from resources.naming import ns
+
+    return ns(dataset).keys(*names)
+
+
+def key(name: str, dataset: str = "car_loan"):
+    """The asset key `[<data set>, <name>]` of a bare asset name."""
+    from resources.naming import ns
+
+    return ns(dataset).key(name)
+
+
+def node(name: str, dataset: str = "car_loan") -> str:
+    """The op (node) name of a data set's asset, for `run_config={"ops": ...}` and
+    `asset_materializations_for_node`."""
+    return f"{dataset}__{name}"

@@ -28,6 +28,7 @@ import pytest
 from assets.ingestion import build_ingestion
 from mlplatform.batches import window
 from resources.io import load_asset
+from resources.naming import ns
 from resources.lakefs import LakeFSError, LakeFSResource, run_branch
 from resources.publish import publish_run
 from mlplatform.spec import DatasetSpec, load_spec
@@ -63,7 +64,7 @@ class World:
         return self.production.filter((pl.col(t) >= start) & (pl.col(t) < end)).select(self.spec.raw_columns)
 
     def materialize(self, asset: str, partition: str):
-        return dg.materialize(build_ingestion(self.spec), selection=[asset], partition_key=partition,
+        return dg.materialize(build_ingestion(self.spec), selection=[ns(self.spec).key(asset)], partition_key=partition,
                               instance=self.instance, resources=resources_for(self.lakefs, self.state, self.spec),
                               raise_on_error=False)
 
@@ -318,7 +319,7 @@ PRICE_LABEL_CASES: dict[str, Case] = {
 
 def on_main(w: World, asset: str, partition: str, cols: list[str]) -> pl.DataFrame | None:
     try:
-        return load_asset(w.lakefs, asset, partition=partition).select(cols).sort(cols[0])
+        return load_asset(w.lakefs, ns(w.spec).key(asset), partition=partition).select(cols).sort(cols[0])
     except LakeFSError:
         return None
 

@@ -13,6 +13,9 @@ from mlplatform.spec import (DirectionExpectation, InvarianceExpectation, Minimu
                              SettingError, load_spec)
 
 
+from .helpers import node  # the tests' data set: car_loan
+
+
 @pytest.fixture(scope="module")
 def spec():
     return load_spec("car_loan")
@@ -198,7 +201,7 @@ def test_a_model_violating_a_directional_expectation_stays_out_of_production_and
     checks = {e.check_name: e for e in first.get_asset_check_evaluations()}
     assert first.success and {f"behaviour_{e.name}" for e in spec.behaviour} <= set(checks)
     assert all(checks[f"behaviour_{e.name}"].passed for e in spec.behaviour)
-    card = first.asset_materializations_for_node("model_card")[0].metadata["card"].value
+    card = first.asset_materializations_for_node(node("model_card"))[0].metadata["card"].value
     assert f"All {len(spec.behaviour)} hold." in card and "| car_value_rounding_invariance | invariance | PASS" in card
     publish_run(instance, lakefs, first.run_id, m)
     assert registry.aliases(m) == {"champion": "1"}
@@ -221,7 +224,7 @@ def test_a_model_violating_a_directional_expectation_stays_out_of_production_and
     # The other expectations still hold for this model.
     assert all(checks[f"behaviour_{e.name}"].passed for e in spec.behaviour)
 
-    report = second.asset_materializations_for_node("evaluation_report")[0].metadata
+    report = second.asset_materializations_for_node(node("evaluation_report"))[0].metadata
     assert "| dti_does_not_raise_repayment | direction | **FAIL**" in report["behaviour"].value
     card = report["card"].value  # model_card is skipped after a failed blocking check: the report writes it
     assert "## Gate: reject" in card and "Failed: dti_does_not_raise_repayment" in card

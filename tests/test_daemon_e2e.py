@@ -3,6 +3,10 @@ simulator releases drifting batches and nothing else is done by the test; the ar
 them, declarative automation scores and monitors them, the retrain sensor fires, and a new model version
 is trained, evaluated and gated.
 
+Two data sets are live in the daemon's code location (issue 13: many data sets): the drill's car_loan and the
+bundled car_price. Everything the drills do happens to car_loan; car_price's sensors run beside it and must
+request nothing: a drifting batch of one data set retrains only that one.
+
 Each scenario runs on both profiles, chosen by configuration alone: `local` (SQLite stores, lakeFS local KV) and
 `prod` (MLP_ENV=prod: Dagster's storage, MLflow's store, the audit trail and lakeFS's KV store all on a real
 Postgres server, tests/pg_fixtures.py)."""
@@ -26,6 +30,7 @@ from mlplatform.batches import Landing
 from tooling.simulator import Simulator
 from resources.environment import build_resources
 from resources.lakefs import LakeFSResource
+from resources.naming import ns
 from resources.publish import publish_run
 from mlplatform.spec import load_spec
 from tooling.services import LakeFSServer, free_port
@@ -106,13 +111,30 @@ def drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch, retrain: bool 
     home.mkdir()
     shutil.copy(ROOT / "platform" / ("dagster.prod.yaml" if prod() else "dagster.yaml"), home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("MLP_DATASET", str(spec_path))
+    monkeypatch.setenv("MLP_DATASET", str(spec_path))  # the drill's data set (settings, tools)
+    monkeypatch.setenv("MLP_DATASETS", f"{spec_path},{OTHER}")  # the code location: both live
     spec = load_spec(spec_path)
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec)]
     settings = settings_for(lakefs, state, spec, mlflow_uri)
     if prod():  # the trail the daemon's runs write to (MLP_AUDIT_URL), for the set-up's entries too
         settings = settings.replace(audit_url=os.environ["MLP_AUDIT_URL"])
-    return spec, dg.DagsterInstance.get(), build_resources(settings), assets
+    res = build_resources(settings)
+    res["mlflow"] = res["mlflow"].scoped(spec)
+    return spec, dg.DagsterInstance.get(), res, assets
+
+
+OTHER = "car_price"  # the second live data set: nothing lands for it
+
+
+def assert_other_untouched(instance, res) -> None:
+    """The second data set was left alone: no run of its jobs, no materialization of its assets, no model."""
+    other = [r for r in instance.get_runs() if r.job_name.startswith(f"{OTHER}__")
+             or any(k.path[0] == OTHER for k in (r.asset_selection or ()))]
+    assert other == [], [(r.job_name, r.status.value) for r in other]
+    for key in ns(OTHER).keys("raw_records", "features", "training_set", "candidate_model", "drift_report"):
+        assert instance.get_latest_materialization_event(key) is None, key
+    client = res["mlflow"].client()
+    assert client.search_model_versions(f"name='{OTHER}-model'") == []
 
 
 def start_daemon(tmp_path) -> subprocess.Popen:
@@ -125,12 +147,13 @@ def start_daemon(tmp_path) -> subprocess.Popen:
 def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, mlflow_uri, state, tmp_path,
                                                                        monkeypatch):
     spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch)
+    n = ns(spec)
 
     # Precondition: a champion trained on the reference period (set-up, before the daemon starts).
     for selection in (["reference_data"], ["stg_reference_records", "stg_reference_labels", "reference_features",
                                            "labelled_examples", "training_set", "candidate_model",
                                            "evaluation_report", "model_card"]):
-        r = dg.materialize(assets, selection=selection, instance=instance, resources=res)
+        r = dg.materialize(assets, selection=n.keys(*selection), instance=instance, resources=res)
         publish_run(instance, lakefs, r.run_id)
     m = res["mlflow"]
     assert registry.aliases(m)["champion"] == "1"
@@ -159,24 +182,25 @@ def test_drifting_batches_make_the_daemon_retrain_without_any_command(lakefs, ml
         os.killpg(daemon.pid, 15)
         daemon.wait(30)
     triggered = [e for e in events if e.action == "retrain_triggered"]
-    assert triggered and triggered[0].actor == "sensor:retrain_on_evidence"
+    assert triggered and triggered[0].actor == "sensor:car_loan__retrain_on_evidence"
     assert set(triggered[0].evidence) & {"drift", "performance"}
     tags = registry.version_tags(m, "2")
     (retrain,) = [r for r in runs if r.run_id == tags["dagster_run_id"]]  # version 2 came from this run
-    assert retrain.job_name == "retrain"
+    assert retrain.job_name == "car_loan__retrain"
+    assert_other_untouched(instance, res)  # car_price's sensors ran beside it and requested nothing
     assert retrain.tags["retrain/trigger"] in ("drift", "performance", "drift+performance")
     assert tags["lakefs_commit"] != v1_commit  # trained on the new batches' data, a new lakeFS commit
     assert lakefs.repo().commit(tags["lakefs_commit"]).get_commit().id == tags["lakefs_commit"]
     order = [e.action for e in events]
     assert order.index("retrain_triggered") < order.index("registered", 2)
     if not prod():
-        report_latency(instance, state / "landing" / spec.name)
+        report_latency(instance, state / "landing" / spec.name, n)
     else:  # everything above was read from Postgres: the runs, the audit trail, the registry, lakeFS's KV
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(AuditTrail()).__name__ == "PostgresAuditTrail"
 
 
-def report_latency(instance, landing_root):
+def report_latency(instance, landing_root, n):
     """Record, for the note, how long a landed batch took to be scored and monitored (not asserted)."""
     import json
     import statistics
@@ -187,7 +211,7 @@ def report_latency(instance, landing_root):
         done = {}
         for key in ("batch_predictions", "drift_report", "data_quality_report", "performance_estimate"):
             recs = instance.fetch_materializations(dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey(key), asset_partitions=[partition]), limit=1).records
+                asset_key=n.key(key), asset_partitions=[partition]), limit=1).records
             if recs:
                 done[key] = round(recs[0].timestamp - landed, 1)
         out[partition] = done
@@ -201,15 +225,16 @@ def report_latency(instance, landing_root):
 
 def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
     spec, instance, res, assets = drill_setup(lakefs, mlflow_uri, state, tmp_path, monkeypatch, retrain=False)
-    train = ["stg_reference_records", "stg_reference_labels", "reference_features", "labelled_examples",
-             "training_set", "candidate_model", "evaluation_report", "model_card"]
-    r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
+    n = ns(spec)
+    train = n.keys("stg_reference_records", "stg_reference_labels", "reference_features", "labelled_examples",
+                   "training_set", "candidate_model", "evaluation_report", "model_card")
+    r = dg.materialize(assets, selection=n.keys("reference_data"), instance=instance, resources=res)
     publish_run(instance, lakefs, r.run_id)
     good = dg.materialize(assets, selection=train, instance=instance, resources=res)
     publish_run(instance, lakefs, good.run_id)
     # A deliberately worse model (shuffled labels) is made champion by hand, bypassing the gate.
     r = dg.materialize(assets, selection=train, instance=instance, resources=res, raise_on_error=False,
-                       run_config={"ops": {"candidate_model": {"config": {"shuffle_labels": True}}}})
+                       run_config={"ops": {"car_loan__candidate_model": {"config": {"shuffle_labels": True}}}})
     m = res["mlflow"]
     registry.promote(m, "2")
     assert registry.aliases(m)["champion"] == "2" and registry.aliases(m)["previous"] == "1"
@@ -235,6 +260,7 @@ def test_a_worse_champion_is_rolled_back_by_the_daemon(lakefs, mlflow_uri, state
     assert last.evidence["partition"] == "2018-11-01"
     evidence_run = instance.get_run_by_id(last.evidence["dagster_run_id"])
     assert evidence_run is not None  # the run whose realized performance caused it is linked
+    assert_other_untouched(instance, res)
     if prod():
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(AuditTrail()).__name__ == "PostgresAuditTrail" and AuditTrail().verify() == []

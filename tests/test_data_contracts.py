@@ -15,9 +15,10 @@ import pytest
 from assets.ingestion import build_ingestion
 from mlplatform.batches import window
 from resources.io import load_asset
+from resources.naming import ns
 from resources.publish import publish_run
 
-from .helpers import car_loan, production_rows, resources_for
+from .helpers import K, car_loan, key, node, production_rows, resources_for
 
 pytestmark = pytest.mark.services
 
@@ -49,7 +50,7 @@ def land(state, spec, name: str, content, kind: str = "records", partition: str 
 
 
 def ingest(spec, lakefs, state, instance, asset="raw_records", partition=PARTITION):
-    return dg.materialize(build_ingestion(spec), selection=[asset], partition_key=partition, instance=instance,
+    return dg.materialize(build_ingestion(spec), selection=[ns(spec).key(asset)], partition_key=partition, instance=instance,
                           resources=resources_for(lakefs, state, spec), raise_on_error=False)
 
 
@@ -65,7 +66,7 @@ def failed_checks(result) -> dict[str, str]:
 
 
 def main_ids(lakefs, asset="raw_records", partition=PARTITION) -> list[int]:
-    return sorted(load_asset(lakefs, asset, partition=partition)["id"].to_list())
+    return sorted(load_asset(lakefs, key(asset), partition=partition)["id"].to_list())
 
 
 def reason_of(state, spec, name, kind="records", partition=PARTITION) -> str:
@@ -83,7 +84,7 @@ def test_a_bad_file_is_quarantined_and_the_good_file_beside_it_publishes_in_the_
     assert set(failed_checks(result)) == {"files_quarantined"}
     assert "b.parquet quarantined: 150 value(s) of 'debt_to_income_ratio' outside [0, 1]" in \
         failed_checks(result)["files_quarantined"]
-    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    meta = result.asset_materializations_for_node(node("raw_records"))[0].metadata
     table = meta["rejected"].value
     assert [r.data["file"] for r in table.records] == ["b.parquet"]
     assert table.records[0].data["column"] == "debt_to_income_ratio" and table.records[0].data["rows"] == 150
@@ -105,12 +106,12 @@ def test_rows_on_main_never_disappear_when_a_later_file_is_bad_or_a_landing_file
     a.unlink()
     land(state, spec, "c.parquet", good.slice(200, 100), age_s=300)
     result = published(spec, lakefs, state, instance)
-    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    meta = result.asset_materializations_for_node(node("raw_records"))[0].metadata
     assert meta["files_accepted"].value == ["c.parquet"] and meta["rows_before"].value == 100
     assert main_ids(lakefs) == sorted(good.slice(0, 100)["id"].to_list() + good.slice(200, 100)["id"].to_list())
     # Re-running with nothing new changes nothing (every file still landed is already in the batch).
     result = published(spec, lakefs, state, instance)
-    meta = result.asset_materializations_for_node("raw_records")[0].metadata
+    meta = result.asset_materializations_for_node(node("raw_records"))[0].metadata
     assert meta["files_already_ingested"].value == ["c.parquet"] and meta["files_accepted"].value == []
     assert len(main_ids(lakefs)) == 200
 
@@ -126,7 +127,7 @@ def test_a_later_file_repeating_published_ids_never_gets_the_earlier_file_quaran
     assert "a-copy.parquet: 10 'id' value(s) are already in batch 2018-11-01 from ['a.parquet']" in reason
     assert "landing.redelivery: reject" in reason
     assert "a-copy.parquet" in failed_checks(result)["files_quarantined"]
-    held = load_asset(lakefs, "raw_records", partition=PARTITION)
+    held = load_asset(lakefs, key("raw_records"), partition=PARTITION)
     assert held.height == good.height and set(held["_source_file"]) == {"a.parquet"}
 
 
@@ -136,8 +137,8 @@ def test_replace_by_id_lets_a_corrected_redelivery_replace_its_rows(spec, good, 
     published(replace, lakefs, state, instance)
     land(state, spec, "a.parquet", good.head(100).with_columns(pl.lit(1.0).alias("car_value")), age_s=100)
     result = published(replace, lakefs, state, instance)
-    assert result.asset_materializations_for_node("raw_records")[0].metadata["rows_replaced"].value == {"a.parquet": 100}
-    held = load_asset(lakefs, "raw_records", partition=PARTITION)
+    assert result.asset_materializations_for_node(node("raw_records"))[0].metadata["rows_replaced"].value == {"a.parquet": 100}
+    held = load_asset(lakefs, key("raw_records"), partition=PARTITION)
     assert held.height == 100 and held["car_value"].unique().to_list() == [1.0]
 
 
@@ -214,8 +215,8 @@ def labels_run(spec, lakefs, state, instance, settle_seconds: float = 0):
     from resources.landing import LandingZoneResource
 
     resources = {**resources_for(lakefs, state, spec),
-                 "landing": LandingZoneResource(root=str(state / "landing" / spec.name), settle_seconds=settle_seconds)}
-    return dg.materialize(build_ingestion(spec), selection=["raw_labels"], partition_key=PARTITION, instance=instance,
+                 "landing": LandingZoneResource(root=str(state / "landing"), settle_seconds=settle_seconds)}
+    return dg.materialize(build_ingestion(spec), selection=K("raw_labels"), partition_key=PARTITION, instance=instance,
                           resources=resources, raise_on_error=False)
 
 
@@ -239,7 +240,7 @@ def test_labels_for_ids_of_a_records_file_still_arriving_are_held_and_taken_once
         path.with_name(path.name + ".done").touch()
     result = labels_run(spec, lakefs, state, instance, settle_seconds=3600)
     assert result.success, failed_checks(result)  # the earlier labels still publish; this file waits
-    meta = result.asset_materializations_for_node("raw_labels")[0].metadata
+    meta = result.asset_materializations_for_node(node("raw_labels"))[0].metadata
     assert meta["files_held"].value == ["labels.parquet"] and meta["files_accepted"].value == []
     assert not any(e.startswith("labels.parquet|") for e in meta["files"].value)  # the sensor sees it as not in
     held = failed_checks(result)["files_held"]
@@ -256,7 +257,7 @@ def test_labels_for_ids_of_a_records_file_still_arriving_are_held_and_taken_once
     # The records publish: the same label file is taken whole.
     published(spec, lakefs, state, instance)
     result = published(spec, lakefs, state, instance, "raw_labels")
-    meta = result.asset_materializations_for_node("raw_labels")[0].metadata
+    meta = result.asset_materializations_for_node(node("raw_labels"))[0].metadata
     assert meta["files_accepted"].value == ["labels.parquet"] and meta["files_held"].value == []
     assert main_ids(lakefs, "raw_labels") == sorted(ids) and quarantined(state, spec) == []
 
@@ -268,7 +269,7 @@ def test_held_labels_are_quarantined_once_the_records_settle_without_their_ids(s
     labels = land(state, spec, "labels.parquet", pl.DataFrame({"id": ids, "repaid": [1.0] * 300}), "labels",
                   age_s=100)
     # An ingest_batch run of the partition is running (no records file pending): the labels wait for it.
-    running = instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id="running-records-run",
+    running = instance.add_run(dg.DagsterRun(job_name="car_loan__ingest_batch", run_id="running-records-run",
                                              tags={"dagster/partition": PARTITION}, status=dg.DagsterRunStatus.STARTED))
     result = labels_run(spec, lakefs, state, instance)
     assert not result.success  # nothing to publish yet

@@ -56,10 +56,12 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
     py, log = sys.executable, []
     run = [py, "-m", "tooling.env"]  # $(RUN) in the Makefile
     _run([py, "-m", "tooling.services", "up"], env, log)  # `make up`: MLflow store and mlp.env under state
-    _run(run + ["mlp", "simulate", "reset"], env, log)
-    released = _run(run + ["mlp", "simulate", "next", str(BATCHES)], env, log)
-    _run(run + [py, "-m", "tooling.demo"], env, log)
-    summary = _run(run + [py, "-m", "tooling.demo", "--summary"], env, log).stdout
+    # As the Makefile: the demo walks one data set (DEMO_DATASET, car_loan), the others stay untouched.
+    _run(run + ["mlp", "simulate", "reset", "--dataset", "car_loan"], env, log)
+    released = _run(run + ["mlp", "simulate", "next", str(BATCHES), "--dataset", "car_loan"], env, log)
+    demo_env = {**env, "MLP_DATASET": "car_loan"}
+    _run(run + [py, "-m", "tooling.demo"], demo_env, log)
+    summary = _run(run + [py, "-m", "tooling.demo", "--summary"], demo_env, log).stdout
 
     import json
 
@@ -71,10 +73,10 @@ def test_demo_flow_from_empty_state_publishes_assets_and_a_champion(tmp_path, la
     for name in ["reference_data", *TRAINING.split(",")]:
         if name in ("stg_records", "stg_labels"):
             continue  # dbt staging views: checked through `features` below
-        assert any(p.startswith(f"assets/{name}/") for p in on_main), (name, sorted(on_main)[:50])
+        assert any(p.startswith(f"assets/car_loan/{name}/") for p in on_main), (name, sorted(on_main)[:50])
     for name in ["raw_records", *PER_BATCH.split(",")]:
         for partition in partitions:
-            assert any(p.startswith(f"assets/{name}/partition={partition}") for p in on_main), \
+            assert any(p.startswith(f"assets/car_loan/{name}/partition={partition}") for p in on_main), \
                 (name, partition, sorted(p for p in on_main if name in p))
     assert [b.name for b in lakefs.branches()] == [], "run branches left unpublished (or kept as failed)"
 

@@ -85,7 +85,7 @@ def test_doctor_names_a_published_run_whose_promotion_is_not_recorded(published,
 
     assert instance.get_runs()[0].tags[GATE_TAG] == "promote"  # the published run's promotion is in the trail
     run_id = str(uuid.uuid4())  # a run published while MLflow was down: merged, aliases not moved yet
-    instance.add_run(dg.DagsterRun(job_name="retrain", run_id=run_id, status=dg.DagsterRunStatus.SUCCESS, tags={
+    instance.add_run(dg.DagsterRun(job_name="car_loan__retrain", run_id=run_id, status=dg.DagsterRunStatus.SUCCESS, tags={
         GATE_TAG: "promote", MODEL_VERSION_TAG: "1", MODEL_NAME_TAG: published.model_name, PUBLISHED_TAG: "c0ffee"}))
     (problem,) = cli.doctor(published, lakefs, instance)
     assert run_id in problem and "mlp publish --run-id" in problem

@@ -26,6 +26,9 @@ from resources.publish import publish_run
 
 from .conftest import ROOT
 
+from .helpers import K, key  # the tests' data set: car_loan
+
+
 pytestmark = pytest.mark.faults
 
 RETRAIN = "retrain"
@@ -184,7 +187,7 @@ def lifecycle(lakefs, mlflow_uri, state, tmp_path, monkeypatch):
     def make(retrain: bool = False, res_lakefs: LakeFSResource | None = None):
         spec, instance, res, assets = drill_setup(res_lakefs or lakefs, os.environ["MLFLOW_TRACKING_URI"], state,
                                                   tmp_path, monkeypatch, retrain=retrain)
-        r = dg.materialize(assets, selection=["reference_data"], instance=instance, resources=res)
+        r = dg.materialize(assets, selection=K("reference_data"), instance=instance, resources=res)
         assert publish_run(instance, res["lakefs"], r.run_id).status == "published"
         return spec, instance, res, assets
 
@@ -447,7 +450,7 @@ def test_run_worker_sigkilled_mid_training_is_failed_and_retried_by_the_daemon(l
     try:
         launch(RETRAIN, tmp_path)
         (run,) = wait_for("the retrain run", lambda: runs_of(instance, RETRAIN), 120, daemon=daemon, log=log)
-        wait_for("training to start", lambda: step_started(instance, run.run_id, "candidate_model"), 600,
+        wait_for("training to start", lambda: step_started(instance, run.run_id, "car_loan__candidate_model"), 600,
                  daemon=daemon, log=log)
         pid = wait_for("the run worker's pid", lambda: run_worker_pid(instance, run.run_id), 30)
         os.kill(pid, signal.SIGKILL)
@@ -497,7 +500,7 @@ def test_mlflow_unreachable_during_registration_fails_cleanly_and_the_daemon_fin
     try:
         launch(RETRAIN, tmp_path)
         (run,) = wait_for("the retrain run", lambda: runs_of(instance, RETRAIN), 120, daemon=daemon, log=log)
-        wait_for("training to start", lambda: step_started(instance, run.run_id, "candidate_model"), 600,
+        wait_for("training to start", lambda: step_started(instance, run.run_id, "car_loan__candidate_model"), 600,
                  daemon=daemon, log=log)
         mlflow_server.stop()
         stopped_at = time.time()
@@ -546,7 +549,7 @@ def test_lakefs_killed_mid_run_and_restarted_the_run_finishes(lifecycle, lakefs_
         try:
             launch(RETRAIN, tmp_path)
             (run,) = wait_for("the retrain run", lambda: runs_of(instance, RETRAIN), 120, daemon=daemon, log=log)
-            wait_for("training to start", lambda: step_started(instance, run.run_id, "candidate_model"), 600,
+            wait_for("training to start", lambda: step_started(instance, run.run_id, "car_loan__candidate_model"), 600,
                      daemon=daemon, log=log)
             server.stop()
             killed_at = time.time()
@@ -602,7 +605,7 @@ def test_daemon_killed_and_restarted_drains_the_queue_and_ingests_nothing_twice(
                 return None
             busy = instance.get_runs(filters=dg.RunsFilter(statuses=[
                 dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
-                job_name="ingest_batch"))
+                job_name="car_loan__ingest_batch"))
             return ingests if not busy else None
 
         ingests = wait_for("the ingest queue to drain", drained, 900, every=5, daemon=daemon, log=log)
@@ -630,7 +633,7 @@ def _tick(sensor, instance, landing_root, cursor=None):
     from resources.landing import LandingZoneResource
 
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                  resources={"landing": LandingZoneResource(root=str(landing_root))})
+                                  resources={"landing": LandingZoneResource(root=str(landing_root.parent))})
     result = sensor(ctx)
     requests = list(result.run_requests or []) if isinstance(result, dg.SensorResult) else []
     return requests, (result.cursor if isinstance(result, dg.SensorResult) else ctx.cursor)
@@ -715,17 +718,17 @@ def test_overlapping_ids_in_separate_ticks_keep_rows_already_on_main(lakefs, sta
     folder.mkdir(parents=True)
     rows = _records(spec, dt.datetime(2018, 11, 1), dt.datetime(2018, 12, 1), 400)
     rows.head(200).write_parquet(folder / "a.parquet")
-    r1 = dg.materialize(assets, selection=["raw_records"], partition_key="2018-11-01", instance=instance,
+    r1 = dg.materialize(assets, selection=K("raw_records"), partition_key="2018-11-01", instance=instance,
                         resources=res)
     assert publish_run(instance, lakefs, r1.run_id).status == "published"
-    on_main = load_asset(lakefs, "raw_records", partition="2018-11-01")
+    on_main = load_asset(lakefs, key("raw_records"), partition="2018-11-01")
     ids_a = set(on_main[spec.id_column].to_list())
     assert len(ids_a) == 200
     rows.slice(100, 200).write_parquet(folder / "b.parquet")  # ids 100..299: half of them repeat A's
-    r2 = dg.materialize(assets, selection=["raw_records"], partition_key="2018-11-01", instance=instance,
+    r2 = dg.materialize(assets, selection=K("raw_records"), partition_key="2018-11-01", instance=instance,
                         resources=res, raise_on_error=False)
     publish_run(instance, lakefs, r2.run_id)
-    after = load_asset(lakefs, "raw_records", partition="2018-11-01")
+    after = load_asset(lakefs, key("raw_records"), partition="2018-11-01")
     ids = after[spec.id_column].to_list()
     assert ids_a <= set(ids), "rows already on main disappeared"
     assert len(ids) == len(set(ids)), "an id appears twice on main"
@@ -733,9 +736,9 @@ def test_overlapping_ids_in_separate_ticks_keep_rows_already_on_main(lakefs, sta
     assert kept or set(ids) > ids_a, "file b was neither ingested nor kept"
     # A third, clean file in a later tick: the partition's rebuild keeps every row that was on main.
     rows.slice(300, 100).write_parquet(folder / "c.parquet")
-    r3 = dg.materialize(assets, selection=["raw_records"], partition_key="2018-11-01", instance=instance,
+    r3 = dg.materialize(assets, selection=K("raw_records"), partition_key="2018-11-01", instance=instance,
                         resources=res)
     assert publish_run(instance, lakefs, r3.run_id).status == "published"
-    final = load_asset(lakefs, "raw_records", partition="2018-11-01")[spec.id_column].to_list()
+    final = load_asset(lakefs, key("raw_records"), partition="2018-11-01")[spec.id_column].to_list()
     assert ids_a <= set(final) and set(rows.slice(300, 100)[spec.id_column].to_list()) <= set(final)
     assert len(final) == len(set(final))

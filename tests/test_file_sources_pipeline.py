@@ -23,7 +23,7 @@ from resources.io import load_asset
 from tooling.simulator import Simulator
 
 from .file_specs import write_spec
-from .helpers import materialize_and_publish, resources_for
+from .helpers import key, materialize_and_publish, resources_for
 
 pytestmark = pytest.mark.services
 
@@ -83,19 +83,20 @@ def test_a_data_set_of_files_runs_through_the_whole_graph_by_configuration(lakef
     on_main = set(lakefs.list_paths("main", "assets/"))
     for name in ["reference_data", "reference_features", "labelled_examples", "training_set", "candidate_model",
                  "evaluation_report", "model_card"]:
-        assert any(p.startswith(f"assets/{name}/") for p in on_main), (name, sorted(on_main)[:40])
+        assert any(p.startswith(f"assets/{spec.name}/{name}/") for p in on_main), (name, sorted(on_main)[:40])
     for name in ["raw_records", "raw_labels", "features"]:
         for p in BATCHES:
-            assert any(x.startswith(f"assets/{name}/partition={p}") for x in on_main), (name, p)
+            assert any(x.startswith(f"assets/{spec.name}/{name}/partition={p}") for x in on_main), (name, p)
     for name in ["batch_predictions", "drift_report", "performance_estimate", "data_quality_report"]:
-        assert any(x.startswith(f"assets/{name}/partition={last}") for x in on_main), (name, sorted(on_main)[:40])
+        assert any(x.startswith(f"assets/{spec.name}/{name}/partition={last}") for x in on_main), \
+            (name, sorted(on_main)[:40])
 
-    m = res["mlflow"]
+    m = res["mlflow"].scoped(spec)
     assert registry.aliases(m).get("champion") == "1", "the model is registered and promoted"
-    reference = load_asset(lakefs, "reference_data")
+    reference = load_asset(lakefs, key("reference_data", spec.name))
     assert reference.height == 3000 and reference["timestamp"].dtype == pl.Datetime("us")
     assert str(reference["timestamp"].min()) == "2017-01-24 08:00:00"  # epoch ms read back to the same times
-    records = load_asset(lakefs, "raw_records", partition=last)
+    records = load_asset(lakefs, key("raw_records", spec.name), partition=last)
     assert records["timestamp"].dt.strftime("%Y-%m-%d").unique().to_list() == [last]
-    preds = load_asset(lakefs, "batch_predictions", partition=last)
+    preds = load_asset(lakefs, key("batch_predictions", spec.name), partition=last)
     assert preds.height == records.height and set(preds["model_version"].unique()) == {"1"}

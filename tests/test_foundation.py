@@ -106,7 +106,7 @@ def test_pruning_never_touches_a_queued_running_or_unknown_runs_branch(lakefs, i
     for status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
                    dg.DagsterRunStatus.NOT_STARTED):
         run_id = str(uuid.uuid4())
-        instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id=run_id, status=status,
+        instance.add_run(dg.DagsterRun(job_name="car_loan__ingest_batch", run_id=run_id, status=status,
                                        remote_job_origin=origin))
         live[run_branch(run_id)] = status
         lakefs.ensure_branch(run_branch(run_id))
@@ -236,9 +236,9 @@ def test_the_definitions_hold_one_group_per_asset_and_the_publish_sensor(lakefs,
         assert node.group_name and node.group_name != "default", key
         assert node.description, key
     assert {s.name for s in defs.sensors} >= {"publish_successful_runs", "keep_failed_run_branches",
-                                              "rollback_on_regression"}
+                                              "car_loan__rollback_on_regression"}
     # The rollback sensor only requests runs: the job that acts is part of the definitions.
-    assert defs.get_job_def("rollback_champion").graph.node_names() == ["roll_back_champion"]
+    assert defs.get_job_def("car_loan__rollback_champion").graph.node_names() == ["car_loan__roll_back_champion"]
 
 
 def _load_defs() -> dg.Definitions:

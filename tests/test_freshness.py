@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from .conftest import ROOT
+from .helpers import key  # the tests' data set: car_loan
 
 
 def load_defs():
@@ -22,15 +23,15 @@ def load_defs():
 
 def test_the_definitions_carry_freshness_policies_and_automation(lakefs, mlflow_uri, state):
     graph = load_defs().resolve_asset_graph()
-    for key in ("raw_records", "features", "batch_predictions", "candidate_model"):
-        policy = graph.get(dg.AssetKey(key)).freshness_policy
-        assert isinstance(policy, dg.FreshnessPolicy), key
-    assert graph.get(dg.AssetKey("candidate_model")).freshness_policy.fail_window.to_timedelta().days == 30
+    for name in ("raw_records", "features", "batch_predictions", "candidate_model"):
+        policy = graph.get(key(name)).freshness_policy
+        assert isinstance(policy, dg.FreshnessPolicy), name
+    assert graph.get(key("candidate_model")).freshness_policy.fail_window.to_timedelta().days == 30
     # The realized metric follows its labels by declarative automation; scoring and monitoring are requested by
     # the publish sensor once the batch is on main (one path per asset: tests/test_publication.py).
-    assert graph.get(dg.AssetKey("realized_performance")).automation_condition is not None
-    for key in ("batch_predictions", "drift_report", "performance_estimate"):
-        assert graph.get(dg.AssetKey(key)).automation_condition is None, key
+    assert graph.get(key("realized_performance")).automation_condition is not None
+    for name in ("batch_predictions", "drift_report", "performance_estimate"):
+        assert graph.get(key(name)).automation_condition is None, name
 
 
 def test_an_asset_left_stale_past_its_window_turns_to_fail(lakefs, mlflow_uri, state, instance, tmp_path,
@@ -46,18 +47,18 @@ def test_an_asset_left_stale_past_its_window_turns_to_fail(lakefs, mlflow_uri, s
     spec_path = tmp_path / "car_loan.yaml"
     spec_path.write_text(spec_text)
     monkeypatch.setenv("MLP_DATASET", str(spec_path))
-    key = dg.AssetKey("features")
+    features = key("features")
     target = PythonFileTarget(python_file=str(ROOT / "platform" / "definitions.py"), attribute=None,
                               working_directory=str(ROOT), location_name="mlplatform")
     with WorkspaceProcessContext(instance, target) as ctx:
-        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=features))
         now = time.time()
 
         def state_at(offset: float) -> FreshnessState:
             # Dagster's own clock moved forward: the asset is left alone for `offset` seconds.
             with freeze_time(now + offset):
                 list(FreshnessDaemon().run_iteration(ctx))
-            return instance.get_freshness_state_records([key])[key].freshness_state
+            return instance.get_freshness_state_records([features])[features].freshness_state
 
         assert state_at(5) == FreshnessState.PASS
         assert state_at(90) == FreshnessState.WARN

@@ -19,7 +19,7 @@ from mlplatform.features import online_features
 from resources.partitions import partitions_def
 from resources.publish import publish_run
 
-from .helpers import car_loan, materialize_and_publish, production_rows, quick_training_set, resources_for
+from .helpers import car_loan, materialize_and_publish, node, production_rows, quick_training_set, resources_for
 from .test_models import mlflow_res, train
 
 pytestmark = [pytest.mark.services, pytest.mark.browser, pytest.mark.slow]
@@ -48,7 +48,7 @@ def stubs(spec, labels: pl.DataFrame):
         start, end = window(spec, partition)
         return production_rows(spec, start, end)
 
-    @dg.asset(name="raw_records", partitions_def=parts)
+    @dg.asset(name="raw_records", key_prefix=["car_loan"], partitions_def=parts)
     def stub_raw_records(context) -> dg.Output:
         df = raw(context.partition_key)
         second = context.partition_key == BATCHES[1]
@@ -62,15 +62,15 @@ def stubs(spec, labels: pl.DataFrame):
             **({"rejected": dg.MetadataValue.table(rejected, schema=dg.TableSchema(columns=[
                 dg.TableColumn("file"), dg.TableColumn("reason")]))} if second else {})})
 
-    @dg.asset(name="raw_labels", partitions_def=parts)
+    @dg.asset(name="raw_labels", key_prefix=["car_loan"], partitions_def=parts)
     def stub_raw_labels(context) -> pl.DataFrame:
         return labels
 
-    @dg.asset(name="features", partitions_def=parts)
+    @dg.asset(name="features", key_prefix=["car_loan"], partitions_def=parts)
     def stub_features(context) -> pl.DataFrame:
         return online_features(raw(context.partition_key), spec)
 
-    @dg.asset(name="reference_features")
+    @dg.asset(name="reference_features", key_prefix=["car_loan"])
     def stub_reference_features() -> pl.DataFrame:
         return online_features(ref, spec)
 
@@ -100,8 +100,8 @@ def test_the_health_report_after_two_batches_is_committed_linked_and_shows_four_
     for batch in BATCHES:
         result = materialize_and_publish(graph, per_batch, instance, res, lakefs, partition=batch)
 
-    meta = result.asset_materializations_for_node("model_health_report")[0].metadata
-    path = report_path(BATCHES[1])
+    meta = result.asset_materializations_for_node(node("model_health_report"))[0].metadata
+    path = report_path(spec, BATCHES[1])
     assert meta["report"].value == lakefs.object_url("main", path)
     assert meta["batches"].value == 2 and meta["files_quarantined"].value == 1 and meta["model_versions"].value == 1
     preview = meta["summary"].value

@@ -29,7 +29,7 @@ from resources.publish import publish_run
 from sensors.arrivals import FEATURE_ASSETS, INGEST_ASSETS, LABEL_ASSETS, build_arrivals
 from tooling.simulator import Simulator
 
-from .helpers import car_loan, resources_for
+from .helpers import K, car_loan, key, node, resources_for
 
 ROOT = Path(__file__).resolve().parent.parent
 P1, P2 = "2018-10-01", "2018-11-01"
@@ -92,7 +92,7 @@ def ingest(spec, lakefs, state, instance, batches: int = 2, labels: bool = False
     released = Simulator(spec, Landing(state / "landing" / spec.name)).release(batches)
 
     def run(selection, partition=None):
-        r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance, resources=res)
+        r = dg.materialize(assets, selection=K(*selection), partition_key=partition, instance=instance, resources=res)
         assert publish_run(instance, lakefs, r.run_id).status == "published"
         return r
 
@@ -167,14 +167,14 @@ def test_two_partitions_built_in_concurrent_runs_write_separate_paths_share_no_l
     assert {f"assets/features/partition={P1}/data.parquet", f"assets/features/partition={P2}/data.parquet"} <= on_main
     for p in (P1, P2):
         start, end = window(spec, p)
-        feats = load_asset(lakefs, "features", partition=p)
-        raw = load_asset(lakefs, "raw_records", partition=p)
+        feats = load_asset(lakefs, key("features"), partition=p)
+        raw = load_asset(lakefs, key("raw_records"), partition=p)
         assert feats.height == raw.height > 0
         assert feats[spec.time_column].min() >= start and feats[spec.time_column].max() < end
         assert set(feats["origin"].unique()) == {"production"}
     # The two partitions were built on branches made from the same main: neither run's commit touched the other
     commits = {p: instance.fetch_materializations(dg.AssetRecordsFilter(
-        asset_key=dg.AssetKey("features"), asset_partitions=[p]), limit=1).records[0] for p in (P1, P2)}
+        asset_key=key("features"), asset_partitions=[p]), limit=1).records[0] for p in (P1, P2)}
     assert commits[P1].run_id != commits[P2].run_id
 
 
@@ -183,7 +183,7 @@ def test_a_full_rebuild_reproduces_identical_features(spec, lakefs, state, insta
     res, assets, run = ingest(spec, lakefs, state, instance, labels=True)
     for p in (P1, P2):
         run(["stg_records", "stg_labels", "features"], p)
-    before = {(m, p): load_asset(lakefs, m, partition=p) for m in BATCH_MODELS for p in (P1, P2)}
+    before = {(m, p): load_asset(lakefs, key(m), partition=p) for m in BATCH_MODELS for p in (P1, P2)}
     # The full rebuild: the rebuild_features job over every partition (what a backfill of all partitions runs).
     job = build_arrivals(spec)["jobs"][-1]
     assert job.name == "rebuild_features"
@@ -194,7 +194,7 @@ def test_a_full_rebuild_reproduces_identical_features(spec, lakefs, state, insta
         assert publish_run(instance, lakefs, result.run_id).status == "published"
         assert {e.asset_key.path[-1] for e in result.get_asset_materialization_events()} == set(FEATURE_ASSETS)
     for (m, p), old in before.items():
-        new = load_asset(lakefs, m, partition=p)
+        new = load_asset(lakefs, key(m), partition=p)
         assert new.equals(old), (m, p)
     assert before[("stg_labels", P1)].height > 0  # the labelled batch's labels were rebuilt too, not empty
 
@@ -213,12 +213,12 @@ def test_a_batch_is_scored_and_monitored_from_its_own_partition_while_another_ha
                       num_boost_round=8, num_leaves=3)
     res = resources_for(lakefs, state, spec, mlflow_uri)
     scoring = [*build_serving(spec), *build_monitoring(spec)]
-    result = dg.materialize([*assets, *scoring], selection=["batch_predictions", "drift_report"], partition_key=P2,
+    result = dg.materialize([*assets, *scoring], selection=K("batch_predictions", "drift_report"), partition_key=P2,
                             instance=instance, resources=res)
     assert result.success
-    feats = load_asset(lakefs, "features", partition=P2)
-    scored = load_asset(lakefs, "batch_predictions", ref=run_branch(result.run_id), partition=P2)
+    feats = load_asset(lakefs, key("features"), partition=P2)
+    scored = load_asset(lakefs, key("batch_predictions"), ref=run_branch(result.run_id), partition=P2)
     assert scored.height == feats.height > 0
     assert scored[spec.id_column].sort().equals(feats[spec.id_column].sort())
-    drift = result.asset_materializations_for_node("drift_report")[0].metadata
+    drift = result.asset_materializations_for_node(node("drift_report"))[0].metadata
     assert drift["rows"].value == feats.height

@@ -17,7 +17,7 @@ from resources.publish import publish_run
 from resources.mlflow import MLflowResource, MLflowUnavailable
 from resources.io import git_commit
 
-from .helpers import car_loan, quick_training_set, resources_for
+from .helpers import car_loan, node, quick_training_set, resources_for
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def base_ts(spec):
 
 
 def pipeline(spec, ts: pl.DataFrame):
-    @dg.asset(name="training_set")
+    @dg.asset(name="training_set", key_prefix=["car_loan"])
     def fixed_training_set() -> pl.DataFrame:
         return ts
 
@@ -42,7 +42,7 @@ def pipeline(spec, ts: pl.DataFrame):
 def train(spec, ts, lakefs, state, instance, mlflow_uri, **cfg):
     return dg.materialize(pipeline(spec, ts), instance=instance, raise_on_error=False,
                           resources=resources_for(lakefs, state, spec, mlflow_uri),
-                          run_config={"ops": {"candidate_model": {"config": cfg}}} if cfg else None)
+                          run_config={"ops": {node("candidate_model"): {"config": cfg}}} if cfg else None)
 
 
 def mlflow_res(spec, uri) -> MLflowResource:
@@ -67,14 +67,14 @@ def test_first_model_becomes_champion_and_carries_its_lineage(spec, base_ts, lak
     assert publish_run(instance, lakefs, result.run_id, m).status == "published"
     assert registry.aliases(m) == {"champion": "1"}
     tags = registry.version_tags(m, "1")
-    ts_commit = result.asset_materializations_for_node("training_set")[0].metadata["lakefs_commit"].value
+    ts_commit = result.asset_materializations_for_node(node("training_set"))[0].metadata["lakefs_commit"].value
     assert tags["lakefs_commit"] == ts_commit
     assert tags["dagster_run_id"] == result.run_id and tags["code_version"] == git_commit()
     run = m.client().get_run(tags and m.client().get_model_version(m.model_name, "1").run_id)
     assert run.inputs.dataset_inputs[0].dataset.source.find(ts_commit) >= 0
-    mat = result.asset_materializations_for_node("candidate_model")[0]
+    mat = result.asset_materializations_for_node(node("candidate_model"))[0]
     assert "/runs/" in mat.metadata["mlflow_run"].value
-    card = result.asset_materializations_for_node("model_card")[0]
+    card = result.asset_materializations_for_node(node("model_card"))[0]
     assert ts_commit in card.metadata["card"].value
     assert [e.action for e in AuditTrail().history(m.model_name)] == ["registered", "gate_decision",
                                                                        "promotion_intent", "promoted"]
@@ -209,7 +209,7 @@ def test_manual_mode_holds_promotion_until_an_approval_names_version_approver_an
     m = mlflow_res(spec, mlflow_uri)
     held = dg.materialize(pipeline(spec, base_ts), instance=instance,
                           resources=resources_for(lakefs, state, spec, mlflow_uri),
-                          run_config={"ops": {"evaluation_report": {"config": {"manual_approval": True}}}})
+                          run_config={"ops": {node("evaluation_report"): {"config": {"manual_approval": True}}}})
     assert held.success
     assert registry.aliases(m) == {}  # decided, not applied: the run is not published yet
     with pytest.raises(registry.RegistryError, match="not awaiting approval"):

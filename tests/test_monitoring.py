@@ -13,7 +13,7 @@ from resources.lakefs import run_branch
 from resources.partitions import partitions_def
 from resources.publish import publish_run
 
-from .helpers import car_loan, production_rows, resources_for
+from .helpers import K, car_loan, key, production_rows, resources_for
 
 PARTITION = "2019-03-01"
 
@@ -36,11 +36,11 @@ def features(spec):
 
 def drift(spec, table, lakefs, state, instance):
     # Stand-ins for the dbt models: the batch's partition of `features` and the history's `reference_features`.
-    @dg.asset(name="features", partitions_def=partitions_def(spec))
+    @dg.asset(name="features", key_prefix=["car_loan"], partitions_def=partitions_def(spec))
     def stub_features() -> pl.DataFrame:
         return table.filter(pl.col("origin") == "production")
 
-    @dg.asset(name="reference_features")
+    @dg.asset(name="reference_features", key_prefix=["car_loan"])
     def stub_reference_features() -> pl.DataFrame:
         return table.filter(pl.col("origin") == "reference")
 
@@ -49,7 +49,7 @@ def drift(spec, table, lakefs, state, instance):
     ref = dg.materialize([stub_reference_features], instance=instance, resources=res)
     publish_run(instance, lakefs, ref.run_id)
     return dg.materialize([stub_features, drift_report], instance=instance, partition_key=PARTITION,
-                          selection=["features", "drift_report"], raise_on_error=False, resources=res)
+                          selection=K("features", "drift_report"), raise_on_error=False, resources=res)
 
 
 def checks(result):
@@ -61,7 +61,7 @@ def test_a_healthy_batch_passes_and_reports_numbers(spec, features, lakefs, stat
     assert result.success
     c = checks(result)
     assert c["drift_inputs_usable"].passed and c["drift_chunks_informative"].passed
-    report = load_asset(lakefs, "drift_report", ref=run_branch(result.run_id), partition=PARTITION)
+    report = load_asset(lakefs, key("drift_report"), ref=run_branch(result.run_id), partition=PARTITION)
     ok = report.filter(pl.col("status") == "ok")
     assert ok.height > 0 and ok["value"].null_count() == 0 and not ok["value"].is_nan().any()
 
@@ -82,7 +82,7 @@ def test_an_all_null_column_is_reported_and_warned_not_computed_as_nan(spec, fea
     assert result.success
     warn = checks(result)["drift_chunks_informative"]
     assert not warn.passed and "driver_tenure" in warn.description and "null" in warn.description
-    report = load_asset(lakefs, "drift_report", ref=run_branch(result.run_id), partition=PARTITION)
+    report = load_asset(lakefs, key("drift_report"), ref=run_branch(result.run_id), partition=PARTITION)
     rows = report.filter(pl.col("feature") == "driver_tenure")
     assert rows.height > 0  # the report has the column's rows: the checks below are about something
     assert rows["value"].null_count() == rows.height and (rows["status"] != "ok").all()

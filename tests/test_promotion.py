@@ -12,6 +12,9 @@ from resources.publish import commit_on_main, publish_pending, publish_run
 
 from .test_models import base_ts, mlflow_res, spec, train, versions  # noqa: F401 - fixtures and helpers
 
+from .helpers import node  # the tests' data set: car_loan
+
+
 pytestmark = pytest.mark.services
 
 WEAK = {"num_boost_round": 8, "num_leaves": 3, "learning_rate": 0.1}
@@ -50,7 +53,7 @@ def test_a_run_that_fails_after_the_gate_moves_no_alias(spec, base_ts, lakefs, s
     # The same data and code again, without the fault: version 2 is not reused (its data never reached main).
     again = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
     assert again.success
-    assert again.asset_materializations_for_node("candidate_model")[0].metadata[
+    assert again.asset_materializations_for_node(node("candidate_model"))[0].metadata[
         "reused_existing_version"].value is False
     assert registry.aliases(m) == {"champion": "1"}  # not published yet
     publish_run(instance, lakefs, again.run_id, m)
@@ -100,7 +103,7 @@ def test_a_retrain_on_unchanged_data_and_code_registers_no_new_version(spec, bas
     fp = registry.version_tags(m, "1")["fingerprint"]
     second = train(spec, base_ts, lakefs, state, instance, mlflow_uri)
     assert second.success
-    meta = second.asset_materializations_for_node("candidate_model")[0].metadata
+    meta = second.asset_materializations_for_node(node("candidate_model"))[0].metadata
     assert meta["reused_existing_version"].value is True and meta["model_version"].value == 1
     assert meta["fingerprint"].value == fp
     assert versions(m) == ["1"]
@@ -163,7 +166,7 @@ def test_an_unreachable_mlflow_registers_nothing_and_the_error_names_the_store_w
     result = dg.materialize(pipeline(spec, base_ts), instance=instance, resources=res, raise_on_error=False)
     assert not result.success
     err = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
-    assert err.step_key == "candidate_model"
+    assert err.step_key == "car_loan__candidate_model"
     message = str(err.event_specific_data.error.message) + str(err.event_specific_data.error.cause)
     assert "127.0.0.1" in message and "hunter2" not in message and "no model is registered" in message
     assert versions(mlflow_res(spec, mlflow_uri)) == [] and AuditTrail().history() == []

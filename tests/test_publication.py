@@ -213,33 +213,46 @@ def test_a_batch_reads_only_the_id_index_files_its_ids_can_hit_and_still_rejects
     assert "values already published in batch 2018-10-01" in failed_checks(result)["ids_unique_across_batches"]
     # Only the index file whose id range overlaps this batch's ids was read: not November's, no raw batch.
     others = [p for p in reads if "2018-10-01" in p or "2018-11-01" in p]
-    assert others == ["index/record_ids/partition=2018-10-01.parquet"]
+    assert others == ["index/car_loan/record_ids/partition=2018-10-01.parquet"]
 
 
 def test_a_published_records_run_requests_one_scoring_run_of_its_batch_unless_one_is_queued(instance):
     """The publish sensor chains a batch's scoring to its records run: one request per published records run,
     keyed on that run; none for other jobs, for a scoring run itself, or while a scoring run of the batch is
-    already queued (declarative automation asked first)."""
+    already queued (declarative automation asked first). The request is the run's own data set's job."""
     from sensors.arrivals import JOBS, SCORE_ASSETS
     from sensors.publish import AFTER_RUN_TAG, scoring_request
 
-    def run(job: str, partition: str, assets: list[str] | None, status=dg.DagsterRunStatus.SUCCESS):
+    def job(name: str, dataset: str = "car_loan") -> str:
+        return f"{dataset}__{name}"
+
+    def run(job: str, partition: str, assets: list[str] | None, status=dg.DagsterRunStatus.SUCCESS,
+            dataset: str = "car_loan"):
         return instance.add_run(dg.DagsterRun(
             job_name=job, run_id=f"{job}-{partition}-{len(instance.get_runs())}", status=status,
             tags={"dagster/partition": partition},
-            asset_selection=frozenset(dg.AssetKey(a) for a in assets) if assets else None))
+            asset_selection=frozenset(dg.AssetKey([dataset, a]) for a in assets) if assets else None))
 
-    records = run(JOBS["records"], "2019-01-01", ["raw_records", "stg_records", "features", "data_quality_report"])
+    records = run(job(JOBS["records"]), "2019-01-01", ["raw_records", "stg_records", "features",
+                                                       "data_quality_report"])
     req = scoring_request(instance, records)
-    assert req is not None and req.job_name == JOBS["score"] and req.partition_key == "2019-01-01"
-    assert {k.to_user_string() for k in req.asset_selection} == set(SCORE_ASSETS)  # quality came with the records
+    assert req is not None and req.job_name == job(JOBS["score"]) and req.partition_key == "2019-01-01"
+    # quality came with the records
+    assert {k.to_user_string() for k in req.asset_selection} == {f"car_loan/{a}" for a in SCORE_ASSETS}
     assert req.tags[AFTER_RUN_TAG] == records.run_id and records.run_id in req.run_key
-    assert scoring_request(instance, run(JOBS["labels"], "2019-01-01", ["raw_labels", "stg_labels"])) is None
-    assert scoring_request(instance, run(JOBS["score"], "2019-01-01", SCORE_ASSETS)) is None
-    assert scoring_request(instance, run("retrain", "", None)) is None  # unpartitioned: nothing to score
-    run(JOBS["score"], "2019-02-01", SCORE_ASSETS, status=dg.DagsterRunStatus.STARTED)  # already running
-    assert scoring_request(instance, run(JOBS["records"], "2019-02-01", ["raw_records"])) is None
+    assert req.tags["mlp/partition"] == "car_loan/2019-01-01"
+    assert scoring_request(instance, run(job(JOBS["labels"]), "2019-01-01", ["raw_labels", "stg_labels"])) is None
+    assert scoring_request(instance, run(job(JOBS["score"]), "2019-01-01", SCORE_ASSETS)) is None
+    assert scoring_request(instance, run(job("retrain"), "", None)) is None  # unpartitioned: nothing to score
+    run(job(JOBS["score"]), "2019-02-01", SCORE_ASSETS, status=dg.DagsterRunStatus.STARTED)  # already running
+    assert scoring_request(instance, run(job(JOBS["records"]), "2019-02-01", ["raw_records"])) is None
+    # ... but the same period of ANOTHER data set is its own batch: scored, with its own job
+    other = scoring_request(instance, run(job(JOBS["records"], "car_price"), "2019-02-01", ["raw_records"],
+                                          dataset="car_price"))
+    assert other is not None and other.job_name == "car_price__score_batch"
+    assert {k.path[0] for k in other.asset_selection} == {"car_price"}
     # A UI materialization of raw_records (the asset job) is followed too.
     by_hand = scoring_request(instance, run("__ASSET_JOB", "2019-03-01", ["raw_records"]))
-    assert by_hand.partition_key == "2019-03-01"
-    assert {k.to_user_string() for k in by_hand.asset_selection} == {*SCORE_ASSETS, "data_quality_report"}
+    assert by_hand.partition_key == "2019-03-01" and by_hand.job_name == job(JOBS["score"])
+    assert {k.to_user_string() for k in by_hand.asset_selection} == \
+        {f"car_loan/{a}" for a in (*SCORE_ASSETS, "data_quality_report")}

@@ -17,7 +17,7 @@ import pytest
 
 from mlplatform.batches import NAME_MAX_BYTES, Landing
 
-from .helpers import car_loan, production_rows, resources_for
+from .helpers import K, car_loan, key, production_rows, resources_for
 
 NOV = "2018-11-01"
 LONG = "x" * 240 + ".parquet"   # 248 bytes: a legal name, but `<name>.reason.json` would be 260
@@ -117,13 +117,13 @@ def _run_good_beside_bad(lakefs, state, instance, bad_name: str):
     good = production_rows(spec, *_nov(), n=50)
     land(root, "good.parquet", _parquet(good))
     bad = land(root, bad_name, b"PAR1\x00garbage-not-parquet")
-    result = dg.materialize(build_ingestion(spec), selection=["raw_records"], partition_key=NOV, instance=instance,
+    result = dg.materialize(build_ingestion(spec), selection=K("raw_records"), partition_key=NOV, instance=instance,
                             resources=resources_for(lakefs, state, spec), raise_on_error=False)
     assert result.success, [e for e in result.all_events if e.is_failure]
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["files_quarantined"].passed and bad_name in checks["files_quarantined"].description
     assert publish_run(instance, lakefs, result.run_id).status == "published"
-    on_main = load_asset(lakefs, "raw_records", partition=NOV)
+    on_main = load_asset(lakefs, key("raw_records"), partition=NOV)
     assert sorted(on_main[spec.id_column].to_list()) == sorted(good[spec.id_column].to_list())
     assert set(on_main["_source_file"].to_list()) == {"good.parquet"}
     return Landing(root), bad, result
@@ -154,7 +154,7 @@ def test_a_quarantine_that_cannot_be_written_leaves_the_bad_file_in_place_and_th
     zone, bad, result = _run_good_beside_bad(lakefs, state, instance, "bad.parquet")
     assert bad.read_bytes() == b"PAR1\x00garbage-not-parquet"  # left in place, untouched
     (mat,) = [e.materialization for e in result.get_asset_materialization_events()
-              if e.materialization.asset_key == dg.AssetKey("raw_records")]
+              if e.materialization.asset_key == key("raw_records")]
     assert mat.metadata["files_rejected"].value == 1
     table = mat.metadata["rejected"].value.records
     assert table[0].data["file"] == "bad.parquet" and "left in place" in table[0].data["quarantined_to"]

@@ -12,7 +12,7 @@ from mlplatform.serving.predlog import PredictionLog, spool_dir, wait_written
 from resources.io import load_asset
 from resources.publish import publish_run
 
-from .helpers import car_loan, production_rows, resources_for
+from .helpers import car_loan, key, production_rows, resources_for
 
 
 def logged(spec, rows: pl.DataFrame, start: int, variant: str, version: str, shadow: bool = False) -> list[dict]:
@@ -43,7 +43,7 @@ def test_logged_online_predictions_are_ingested_into_lakefs_per_partition(lakefs
                                 raise_on_error=False)
         assert result.success
         assert publish_run(instance, lakefs, result.run_id).status == "published"
-        return load_asset(lakefs, "online_predictions", partition=partition)
+        return load_asset(lakefs, key("online_predictions"), partition=partition)
 
     first = materialize()
     assert first.height == 250

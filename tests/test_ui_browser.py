@@ -26,7 +26,7 @@ from tooling.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-GROUPS = ["ingestion", "features", "training", "evaluation", "serving", "monitoring"]
+GROUPS = [f"car_loan_{g}" for g in ("ingestion", "features", "training", "evaluation", "serving", "monitoring")]
 
 pytestmark = [pytest.mark.services, pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -198,7 +198,7 @@ def test_the_asset_graph_shows_every_group(page, webserver):
 def test_an_asset_page_links_its_lakefs_commit_and_its_mlflow_run_and_version(page, webserver, demo_state):
     import json
 
-    page.goto(f"{webserver}/assets/candidate_model")
+    page.goto(f"{webserver}/assets/car_loan/candidate_model")
     page.get_by_text("mlflow_model_version", exact=True).first.wait_for()
     hrefs = {a.get_attribute("href") for a in page.locator("a[href^='http']").all()}
     commits_prefix = f"{demo_state['lakefs_endpoint'].rstrip('/')}/repositories/{demo_state['repository']}/commits/"
@@ -221,7 +221,7 @@ def test_an_asset_page_links_its_lakefs_commit_and_its_mlflow_run_and_version(pa
 
 
 def test_evaluation_report_shows_its_metric_table(page, webserver):
-    page.goto(f"{webserver}/assets/evaluation_report")
+    page.goto(f"{webserver}/assets/car_loan/evaluation_report")
     table = page.locator("table").filter(has=page.locator("th", has_text="candidate")).last
     table.wait_for()
     headers = [h.strip() for h in table.locator("th").all_inner_texts()]
@@ -234,15 +234,17 @@ def test_evaluation_report_shows_its_metric_table(page, webserver):
     _no_console_errors(page)
 
 
-SENSORS = ["landing_arrivals", "retrain_on_evidence", "rollback_on_regression", "publish_successful_runs",
-           "keep_failed_run_branches", "follow_inputs", "alert_on_run_failure", "alert_on_platform_events"]
+# Each data set's sensors carry its name (car_loan__...); the publish sensors are the platform's.
+SENSORS = [*(f"car_loan__{n}" for n in ("landing_arrivals", "retrain_on_evidence", "rollback_on_regression",
+                                        "follow_inputs", "alert_on_run_failure", "alert_on_platform_events")),
+           "publish_successful_runs", "keep_failed_run_branches"]
 
 
 def test_the_sensors_are_listed_and_running(page, webserver):
     from playwright.sync_api import expect
 
     page.goto(f"{webserver}/automation")
-    page.locator("a[href$='/sensors/landing_arrivals']").wait_for()
+    page.locator("a[href$='/sensors/car_loan__landing_arrivals']").wait_for()
     listed = {a.get_attribute("href").rsplit("/", 1)[-1] for a in page.locator("a[href*='/sensors/']").all()}
     assert set(SENSORS) <= listed, listed
     for name in sorted(listed):
@@ -254,7 +256,7 @@ def test_the_sensors_are_listed_and_running(page, webserver):
 
 
 def test_the_freshness_state_is_shown(page, webserver):
-    page.goto(f"{webserver}/assets/features")
+    page.goto(f"{webserver}/assets/car_loan/features")
     page.get_by_text("Freshness policy", exact=True).first.wait_for()
     page.get_by_text("Passing", exact=True).first.wait_for()
     text = page.inner_text("body")
