@@ -306,6 +306,7 @@ def train_and_register(spec: DatasetSpec, ts: "pl.DataFrame", config: TrainConfi
 
     ts_path = asset_path(ns(spec).key("training_set"), None, "parquet")
 
+    mlflow = mlflow.scoped(spec)  # the data set's registered model, whoever calls this
     if config.shuffle_labels:
         rng = np.random.default_rng(config.seed)
         ts = ts.with_columns(pl.Series(spec.target, rng.permutation(ts[spec.target].to_numpy())))

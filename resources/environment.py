@@ -6,6 +6,11 @@ built from them, for every caller.
 - `build_resources(settings)` builds the platform's resources from settings. Outside Dagster (CLI, demo,
   tests, benchmarks) every value is concrete. With `deferred=True` (the Dagster definitions) secrets and
   endpoints are `dg.EnvVar`s, resolved by Dagster when a run starts, so none is read or baked in at import.
+
+Many data sets share these resources (one per key in the Definitions). What differs per data set is derived from
+its spec where it is used: `mlflow.scoped(spec)` (experiment and registered model), `landing.zone(spec)` (its
+folder under `<state>/landing/`), lakeFS paths from its asset keys. `Settings.dataset` (MLP_DATASET) names the one
+data set of single-data-set callers (the CLI's default model, the model server, tests).
 """
 
 from __future__ import annotations
