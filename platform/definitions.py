@@ -99,7 +99,9 @@ def build_dataset(spec: DatasetSpec, catch_all: bool = False) -> dict:
                    # model_health_report carries its own condition (assets/report.py: after_monitoring)
                    n.sensor("follow_inputs"),
                    target=dg.AssetSelection.assets(*n.keys(*FOLLOWERS, "model_health_report")),
-                   minimum_interval_seconds=20, default_status=dg.DefaultSensorStatus.RUNNING)]
+                   # Its runs carry the data set's tag (a partition tag cannot be static: these runs write only
+                   # their own assets' partition paths, which no other run of the batch writes).
+                   run_tags=n.tags, minimum_interval_seconds=20, default_status=dg.DefaultSensorStatus.RUNNING)]
     return {"assets": assets, "jobs": lifecycle["jobs"], "sensors": sensors, "schedules": lifecycle["schedules"]}
 
 
