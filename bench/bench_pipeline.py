@@ -111,8 +111,8 @@ def child(args) -> None:
             f"(self peak {out['stages'][name]['self_peak_rss_mb']:.0f} MB)")
 
     def run(assets, selection, partition=None):
-        r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                           resources=resources, raise_on_error=False, run_config=QUIET)
+        r = dg.materialize(assets, selection=[dg.AssetKey([spec.name, a]) for a in selection], partition_key=partition,
+                           instance=instance, resources=resources, raise_on_error=False, run_config=QUIET)
         if not r.success:
             failed = [f"{e.check_name}: {e.description}" for e in r.get_asset_check_evaluations() if not e.passed]
             raise RuntimeError(f"run {selection} [{partition}] failed: {failed or 'see log'}")
@@ -123,14 +123,14 @@ def child(args) -> None:
 
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         t0 = time.perf_counter()
-        sim = Simulator(spec, resources["landing"].zone(), scale=args.scale)
+        sim = Simulator(spec, resources["landing"].zone(spec), scale=args.scale)
         rel = sim.release(10_000)
         stage("release", t0, batches=len(rel.records), label_batches=len(rel.labels))
         prod_rows = sim.production().height
 
         t0 = time.perf_counter()
         r = run(ingestion, ["reference_data"])
-        ref_rows = r.asset_materializations_for_node("reference_data")[0].metadata["rows"].value
+        ref_rows = r.asset_materializations_for_node(f"{spec.name}__reference_data")[0].metadata["rows"].value
         stage("reference", t0, rows=ref_rows)
 
         t0 = time.perf_counter()
@@ -138,9 +138,9 @@ def child(args) -> None:
         for key in rel.records:
             sel = ["raw_records", "raw_labels"] if key in rel.labels else ["raw_records"]
             r = run(ingestion, sel, key)
-            rec_rows += r.asset_materializations_for_node("raw_records")[0].metadata["rows"].value
+            rec_rows += r.asset_materializations_for_node(f"{spec.name}__raw_records")[0].metadata["rows"].value
             if key in rel.labels:
-                lab_rows += r.asset_materializations_for_node("raw_labels")[0].metadata["rows"].value
+                lab_rows += r.asset_materializations_for_node(f"{spec.name}__raw_labels")[0].metadata["rows"].value
         stage("ingest", t0, rows=rec_rows, label_rows=lab_rows, runs=len(rel.records))
 
         t0 = time.perf_counter()
@@ -152,14 +152,14 @@ def child(args) -> None:
         for sel, key in runs:
             r = run(features, sel, key)
             for m in r.get_asset_materialization_events():
-                name = m.asset_key.to_user_string().replace("reference_", "")
+                name = m.asset_key.path[-1].replace("reference_", "")
                 dbt_rows[name] = dbt_rows.get(name, 0) + m.materialization.metadata["dagster/row_count"].value
         stage("dbt", t0, rows=dbt_rows, runs=len(runs))
 
         t0 = time.perf_counter()
         r = run(training, ["labelled_examples", "training_set"])
-        ts_md = r.asset_materializations_for_node("training_set")[0].metadata
-        ex_rows = r.asset_materializations_for_node("labelled_examples")[0].metadata["rows"].value
+        ts_md = r.asset_materializations_for_node(f"{spec.name}__training_set")[0].metadata
+        ex_rows = r.asset_materializations_for_node(f"{spec.name}__labelled_examples")[0].metadata["rows"].value
         stage("training", t0, labelled_examples=ex_rows,
               training_set={s: ts_md[f"rows_{s}"].value for s in ("train", "validation", "test")})
 

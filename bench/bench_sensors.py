@@ -21,14 +21,14 @@ from sensors.lifecycle import build_lifecycle  # noqa: E402
 
 def main() -> None:
     spec = car_loan()
-    sensors = {s.name: s for s in build_lifecycle(spec)["sensors"]}
+    sensors = {s.name.split("__", 1)[-1]: s for s in build_lifecycle(spec)["sensors"]}  # car_loan__<name>
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["MLP_STATE_DIR"] = str(tmp)
         # The platform's resources for this state folder (no lakeFS: the sensors only read).
         platform = build_resources(Settings(state_dir=tmp, dataset=spec.name,
                                        mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"))
-        landing = Path(platform["landing"].root)
+        landing = platform["landing"].folder(spec)
         (tmp / "home").mkdir()
         with dg.instance_for_test(temp_dir=str(tmp / "home")) as instance:
             # A year of history: 12 batches x (records, labels, drift, estimate, realized) events.
@@ -40,7 +40,8 @@ def main() -> None:
                                   ("performance_estimate", {"estimated_roc_auc": 0.96, "champion_test_score": 0.97}),
                                   ("realized_performance", {"realized_roc_auc": 0.96, "previous_roc_auc": 0.96,
                                                             "model_version": "1"})):
-                    instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=p, metadata=meta))
+                    instance.report_runless_asset_event(dg.AssetMaterialization([spec.name, key], partition=p,
+                                                                                metadata=meta))
                 d = landing / "records" / p
                 d.mkdir(parents=True)
                 pl.DataFrame({"id": [1]}).write_parquet(d / "batch.parquet")
