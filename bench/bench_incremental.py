@@ -107,7 +107,7 @@ def main() -> None:
                     pl.lit(f"{key}.parquet").alias(contracts.SOURCE_FILE))
                 buf = io.BytesIO()
                 frame.write_parquet(buf, compression="zstd")
-                lakefs.put("bulk-history", asset_path(dg.AssetKey("raw_records"), key, "parquet"), buf.getvalue())
+                lakefs.put("bulk-history", asset_path(dg.AssetKey([spec.name, "raw_records"]), key, "parquet"), buf.getvalue())
                 rows[key] = frame.height
             lakefs.commit("bulk-history", f"raw_records for {len(keys)} daily batches (bench history)")
             lakefs.merge("bulk-history", "main", "bench history")
@@ -121,7 +121,7 @@ def main() -> None:
                 for _ in range(args.reps):
                     for name, key in measured.items():
                         t = time.perf_counter()
-                        r = dg.materialize(assets, selection=["stg_records", "features"], partition_key=key,
+                        r = dg.materialize(assets, selection=[dg.AssetKey([spec.name, "stg_records"]), dg.AssetKey([spec.name, "features"])], partition_key=key,
                                            instance=instance, resources=res)
                         times[name].append(time.perf_counter() - t)
                         assert r.success
@@ -132,7 +132,7 @@ def main() -> None:
             con = duckdb.connect(in_memory=True)
             try:
                 for name, upto in (("history_scan_to_10", keys[:10]), (f"history_scan_to_{args.n}", keys)):
-                    uris = [lakefs.s3_uri("main", asset_path(dg.AssetKey("raw_records"), k, "parquet")) for k in upto]
+                    uris = [lakefs.s3_uri("main", asset_path(dg.AssetKey([spec.name, "raw_records"]), k, "parquet")) for k in upto]
                     t = time.perf_counter()
                     con.execute(f"select count(*) from read_parquet({uris!r})").fetchone()
                     scans[name] = round(time.perf_counter() - t, 3)

@@ -111,17 +111,17 @@ def main() -> None:
                 feats = production_features(spec, n_rows)
                 x = modeling.feature_matrix(feats, spec).to_numpy()
 
-                @dg.asset(name="features")
+                @dg.asset(name="features", key_prefix=[spec.name])
                 def features_stub():
                     return feats
 
                 assets = [features_stub, *build_serving(spec)]
-                r = dg.materialize(assets, selection=["features"], instance=instance, resources=resources,
+                r = dg.materialize(assets, selection=[dg.AssetKey([spec.name, "features"])], instance=instance, resources=resources,
                                    run_config=QUIET)
                 assert r.success
-                md = r.asset_materializations_for_node("features")[0].metadata
+                md = r.asset_materializations_for_node(f"{spec.name}__features")[0].metadata
                 fcommit = md["lakefs_commit"].value
-                fpath = "assets/features/data.parquet"
+                fpath = f"assets/{spec.name}/features/data.parquet"
                 fbytes = md["bytes"].value
                 log(f"{n_rows} rows: features materialized ({fbytes / 1e6:.1f} MB parquet, commit {fcommit[:12]})")
 
@@ -134,7 +134,7 @@ def main() -> None:
                     out = score_batch(batch, spec, champion, reg["version"], None, None, fcommit)
                     t2 = time.perf_counter()
                     data, _, ctype = serialize(out)
-                    lakefs.put(out_branch, f"assets/batch_predictions/partition={PARTITION}/data.parquet", data,
+                    lakefs.put(out_branch, f"assets/{spec.name}/batch_predictions/partition={PARTITION}/data.parquet", data,
                                ctype)
                     lakefs.commit(out_branch, f"batch_predictions [{PARTITION}] (bench)")
                     t3 = time.perf_counter()
@@ -144,11 +144,11 @@ def main() -> None:
 
                 def asset_fn() -> dict:
                     t0 = time.perf_counter()
-                    res = dg.materialize(assets, selection=["batch_predictions"], partition_key=PARTITION,
+                    res = dg.materialize(assets, selection=[dg.AssetKey([spec.name, "batch_predictions"])], partition_key=PARTITION,
                                          instance=instance, resources=resources, run_config=QUIET)
                     s = time.perf_counter() - t0
                     assert res.success
-                    m = res.asset_materializations_for_node("batch_predictions")[0].metadata
+                    m = res.asset_materializations_for_node(f"{spec.name}__batch_predictions")[0].metadata
                     assert m["rows"].value == n_rows
                     return {"s": s, "mean_prediction": m["mean_prediction"].value}
 

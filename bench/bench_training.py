@@ -8,7 +8,7 @@ the platform's feature SQL and time split), with identical params (modeling.lgb_
 TrainConfig defaults), the identical feature matrix (modeling.feature_matrix) and identical early
 stopping (400 rounds, patience 30, on the validation split).
 
-(a) platform: `dg.materialize([training_set stub, candidate_model], selection=["candidate_model"])`
+(a) platform: `dg.materialize([training_set stub, candidate_model], selection=[dg.AssetKey([spec.name, "candidate_model"])])`
     against a real lakeFS (private server in a temp dir), a temp MLflow sqlite store and a temp
     Dagster instance. The training set was materialized (written + committed to lakeFS) once,
     untimed; each timed run loads it from lakeFS, trains, logs to MLflow, registers a version,
@@ -136,7 +136,7 @@ def main() -> None:
     with private_platform("bench_training_") as bench:
         resources = bench.resources
 
-        @dg.asset(name="training_set")
+        @dg.asset(name="training_set", key_prefix=[spec.name])
         def fixed_training_set():
             return ts
 
@@ -145,20 +145,20 @@ def main() -> None:
         install_wrappers()
 
         with dg.instance_for_test(temp_dir=str(bench.dagster_home)) as instance:
-            r = dg.materialize(assets, selection=["training_set"], instance=instance, resources=resources,
+            r = dg.materialize(assets, selection=[dg.AssetKey([spec.name, "training_set"])], instance=instance, resources=resources,
                                run_config=QUIET)
             assert r.success
-            ts_bytes = r.asset_materializations_for_node("training_set")[0].metadata["bytes"].value
+            ts_bytes = r.asset_materializations_for_node(f"{spec.name}__training_set")[0].metadata["bytes"].value
             log(f"training_set materialized once ({ts_bytes} bytes parquet in lakeFS)")
 
             def platform_once() -> dict:
                 TIMES.clear()
                 t0 = time.perf_counter()
-                res = dg.materialize(assets, selection=["candidate_model"], instance=instance,
+                res = dg.materialize(assets, selection=[dg.AssetKey([spec.name, "candidate_model"])], instance=instance,
                                      resources=build_resources(bench.settings), run_config=QUIET)
                 wall = time.perf_counter() - t0
                 assert res.success
-                md = res.asset_materializations_for_node("candidate_model")[0].metadata
+                md = res.asset_materializations_for_node(f"{spec.name}__candidate_model")[0].metadata
                 out = {"wall_s": wall, "train_seconds": md["train_seconds"].value,
                        "best_iteration": md["best_iteration"].value,
                        "validation_auc": md["validation_auc"].value,
