@@ -13,6 +13,8 @@ Loaded as a file (`-f platform/definitions.py -d .`), never imported as a packag
 package would shadow the standard-library module of the same name.
 """
 
+import gc
+
 import dagster as dg
 
 from assets.evaluation import build_evaluation
@@ -127,3 +129,7 @@ def build_definitions(specs: list[DatasetSpec] | None = None) -> dg.Definitions:
 __all__ = ["DATASET_TAG", "FOLLOWERS", "apply_policies", "build_dataset", "build_definitions", "follow_inputs"]
 
 defs = build_definitions()
+
+# The definitions live as long as the code-location process. Frozen, they leave the garbage collector's generations:
+# no later collection (nor the interpreter's last one at exit) traverses the whole graph of every data set again.
+gc.freeze()
