@@ -200,7 +200,7 @@ def test_a_batch_reads_only_the_id_index_files_its_ids_can_hit_and_still_rejects
     land(state, spec, "nov.parquet", production_rows(spec, *window(spec, "2018-11-01"), n=300),
          partition="2018-11-01")
     published(spec, lakefs, state, instance, partition="2018-11-01")
-    assert lakefs.exists("main", "index/record_ids/partition=2018-10-01.parquet")
+    assert lakefs.exists("main", "index/car_loan/record_ids/partition=2018-10-01.parquet")
 
     reads: list[str] = []
     real_get = LakeFSResource.get
