@@ -156,15 +156,16 @@ def test_two_partitions_built_in_concurrent_runs_write_separate_paths_share_no_l
         assert runs[p]["success"], err[-3000:]
     # Each run wrote its own DuckDB file (the monitor saw it), and no file was written by both.
     for p in procs:
-        assert any(f"/duckdb/runs/{runs[p]['run_id']}/" in f for f in written[p]), (p, written[p])
+        assert any(f"/duckdb/runs/{spec.name}/{runs[p]['run_id']}/" in f for f in written[p]), (p, written[p])
     assert not written[P1] & written[P2], written[P1] & written[P2]
     # Nothing of either run is left in the state folder: no shared DuckDB database, no per-run file.
     assert not list(state.rglob("*.duckdb")) and not list(state.rglob("*.duckdb.wal"))
     # Both runs merge into main without conflict, each at its own partition path holding its own batch only.
     for p in (P1, P2):
         assert publish_run(instance, lakefs, runs[p]["run_id"]).status == "published"
-    on_main = set(lakefs.list_paths("main", "assets/features/"))
-    assert {f"assets/features/partition={P1}/data.parquet", f"assets/features/partition={P2}/data.parquet"} <= on_main
+    on_main = set(lakefs.list_paths("main", "assets/car_loan/features/"))
+    assert {f"assets/car_loan/features/partition={P1}/data.parquet",
+            f"assets/car_loan/features/partition={P2}/data.parquet"} <= on_main
     for p in (P1, P2):
         start, end = window(spec, p)
         feats = load_asset(lakefs, key("features"), partition=p)
@@ -186,10 +187,10 @@ def test_a_full_rebuild_reproduces_identical_features(spec, lakefs, state, insta
     before = {(m, p): load_asset(lakefs, key(m), partition=p) for m in BATCH_MODELS for p in (P1, P2)}
     # The full rebuild: the rebuild_features job over every partition (what a backfill of all partitions runs).
     job = build_arrivals(spec)["jobs"][-1]
-    assert job.name == "rebuild_features"
+    assert job.name == "car_loan__rebuild_features"
     defs = dg.Definitions(assets=assets, jobs=[job], resources=res)
     for p in (P1, P2):
-        result = defs.get_job_def("rebuild_features").execute_in_process(partition_key=p, instance=instance)
+        result = defs.get_job_def("car_loan__rebuild_features").execute_in_process(partition_key=p, instance=instance)
         assert result.success
         assert publish_run(instance, lakefs, result.run_id).status == "published"
         assert {e.asset_key.path[-1] for e in result.get_asset_materialization_events()} == set(FEATURE_ASSETS)
@@ -208,7 +209,7 @@ def test_a_batch_is_scored_and_monitored_from_its_own_partition_while_another_ha
     res, assets, run = ingest(spec, lakefs, state, instance)
     run(["stg_reference_records", "stg_reference_labels", "reference_features"])
     run(["stg_records", "features"], P2)  # P1's features are never built: no file, no materialization
-    assert not lakefs.list_paths("main", f"assets/features/partition={P1}/")
+    assert not lakefs.list_paths("main", f"assets/car_loan/features/partition={P1}/")
     train_and_publish(spec, quick_training_set(spec, n=4000), lakefs, state, instance, mlflow_uri,
                       num_boost_round=8, num_leaves=3)
     res = resources_for(lakefs, state, spec, mlflow_uri)
