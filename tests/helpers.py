@@ -50,8 +50,9 @@ def materialize_and_publish(assets, selection, instance, resources: dict, lakefs
     for a in assets:  # bare asset names (`"raw_records"`) are the assets' own: `[<data set>, "raw_records"]`
         for k in getattr(a, "keys", ()):
             by_name.setdefault(k.path[-1], []).append(k)
-    selection = [by_name[s][0] if isinstance(s, str) and "/" not in s and len(by_name.get(s, ())) == 1 else s
-                 for s in selection]
+    if selection is not None:
+        selection = [by_name[s][0] if isinstance(s, str) and "/" not in s and len(by_name.get(s, ())) == 1 else s
+                     for s in selection]
     result = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
                             resources=resources, raise_on_error=False)
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]

@@ -55,16 +55,16 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(dataset,
 
     # What the batch graph publishes upstream of the online assets (dbt stand-ins): the reference features and
     # the training set the versions were trained on (the estimates are fitted on each version's test split).
-    @dg.asset(name="reference_features", key_prefix=["car_loan"])
+    @dg.asset(name="reference_features", key_prefix=[spec.name])
     def stub_reference_features() -> pl.DataFrame:
         return online_features(ref, spec)
 
-    @dg.asset(name="training_set", key_prefix=["car_loan"])
+    @dg.asset(name="training_set", key_prefix=[spec.name])
     def stub_training_set() -> pl.DataFrame:
         return ts
 
     published = materialize_and_publish([stub_reference_features, stub_training_set], None, instance, res, lakefs)
-    commit = published.asset_materializations_for_node(node("training_set"))[0].metadata["lakefs_commit"].value
+    commit = published.asset_materializations_for_node(node("training_set", spec.name))[0].metadata["lakefs_commit"].value
     # a poor champion (trained on shuffled labels) and a good challenger: the report must tell them apart
     shuffled = ts.with_columns(pl.col(spec.target).shuffle(seed=7))
     champion = register(tracking, spec, shuffled, seed=1, rounds=20, lakefs_commit=commit)
@@ -83,7 +83,7 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(dataset,
             break
     assert partition, "no batch's labels released"
     materialize_and_publish(ingestion, ["raw_records"], instance, res, lakefs, partition)
-    records = load_asset(lakefs, key("raw_records"), partition=partition).head(MAX_REQUESTS)
+    records = load_asset(lakefs, key("raw_records", spec.name), partition=partition).head(MAX_REQUESTS)
     assert records.height >= 150, f"batch {partition} has {records.height} records"
 
     app = create_app(spec, tracking, ServingSettings(
@@ -109,13 +109,13 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(dataset,
     assets = [*ingestion, *online, stub_reference_features, stub_training_set]
     materialize_and_publish(assets, ["online_predictions", "online_drift_report", "online_performance_estimate"],
                             instance, res, lakefs, partition)
-    logged = load_asset(lakefs, key("online_predictions"), partition=partition)
+    logged = load_asset(lakefs, key("online_predictions", spec.name), partition=partition)
     assert logged.filter(~pl.col("shadow")).height == records.height
     assert logged.filter(pl.col("shadow")).height == counts["champion"]  # the challenger shadows the champion
-    drift = load_asset(lakefs, key("online_drift_report"), partition=partition)
+    drift = load_asset(lakefs, key("online_drift_report", spec.name), partition=partition)
     monitored = set(spec.model_feature_names)
     assert monitored <= set(drift["feature"]) and drift["value"].is_not_null().all()
-    estimate = load_asset(lakefs, key("online_performance_estimate"), partition=partition)
+    estimate = load_asset(lakefs, key("online_performance_estimate", spec.name), partition=partition)
     assert estimate.select("variant", "shadow", "model_version").sort("shadow", "variant").rows() == [
         ("challenger", False, challenger), ("champion", False, champion), ("challenger", True, challenger)]
     assert estimate["estimated"].is_finite().all() and (estimate["rows"] > 0).all()
@@ -124,10 +124,10 @@ def test_online_predictions_are_monitored_and_compared_once_labels_land(dataset,
 
     # The labels land; the experiment report joins them to what was served.
     materialize_and_publish(assets, ["raw_labels"], instance, res, lakefs, partition)
-    labels = load_asset(lakefs, key("raw_labels"), partition=partition)
+    labels = load_asset(lakefs, key("raw_labels", spec.name), partition=partition)
     assert labels.height > 0
     materialize_and_publish(assets, ["online_experiment_report"], instance, res, lakefs, partition)
-    report = load_asset(lakefs, key("online_experiment_report"), partition=partition)
+    report = load_asset(lakefs, key("online_experiment_report", spec.name), partition=partition)
 
     lab = labels.select(pl.col(spec.id_column).cast(pl.String).alias("entity_id"), spec.target)
     truth = answers.join(lab, on="entity_id")
