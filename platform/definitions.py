@@ -18,6 +18,7 @@ from resources.environment import Settings, build_resources
 from mlplatform.spec import DatasetSpec, dataset_spec
 from sensors.alerts import build_alert_sensors
 from sensors.lifecycle import build_lifecycle
+from sensors.online import build_online_sensors
 from sensors.publish import build_publish_sensors
 
 # Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
@@ -25,10 +26,11 @@ from sensors.publish import build_publish_sensors
 # publish sensor requests them in one `score_batch` run once the batch's records are on main (sensors/publish.py);
 # a second, automatic path for the same assets would race it and score a batch twice. `data_quality_report` is
 # made in the records run itself. What stays: the realized metric, when a batch's labels arrive (and
-# model_health_report, with its own condition in assets/report.py).
+# model_health_report, with its own condition in assets/report.py), and the online experiment, when a batch's
+# labels and its online predictions are both there (online_predictions itself: sensors/online.py).
 # `features` and `reference_features` are ignored: a batch is re-evaluated when its raw inputs change, not when a
 # feature rebuild or a retrain rewrites the features (an unpartitioned update would re-request every partition).
-FOLLOWERS = ["realized_performance"]
+FOLLOWERS = ["realized_performance", "online_experiment_report"]
 
 
 def follow_inputs() -> dg.AutomationCondition:
@@ -68,11 +70,13 @@ def apply_policies(spec: DatasetSpec, defs: dg.Definitions) -> dg.Definitions:
 def build_definitions() -> dg.Definitions:
     spec = dataset_spec()
     lifecycle = build_lifecycle(spec)
+    online = build_online_sensors(spec)
+    jobs = [*lifecycle["jobs"], *online["jobs"]]
     defs = dg.Definitions(
         assets=[*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
                 *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)],
-        jobs=lifecycle["jobs"],
-        sensors=[*build_publish_sensors(lifecycle["jobs"]), *lifecycle["sensors"], *build_alert_sensors(spec),
+        jobs=jobs,
+        sensors=[*build_publish_sensors(jobs), *lifecycle["sensors"], *online["sensors"], *build_alert_sensors(spec),
                  # Evaluates the automation conditions above; on by default so the lifecycle runs by itself.
                  dg.AutomationConditionSensorDefinition(
                      # model_health_report carries its own condition (assets/report.py: after_monitoring)
