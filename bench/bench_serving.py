@@ -136,6 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--single", type=int, default=2000, help="requests per single-row scenario")
     ap.add_argument("--batch", type=int, default=300, help="requests per 100-row scenario")
+    ap.add_argument("--shadow-pairs", type=int, default=2, help="alternating shadow off/on runs of 1-row x1")
+    ap.add_argument("--only-shadow", action="store_true", help="skip the ours-vs-mlflow table")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         state = Path(tmp)
@@ -173,8 +175,8 @@ def main() -> None:
                   f"{'lleaves' if how != 'booster' else 'the Booster'}; loopback keep-alive, one worker each")
             print(f"{'scenario':<22}{'server':<8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>10}{'rows/s':>10}")
             results = {}
-            for rows, (ob, mb, total) in {1: (ours_single, ml_single, args.single),
-                                          100: (ours_batch, ml_batch, args.batch)}.items():
+            scenarios = {1: (ours_single, ml_single, args.single), 100: (ours_batch, ml_batch, args.batch)}
+            for rows, (ob, mb, total) in ({} if args.only_shadow else scenarios).items():
                 for clients in (1, 8):
                     name = f"{rows}-row x{clients} client{'s' if clients > 1 else ''}"
                     r_ours = run_load(ours_port, ours_path, ob, clients, total)
@@ -192,7 +194,7 @@ def main() -> None:
 
             registry.set_alias(tracking, "challenger", version)
             shadow = {}
-            for on in (False, True, False, True):
+            for on in (False, True) * args.shadow_pairs:
                 routing_file.write_text(f"mode: champion\nshadow: {str(on).lower()}\n")
                 end = time.monotonic() + 60
                 while True:
@@ -209,7 +211,8 @@ def main() -> None:
                 r = shadow[on]
                 print(f"{'1-row x1, shadow ' + ('on' if on else 'off'):<30}"
                       f"p50 {statistics.median(x['p50_ms'] for x in r):6.2f} ms   "
-                      f"p99 {statistics.median(x['p99_ms'] for x in r):6.2f} ms   (median of {len(r)} runs)")
+                      f"p99 {statistics.median(x['p99_ms'] for x in r):6.2f} ms   (median of {len(r)} runs: "
+                      f"{', '.join(format(x['p99_ms'], '.2f') for x in r)})")
             results["shadow"] = {"off": shadow[False], "on": shadow[True]}
             out = ROOT / "bench" / "results" / "bench_serving.json"
             out.parent.mkdir(parents=True, exist_ok=True)

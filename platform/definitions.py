@@ -30,6 +30,7 @@ from resources.naming import DATASET_TAG, Namespace, dataset_of_key, local_name,
 from mlplatform.spec import DatasetSpec, SettingError, dataset_specs
 from sensors.alerts import build_alert_sensors
 from sensors.lifecycle import build_lifecycle
+from sensors.online import build_online_sensors
 from sensors.publish import build_publish_sensors
 
 # Per-batch assets that simply follow their own partition's inputs: declarative automation, not sensors.
@@ -37,10 +38,11 @@ from sensors.publish import build_publish_sensors
 # publish sensor requests them in one `score_batch` run once the batch's records are on main (sensors/publish.py);
 # a second, automatic path for the same assets would race it and score a batch twice. `data_quality_report` is
 # made in the records run itself. What stays: the realized metric, when a batch's labels arrive (and
-# model_health_report, with its own condition in assets/report.py).
+# model_health_report, with its own condition in assets/report.py), and the online experiment, when a batch's
+# labels and its online predictions are both there (online_predictions itself: sensors/online.py).
 # `features` and `reference_features` are ignored: a batch is re-evaluated when its raw inputs change, not when a
 # feature rebuild or a retrain rewrites the features (an unpartitioned update would re-request every partition).
-FOLLOWERS = ["realized_performance"]
+FOLLOWERS = ["realized_performance", "online_experiment_report"]
 
 
 def follow_inputs(n: Namespace) -> dg.AutomationCondition:
@@ -94,7 +96,8 @@ def build_dataset(spec: DatasetSpec, catch_all: bool = False) -> dict:
     lifecycle = build_lifecycle(spec)
     assets = [*build_ingestion(spec), *build_features(spec), *build_training(spec), *build_evaluation(spec),
               *build_serving(spec), *build_monitoring(spec), *build_report(spec), *build_online(spec)]
-    sensors = [*lifecycle["sensors"], *build_alert_sensors(spec, catch_all=catch_all),
+    online = build_online_sensors(spec)
+    sensors = [*lifecycle["sensors"], *online["sensors"], *build_alert_sensors(spec, catch_all=catch_all),
                # Evaluates the automation conditions above; on by default so the lifecycle runs by itself. It
                # targets this data set's assets only: one data set's updates never request another's runs.
                dg.AutomationConditionSensorDefinition(
@@ -104,7 +107,8 @@ def build_dataset(spec: DatasetSpec, catch_all: bool = False) -> dict:
                    # Its runs carry the data set's tag (a partition tag cannot be static: these runs write only
                    # their own assets' partition paths, which no other run of the batch writes).
                    run_tags=n.tags, minimum_interval_seconds=20, default_status=dg.DefaultSensorStatus.RUNNING)]
-    return {"assets": assets, "jobs": lifecycle["jobs"], "sensors": sensors, "schedules": lifecycle["schedules"]}
+    return {"assets": assets, "jobs": [*lifecycle["jobs"], *online["jobs"]], "sensors": sensors,
+            "schedules": lifecycle["schedules"]}
 
 
 def build_definitions(specs: list[DatasetSpec] | None = None) -> dg.Definitions:

@@ -39,11 +39,14 @@ def test_under_the_daemon_a_failing_run_and_a_failing_blocking_check_alert_exact
     monkeypatch.setenv("MLP_DAGSTER_URL", DAGSTER_URL)
     log_path = tmp_path / "daemon.log"
     log = open(log_path, "w")
+    # The instance's storage is created here, before the daemon opens it: two processes creating a new SQLite
+    # run storage at once can both stamp its schema version ("alembic_version has more than one head").
+    instance = dg.DagsterInstance.get()
+    instance.get_runs_count()
     daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
                               cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        instance = dg.DagsterInstance.get()
         # A run status sensor starts from the newest run event at its first evaluation: fail the runs after it.
         _wait(lambda: "Checking for new runs for sensor: alert_on_run_failure" in log_path.read_text(), 240,
               "the daemon did not evaluate alert_on_run_failure", log_path)

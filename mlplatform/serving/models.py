@@ -2,8 +2,8 @@
 
 lleaves compiles the LightGBM model text to native code with LLVM, in double precision, so its output
 equals Booster.predict (max |diff| ~1e-16, checked by tests/test_serving_models.py on the test split); ONNX
-via onnxmltools only takes float32 inputs and thresholds for LightGBM and was measured at 1.7e-3 off, so it
-is not used. The compiled object is stored as an MLflow artifact of the version's run
+via onnxmltools only takes float32 inputs and thresholds for LightGBM, so it is not what answers: it is written
+beside the version as the export for other runtimes (mlplatform/serving/export.py). The compiled object is stored as an MLflow artifact of the version's run
 (`compiled/lleaves-<target>-<cpu>.o`, native code for that target and CPU): compiled once (at promotion by
 `compile_version`, or by the first server that loads it) and downloaded by every later load. If lleaves is
 unavailable or its check against the Booster fails, the Booster answers (single-threaded).
@@ -157,12 +157,21 @@ def compile_at_promotion(tracking: Tracking, version: str, wait_seconds: float =
         except Exception as exc:  # noqa: BLE001 - reported; serving compiles on its first load
             done["error"] = exc
             log.warning(f"v{version}: not compiled for serving ({type(exc).__name__}: {exc})")
+        try:  # the export for other runtimes (mlplatform/serving/export.py); ours never answers with it
+            from mlplatform.serving.export import export_version
+
+            done["onnx"] = export_version(tracking, version)["max_abs_diff_vs_booster"]
+        except Exception as exc:  # noqa: BLE001 - reported; the version is served without it
+            done["onnx_error"] = exc
+            log.warning(f"v{version}: no ONNX export ({type(exc).__name__}: {exc})")
 
     thread = threading.Thread(target=work, name=f"compile-v{version}", daemon=True)
     thread.start()
     thread.join(wait_seconds)
+    onnx = (f"; ONNX export written (max |diff| vs Booster {done['onnx']:.2g})" if "onnx" in done else
+            f"; no ONNX export ({type(done['onnx_error']).__name__})" if "onnx_error" in done else "")
     if "how" in done:
-        return f"compiled for serving ({done['how']})"
+        return f"compiled for serving ({done['how']}){onnx}"
     if "error" in done:
-        return f"not compiled for serving ({type(done['error']).__name__})"
+        return f"not compiled for serving ({type(done['error']).__name__}){onnx}"
     return f"still compiling for serving after {wait_seconds:g}s (continues in the background)"

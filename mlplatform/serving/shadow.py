@@ -1,6 +1,7 @@
 """Shadow scoring off the response path: requests are queued (O(1)) and a background thread scores them
 in batches, one predict per model per batch, then logs the results. Batching keeps the shadow thread's
-share of the interpreter lock small and rare, so the champion's latency does not move; a full queue
+share of the interpreter lock small and rare, and it yields the lock between the batch's requests, so a
+request arriving meanwhile waits for one request's logging at most, not the whole batch; a full queue
 drops shadow work (counted), never delays a response."""
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ShadowScorer:
                 per_row_ms = (time.perf_counter() - t0) * 1000 / max(len(preds), 1)
                 start = 0
                 for _, prepared, request_id, alias, mode, now in group:
+                    time.sleep(0)  # hand the interpreter lock to a request waiting for it, between jobs
                     n = len(prepared.raw)
                     self.on_scored(model, prepared, preds[start:start + n], request_id, alias, mode, now,
                                    per_row_ms * n)
