@@ -31,7 +31,7 @@ from .helpers import K, key  # the tests' data set: car_loan
 
 pytestmark = pytest.mark.faults
 
-RETRAIN = "retrain"
+RETRAIN = "car_loan__retrain"  # the drills run on car_loan (with car_price live beside it)
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -591,7 +591,7 @@ def test_daemon_killed_and_restarted_drains_the_queue_and_ingests_nothing_twice(
     daemon = start_daemon(tmp_path)
     try:
         def ingest_started():
-            return [r for r in runs_of(instance, "ingest_batch") if r.status == dg.DagsterRunStatus.STARTED]
+            return [r for r in runs_of(instance, "car_loan__ingest_batch") if r.status == dg.DagsterRunStatus.STARTED]
 
         wait_for("an ingest run to start", ingest_started, 300, daemon=daemon, log=log)
         os.kill(daemon.pid, signal.SIGKILL)  # the daemon only: its code server finishes the run in flight
@@ -600,7 +600,7 @@ def test_daemon_killed_and_restarted_drains_the_queue_and_ingests_nothing_twice(
         daemon = start_daemon(tmp_path)
 
         def drained():
-            ingests = runs_of(instance, "ingest_batch")
+            ingests = runs_of(instance, "car_loan__ingest_batch")
             if len({r.tags.get("dagster/partition") for r in ingests if r.status == dg.DagsterRunStatus.SUCCESS}) < 2:
                 return None
             busy = instance.get_runs(filters=dg.RunsFilter(statuses=[
