@@ -331,3 +331,67 @@ def test_a_server_started_before_any_champion_says_why_and_serves_once_one_is_pr
     finally:
         s.close()
         served.stop()
+
+
+def test_the_shadow_scores_in_its_own_process_and_a_killed_shadow_process_is_replaced_without_failed_requests(
+        spec, ts, tracking, state):
+    import os
+    import signal
+
+    from mlplatform.serving.app import create_app
+
+    v1 = register(tracking, spec, ts, seed=1, rounds=30)
+    v2 = register(tracking, spec, ts, seed=2, rounds=30)
+    registry.promote(tracking, v1)
+    registry.set_alias(tracking, "challenger", v2)
+    app = create_app(spec, tracking, ServingSettings(reload_seconds=0.3, compile=False,
+                                                     routing=RoutingSettings(shadow=True),
+                                                     log=LogSettings(batch_rows=10, flush_seconds=0.2)))
+    served = Served(app)
+    row = request_rows(spec, ts.head(1))[0]
+    s = requests.Session()
+    url = f"{served.url}/v1/models/{tracking.model_name}/predict"
+    shadow = app.state.shadow
+    spool = state / "online_predictions" / spec.name
+
+    def shadow_ids() -> set:
+        files = list(spool.glob("*/*.parquet"))
+        if not files:
+            return set()
+        logged = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        return set(logged.filter(pl.col("shadow"))["entity_id"])
+
+    def post(ids) -> None:
+        for i in ids:
+            r = s.post(url, json=dict(row, id=i))
+            assert r.status_code == 200 and r.json()["variant"] == "champion", r.text
+
+    def until(predicate, what: str, timeout: float = 90.0):
+        end = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < end, f"not within {timeout}s: {what}"
+            time.sleep(0.2)
+
+    try:
+        assert shadow.pid is None  # no shadow process until a request is shadowed
+        post(range(100, 120))
+        until(lambda: {str(i) for i in range(100, 120)} <= shadow_ids(), "first shadow rows logged")
+        first = shadow.pid
+        assert first is not None and first != os.getpid()
+        os.kill(first, signal.SIGKILL)
+        # Requests go on answering meanwhile; shadow rows of requests in the gap may be skipped (counted), and a
+        # new shadow process takes over by itself.
+        k = 200
+
+        def recovered() -> bool:
+            nonlocal k
+            post([k])
+            k += 1
+            return any(int(i) >= 200 for i in shadow_ids())
+
+        until(recovered, "a new shadow process logs shadow rows")
+        assert shadow.pid not in (None, first) and shadow.restarts == 1
+    finally:
+        s.close()
+        served.stop()
+    assert shadow.scored >= 1 and shadow.failed == 0

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     tracking = Tracking(uri, experiment=dataset_name(), model_name=settings.model_name or f"{dataset_name()}-model")
     import sys
 
-    # The interpreter lock is handed over after 1 ms instead of 5 ms: a background thread (shadow scoring,
-    # prediction log) then never holds a request for long.
+    # The interpreter lock is handed over after 1 ms instead of 5 ms: a background thread (the prediction log,
+    # the shadow's sender) then never holds a request for long.
     sys.setswitchinterval(0.001)
     app = create_app(spec, tracking, settings, routing_file=args.routing_file)
     print(f"serving {tracking.model_name} on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)",

@@ -25,7 +25,7 @@ from mlplatform.serving.predlog import PredictionLog, rows_for_log, spool_dir
 from mlplatform.serving.routing import (CHAMPION, Router, effective_routing, read_routing_file,
                                         routing_from_tags)
 from mlplatform.serving.settings import ServingSettings, load_serving_settings
-from mlplatform.serving.shadow import ShadowScorer
+from mlplatform.serving.shadow import ShadowProcess
 from mlplatform.serving.validation import RequestError, RowValidator
 from mlplatform.spec import DatasetSpec
 from mlplatform.tracking import Tracking
@@ -180,14 +180,12 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
     validator = RowValidator(spec, settings)
     server = ModelServer(spec, tracking, settings, routing_file)
     metrics = Metrics()
-    plog = PredictionLog(spec, log_dir or spool_dir(spec, settings.log.spool_dir), settings.log.batch_rows,
-                         settings.log.flush_seconds, settings.log.queue_rows) if settings.log.enabled else None
-    def log_shadow(model, prepared, preds, request_id, alias, mode, now, latency_ms):
-        if plog is not None:
-            plog.add(rows_for_log(prepared, preds, request_id, alias, model.version, True, mode, latency_ms, spec,
-                                  now))
-
-    shadow = ShadowScorer(log_shadow)
+    log_dir = log_dir or spool_dir(spec, settings.log.spool_dir)
+    plog = PredictionLog(spec, log_dir, settings.log.batch_rows, settings.log.flush_seconds,
+                         settings.log.queue_rows) if settings.log.enabled else None
+    # The challenger's shadow scores in a child process started on the first shadowed request, writing to the same
+    # spool: the server's process only hands each shadowed request over (mlplatform/serving/shadow.py).
+    shadow = ShadowProcess(spec, tracking, settings, log_dir)
     names = {tracking.model_name, spec.name}
 
     def on_reload(state: State):
@@ -225,6 +223,7 @@ def create_app(spec: DatasetSpec, tracking: Tracking, settings: ServingSettings 
                   description=f"Online predictions of the registered model {tracking.model_name} "
                               f"({spec.description}). Request rows follow the data-set spec {spec.path}.")
     app.state.server, app.state.metrics, app.state.plog, app.state.validator = server, metrics, plog, validator
+    app.state.shadow = shadow
 
     def err(status: int, loc: list, msg: str, endpoint: str, kind: str, variant: str = "none"):
         metrics.errors.labels(endpoint, variant, kind).inc()
