@@ -453,7 +453,9 @@ def test_serving_probes_hit_the_apps_health_routes(tmp_path):
     from mlplatform.spec import load_spec
     from mlplatform.tracking import Tracking
 
-    spec = load_spec(resource("ConfigMap", "mlp-settings")["data"]["MLP_DATASET"])
+    served = {e["name"]: e.get("value") for e in serving_container().get("env", [])}["MLP_DATASET"]
+    assert served in resource("ConfigMap", "mlp-settings")["data"]["MLP_DATASETS"].split(",")
+    spec = load_spec(served)
     app = create_app(spec, Tracking(f"sqlite:///{tmp_path / 'unused.db'}"), start=False, log_dir=tmp_path)
     routes = {r.path for r in app.routes if "GET" in getattr(r, "methods", set())}
     container = serving_container()
