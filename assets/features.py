@@ -37,7 +37,7 @@ from resources.duckdb import DuckDBResource
 from resources.io import asset_path, asset_prefix
 from resources.lakefs import LakeFSResource
 from resources.naming import Namespace, ns
-from resources.partitions import partitions_def
+from resources.partitions import merge_check_results, partitions_def, ranged_keys, withhold
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 REFERENCE_MODELS = ("stg_reference_records", "stg_reference_labels", "reference_features")
@@ -275,10 +275,36 @@ def build_features(spec: DatasetSpec) -> list:
     @dg.multi_asset(specs=specs_for(BATCH_MODELS, partitions_def(spec)), check_specs=checks_for(BATCH_MODELS),
                     name=n.job("batch_models"), can_subset=True)
     def batch_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
-        """Build one batch's staging and features from its own raw partition and version each in lakeFS."""
+        """Build one batch's staging and features from its own raw partition and version each in lakeFS (a
+        ranged run, for a burst of batches: each partition of the range in turn, in this one run)."""
         from resources.publish import open_run_branch
 
-        partition = context.partition_key
+        keys = ranged_keys(context)
+        if keys is None:
+            yield from batch_partition(context, lakefs, duckdb, context.partition_key)
+            return
+        built, checks_by = set(), {}
+        for partition in keys:
+            if not lakefs.exists(open_run_branch(context.instance, lakefs, context.run.run_id),
+                                 asset_path(n.key("raw_records"), partition, "parquet")):
+                for key in context.selected_asset_keys:  # raw_records withheld it: nothing to build from
+                    withhold(context, key, partition, f"raw_records [{partition}] is not on this run's branch")
+                continue
+            for result in batch_partition(context, lakefs, duckdb, partition):
+                if isinstance(result, dg.MaterializeResult):  # this partition's own materialization metadata
+                    context.add_asset_metadata(result.metadata or {}, asset_key=result.asset_key,
+                                               partition_key=partition)
+                    built.add(result.asset_key)
+                else:
+                    checks_by.setdefault(partition, []).append(result)
+        for key in (n.key(m) for m in BATCH_MODELS):  # in dependency order
+            if key in built:
+                yield dg.MaterializeResult(asset_key=key)
+        yield from merge_check_results(checks_by)
+
+    def batch_partition(context, lakefs: LakeFSResource, duckdb: DuckDBResource, partition: str):
+        from resources.publish import open_run_branch
+
         branch = open_run_branch(context.instance, lakefs, context.run.run_id)
         records = asset_path(n.key("raw_records"), partition, "parquet")
         labels = asset_path(n.key("raw_labels"), partition, "parquet")
