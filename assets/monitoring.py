@@ -165,8 +165,9 @@ def read_batch(context, lakefs: LakeFSResource, key: dg.AssetKey, partition: str
     """One partition of an upstream asset at its checked commit (`read_upstream_table`), or MissingUpstream."""
     from resources.lakefs import LakeFSError
 
-    if latest_checked_materialization(context.instance, key, partition, context.run_id) is None:
-        raise MissingUpstream(f"{key.to_user_string()} [{partition}] has no checked version")
+    if latest_checked_materialization(context.instance, key, partition, context.run.run_id) is None:
+        raise MissingUpstream(f"{key.to_user_string()} [{partition}] has no checked version in lakeFS repository "
+                              f"{lakefs.repository!r} (withheld by the run that made it, or never materialized)")
     try:
         return read_upstream_table(context, lakefs, key, partition=partition)
     except LakeFSError as exc:
@@ -216,7 +217,10 @@ def build_monitoring(spec: DatasetSpec) -> list:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        batch, commit = _read_batch(context, lakefs, "features", partition)
+        if this_run is None:  # one batch
+            batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=partition)
+        else:  # a ranged run: a partition withheld upstream is withheld here too
+            batch, commit = _read_batch(context, lakefs, "features", partition)
         if batch.height == 0:
             raise ValueError(f"no production rows for batch {partition} in `features` at lakeFS "
                              f"commit {commit[:12]}")

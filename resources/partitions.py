@@ -88,11 +88,18 @@ def write_partitions(context, lakefs, key: dg.AssetKey, values: dict, metadata: 
         code_version = context.assets_def.code_versions_by_key.get(key)
     except Exception:  # noqa: BLE001
         pass
+    upstream = {}
+    try:  # what the step read (read_upstream_table, the I/O manager's loads): the commit's lineage
+        from resources.io import _LOADED_COMMITS
+
+        upstream = dict(_LOADED_COMMITS.get((context.run.run_id, context.get_step_execution_context().step.key), {}))
+    except Exception:  # noqa: BLE001 - outside a step
+        pass
     parts = sorted(written)
     commit = lakefs.commit(branch, message=f"{key.to_user_string()} [{parts[0]}...{parts[-1]}] ({len(parts)} partitions)",
                            metadata={"asset_key": key.to_user_string(), "partition": ",".join(parts),
                                      "dagster_run_id": context.run.run_id, "code_version": code_version or git_commit(),
-                                     "git_commit": git_commit()})
+                                     "git_commit": git_commit(), "upstream_commits": upstream})
     for partition, (path, size, obj) in written.items():
         meta = {**metadata.get(partition, {}),
                 "lakefs_commit": dg.MetadataValue.text(commit),
