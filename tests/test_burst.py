@@ -98,10 +98,18 @@ def test_a_burst_of_three_batches_is_one_ingest_run_and_one_scoring_run_and_a_ba
             meta = mat.asset_materialization.metadata
             assert mat.run_id == run.run_id and meta["lakefs_path"].value.endswith(
                 asset_path(n.key(name), p, "parquet")), (name, p)
+        features = load_asset(lakefs, n.key("features"), ref="main", partition=p)  # split out of ONE dbt build
+        assert sorted(features[spec.id_column].to_list()) == sorted(
+            load_asset(lakefs, n.key("raw_records"), ref="main", partition=p)[spec.id_column].to_list())
         preds = load_asset(lakefs, n.key("batch_predictions"), ref="main", partition=p)
         records = load_asset(lakefs, n.key("raw_records"), ref="main", partition=p)
         assert sorted(preds[spec.id_column].to_list()) == sorted(records[spec.id_column].to_list())
         assert load_asset(lakefs, n.key("drift_report"), ref="main", partition=p)["partition"].unique().to_list() == [p]
+
+    for name in (*INGESTED, *SCORED):  # each asset of the range written by one lakeFS commit
+        commits = {materializations(instance, n.key(name), p)[0].asset_materialization.metadata["lakefs_commit"].value
+                   for p in (good1, good2)}
+        assert len(commits) == 1, name
 
     # The bad batch: withheld everywhere, main untouched, its file quarantined with the reason.
     for name in (*INGESTED, *SCORED):
