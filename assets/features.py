@@ -37,7 +37,8 @@ from resources.duckdb import DuckDBResource
 from resources.io import asset_path, asset_prefix
 from resources.lakefs import LakeFSResource
 from resources.naming import Namespace, ns
-from resources.partitions import partitions_def
+from mlplatform.batches import window
+from resources.partitions import merge_check_results, partitions_def, ranged_keys, withhold
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 REFERENCE_MODELS = ("stg_reference_records", "stg_reference_labels", "reference_features")
@@ -189,9 +190,12 @@ def build_features(spec: DatasetSpec) -> list:
         ]
 
     def run_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource,
-                   step: str, names: tuple, tables: dict, branch: str, partition: str | None):
+                   step: str, names: tuple, tables: dict, branch: str, partition: str | None,
+                   partitions: dict | None = None):
         """dbt build of the selected models into the step's own database, each exported to lakeFS and committed;
-        then the dbt tests as asset checks."""
+        then the dbt tests as asset checks. With `partitions` ({partition: (start, end)}, a ranged run): ONE dbt
+        build over all of them, each model exported per partition (its rows of the partition's time window) to
+        the partition's own path, one commit per model, the partition's metadata on its own materialization."""
         selected = [m for m in names if n.key(m) in context.selected_asset_keys]  # in dependency order
         selected_checks = {(k.asset_key.path[-1], k.name) for k in context.selected_asset_check_keys}
         database = run_database(context.run.run_id, step, spec.name)
@@ -215,7 +219,9 @@ def build_features(spec: DatasetSpec) -> list:
             out = []
             try:
                 con.execute(f"ATTACH '{database}' AS run_db (READ_ONLY)")
-                for name in built:
+                for name in (built if partitions else ()):
+                    out.append(export_partitions(context, lakefs, con, name, branch, partitions, database))
+                for name in (() if partitions else built):
                     rows = con.execute(f'select count(*) from run_db.main."{name}"').fetchone()[0]
                     path = asset_path(n.key(name), partition, "parquet")
                     con.execute(f"COPY run_db.main.\"{name}\" TO '{lakefs.s3_uri(branch, path)}' "
@@ -243,10 +249,11 @@ def build_features(spec: DatasetSpec) -> list:
             if r is None or (model, t["name"]) not in selected_checks:
                 continue
             passed, severity = check_outcome(r["status"])
+            where = partition or (f"{min(partitions)}...{max(partitions)}" if partitions else None)
             yield dg.AssetCheckResult(asset_key=n.key(model), check_name=t["name"], passed=passed,
                                       severity=severity, description=(r.get("message") or r["status"])[:1000],
                                       metadata={"failures": dg.MetadataValue.int(int(r.get("failures") or 0)),
-                                                **({"partition": partition} if partition else {})})
+                                                **({"partition": where} if where else {})})
         failed = [f"{uid.split('.')[-1]}: {r['status']} {r.get('message') or ''}".strip()
                   for uid, r in results.items() if r["status"] in ("error", "skipped", "runtime error")]
         if proc.returncode != 0 and failed:
@@ -257,6 +264,35 @@ def build_features(spec: DatasetSpec) -> list:
             target.parent.rmdir()
         except OSError:
             pass  # another step of the run still has its target there
+
+    def export_partitions(context, lakefs: LakeFSResource, con, name: str, branch: str, partitions: dict,
+                          database: Path) -> dg.MaterializeResult:
+        """A ranged run's model: each partition's rows (its time window) to the partition's own lakeFS path, one
+        commit, each partition's metadata on its own materialization."""
+        t = spec.time_column
+        counts = {}
+        for p, (start, end) in partitions.items():
+            where = f"where \"{t}\" >= TIMESTAMP '{start}' and \"{t}\" < TIMESTAMP '{end}'"
+            counts[p] = con.execute(f'select count(*) from run_db.main."{name}" {where}').fetchone()[0]
+            con.execute(f"COPY (select * from run_db.main.\"{name}\" {where}) TO "
+                        f"'{lakefs.s3_uri(branch, asset_path(n.key(name), p, 'parquet'))}' (FORMAT parquet, COMPRESSION zstd)")
+        first, last = min(partitions), max(partitions)
+        commit = lakefs.commit(branch, f"{name} [{first}...{last}] ({len(partitions)} partitions) (dbt)", {
+            "asset_key": n.key_str(name), "partition": ",".join(sorted(partitions)),
+            "dagster_run_id": context.run.run_id, "code_version": versions[name], "dbt_manifest_hash": dbt_hash,
+            "upstream_ref": branch,
+        })
+        for p in partitions:
+            path = asset_path(n.key(name), p, "parquet")
+            context.add_asset_metadata({
+                "dagster/row_count": dg.MetadataValue.int(counts[p]),
+                "lakefs_commit": dg.MetadataValue.text(commit),
+                "lakefs_path": dg.MetadataValue.path(lakefs.uri(commit, path)),
+                "lakefs_link": dg.MetadataValue.url(lakefs.commit_url(commit)),
+                "dbt_manifest_hash": dg.MetadataValue.text(dbt_hash),
+                "duckdb_database": dg.MetadataValue.path(str(database)),
+            }, asset_key=n.key(name), partition_key=p)
+        return dg.MaterializeResult(asset_key=n.key(name))
 
     @dg.multi_asset(specs=specs_for(REFERENCE_MODELS, None), check_specs=checks_for(REFERENCE_MODELS),
                     name=n.job("reference_models"), can_subset=False)
@@ -275,10 +311,64 @@ def build_features(spec: DatasetSpec) -> list:
     @dg.multi_asset(specs=specs_for(BATCH_MODELS, partitions_def(spec)), check_specs=checks_for(BATCH_MODELS),
                     name=n.job("batch_models"), can_subset=True)
     def batch_models(context: dg.AssetExecutionContext, lakefs: LakeFSResource, duckdb: DuckDBResource):
-        """Build one batch's staging and features from its own raw partition and version each in lakeFS."""
+        """Build one batch's staging and features from its own raw partition and version each in lakeFS (a
+        ranged run, for a burst of batches: each partition of the range in turn, in this one run)."""
         from resources.publish import open_run_branch
 
-        partition = context.partition_key
+        keys = ranged_keys(context)
+        if keys is None:
+            yield from batch_partition(context, lakefs, duckdb, context.partition_key)
+            return
+        # A burst: ONE dbt build over every partition of the range (the run's fixed dbt cost paid once), its
+        # inputs the partitions' raw files on the run's branch, copied into a folder of this step's own.
+        branch = open_run_branch(context.instance, lakefs, context.run.run_id)
+        present = []
+        for partition in keys:
+            if lakefs.exists(branch, asset_path(n.key("raw_records"), partition, "parquet")):
+                present.append(partition)
+                continue
+            for key in context.selected_asset_keys:  # raw_records withheld it: nothing to build from
+                withhold(context, key, partition, f"raw_records [{partition}] is not on this run's branch")
+        if not present:
+            return
+        if n.key("stg_labels") in context.selected_asset_keys:  # labels carry no event time to split them by
+            yield from each_partition(context, lakefs, duckdb, present)
+            return
+        inputs = run_database(context.run.run_id, "batch_models_inputs", spec.name).with_suffix("")
+        try:
+            tables = {"reference_data": None, "raw_records": None, "raw_labels": None}
+            for kind in ("raw_records", "raw_labels"):
+                folder = inputs / kind
+                for partition in present:
+                    path = asset_path(n.key(kind), partition, "parquet")
+                    if lakefs.exists(branch, path):
+                        folder.mkdir(parents=True, exist_ok=True)
+                        (folder / f"{partition}.parquet").write_bytes(lakefs.get(branch, path))
+                tables[kind] = str(folder / "*.parquet") if folder.exists() else None
+            yield from run_models(context, lakefs, duckdb, "batch_models", BATCH_MODELS, tables, branch, None,
+                                  partitions={p: window(spec, p) for p in present})
+        finally:
+            shutil.rmtree(inputs, ignore_errors=True)
+
+    def each_partition(context, lakefs: LakeFSResource, duckdb: DuckDBResource, partitions: list[str]):
+        """A ranged run that builds the labels' models: one dbt build per partition, in this one run."""
+        built, checks_by = set(), {}
+        for partition in partitions:
+            for result in batch_partition(context, lakefs, duckdb, partition):
+                if isinstance(result, dg.MaterializeResult):  # this partition's own materialization metadata
+                    context.add_asset_metadata(result.metadata or {}, asset_key=result.asset_key,
+                                               partition_key=partition)
+                    built.add(result.asset_key)
+                else:
+                    checks_by.setdefault(partition, []).append(result)
+        for key in (n.key(m) for m in BATCH_MODELS):  # in dependency order
+            if key in built:
+                yield dg.MaterializeResult(asset_key=key)
+        yield from merge_check_results(checks_by)
+
+    def batch_partition(context, lakefs: LakeFSResource, duckdb: DuckDBResource, partition: str):
+        from resources.publish import open_run_branch
+
         branch = open_run_branch(context.instance, lakefs, context.run.run_id)
         records = asset_path(n.key("raw_records"), partition, "parquet")
         labels = asset_path(n.key("raw_labels"), partition, "parquet")

@@ -30,7 +30,8 @@ pl = lazy_import("polars")
 from mlplatform import contracts
 from mlplatform.sources import source_name
 from mlplatform.batches import Landing, window
-from resources.partitions import partitions_def
+from resources.partitions import (merge_check_results, partitions_def, ranged_keys, run_partitions, withhold,
+                                  write_partitions)
 from resources.lakefs import LakeFSResource
 from resources.landing import LandingZoneResource
 from resources.naming import Namespace, ns
@@ -340,7 +341,53 @@ def build_ingestion(spec: DatasetSpec) -> list:
            dg.AssetCheckSpec(QUARANTINE_CHECK, asset=n.key("raw_records"))],
     )
     def raw_records(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource):
-        partition = context.partition_key
+        keys = ranged_keys(context)
+        if keys is None:  # one batch: the I/O manager stores it
+            df, meta, checks = ingest_records(context, landing, lakefs, context.partition_key)
+            if df.height:  # committed with the batch, on its branch: published (or kept) with it
+                from resources.publish import open_run_branch
+
+                write_id_index(lakefs, open_run_branch(context.instance, lakefs, context.run.run_id), spec,
+                               context.partition_key, df)
+            yield dg.Output(df, metadata=meta)
+            yield from checks
+            return
+        # A burst: every partition of the range judged on its own. One that fails a blocking check is withheld
+        # (not written: main never sees it; its bad files are quarantined with their reasons) and the others
+        # publish; the checks report every partition, the withheld ones under the WARN check files_quarantined.
+        values, metas, checks_by, originals = {}, {}, {}, {}
+        for partition in keys:
+            df, meta, checks = ingest_records(context, landing, lakefs, partition)
+            failed = [c for c in checks if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR]
+            originals[partition] = checks
+            if failed:
+                why = "; ".join(f"{c.check_name}: {c.description}" for c in failed)
+                withhold(context, raw_records.key, partition, why)
+                checks = [c for c in checks if c.severity != dg.AssetCheckSeverity.ERROR]
+                checks = [c if c.check_name != QUARANTINE_CHECK else dg.AssetCheckResult(
+                    asset_key=c.asset_key, check_name=c.check_name, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                    description=f"batch withheld from publication ({why}); {c.description}"[:2000],
+                    metadata=c.metadata) for c in checks]
+                context.add_asset_metadata({k: v for k, v in meta.items() if k != "ingested_files"},
+                                           asset_key=raw_records.key, partition_key=partition)
+            else:
+                from resources.publish import open_run_branch
+
+                write_id_index(lakefs, open_run_branch(context.instance, lakefs, context.run.run_id), spec,
+                               partition, df)  # before the next partition judges its ids against it
+                values[partition], metas[partition] = df, meta
+            checks_by[partition] = checks
+        if not values:  # nothing left to publish: the run fails on the partitions' own blocking checks
+            checks_by = originals
+        write_partitions(context, lakefs, raw_records.key, values, metas)
+        yield dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values)),
+                                        "partitions_withheld": dg.MetadataValue.json(
+                                            sorted(set(keys) - set(values)))})
+        yield from merge_check_results(checks_by)
+
+    def ingest_records(context: dg.AssetExecutionContext, landing: LandingZoneResource, lakefs: LakeFSResource,
+                       partition: str):
+        """One batch's records: (frame, metadata, check results)."""
         zone = landing.zone(spec)
         win = window(spec, partition)
         schema = {**contracts.expected_dtypes(spec), contracts.SOURCE_FILE: pl.String}
@@ -388,12 +435,7 @@ def build_ingestion(spec: DatasetSpec) -> list:
         context.log.info(f"batch {partition}: {len(previous) if previous is not None else 0} row(s) before, "
                          f"accepted {merged.accepted}, already ingested {skipped}, quarantined "
                          f"{[q['file'] for q in quarantined]}, {df.height} row(s) now")
-        if df.height:  # committed with the batch, on its branch: published (or kept) with it
-            from resources.publish import open_run_branch
-
-            write_id_index(lakefs, open_run_branch(context.instance, lakefs, context.run.run_id), spec,
-                           partition, df)
-        yield dg.Output(df, metadata={
+        meta = {
             "rows": df.height,
             "rows_before": previous.height if previous is not None else 0,
             "files": dg.MetadataValue.json(_entries(files, merged.accepted + skipped)),
@@ -404,9 +446,9 @@ def build_ingestion(spec: DatasetSpec) -> list:
             "ingested_files": dg.MetadataValue.json(merged.ledger),
             "redelivery_policy": spec.redelivery,
             **({"rejected": _rejected_table(quarantined)} if quarantined else {}),
-        })
-        yield from check_results(raw_records.key, RECORD_CHECKS, violations, RECORD_CHECK_OF, warnings,
-                                 "known_categories", quarantined)
+        }
+        return df, meta, list(check_results(raw_records.key, RECORD_CHECKS, violations, RECORD_CHECK_OF, warnings,
+                                            "known_categories", quarantined))
 
     @dg.asset(
         key_prefix=[spec.name], group_name="ingestion", kinds={"polars", "lakefs"}, code_version="2", partitions_def=partitions,
@@ -534,6 +576,15 @@ def _records_pending(context: dg.AssetExecutionContext, n: Namespace, zone: Land
     runs = context.instance.get_run_records(
         dg.RunsFilter(job_name=n.job("ingest_batch"), tags={"dagster/partition": partition}, statuses=list(waiting)),
         limit=10)
+    runs += [r for r in context.instance.get_run_records(  # ranged runs (a burst) covering the partition
+        dg.RunsFilter(job_name=n.job("ingest_batch"), statuses=list(waiting)), limit=50)
+        if not r.dagster_run.tags.get("dagster/partition")
+        and partition in run_partitions(r.dagster_run, _keys_of(context))]
     out += [f"ingest_batch run {r.dagster_run.run_id} is {r.dagster_run.status.value.lower()}"
             for r in runs if r.dagster_run.run_id != context.run.run_id]
     return out
+
+
+def _keys_of(context) -> list[str]:
+    defs = context.assets_def.partitions_def
+    return list(defs.get_partition_keys()) if defs is not None else []

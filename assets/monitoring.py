@@ -12,7 +12,7 @@ np = lazy_import("numpy")
 pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
-from resources.partitions import partitions_def
+from resources.partitions import merge_check_results, partitions_def, ranged_keys, withhold, write_partitions
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource, run_branch
 from resources.mlflow import MLflowResource
@@ -52,20 +52,25 @@ def previous_partitions(spec: DatasetSpec, partition: str, count: int) -> list[s
     return keys[max(0, i - count):i]
 
 
-def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: "pl.DataFrame") -> "pl.DataFrame":
+def drift_over_time(context, lakefs: LakeFSResource, spec: DatasetSpec, latest: "pl.DataFrame",
+                    partition: str | None = None, this_run: "dict[str, pl.DataFrame] | None" = None) -> "pl.DataFrame":
     """This batch's drift beside the published drift reports of the batches before it (at most
     `monitoring.drift_plot_batches`): one chunk per batch, read from those small reports, so the
     plot costs a bounded number of reads instead of recomputing drift over all history."""
     from resources.io import deserialize
 
+    partition = partition or context.partition_key
     count = spec.monitoring.drift_plot_batches
     frames = []
-    for p in previous_partitions(spec, context.partition_key, max(count - 1, 0)):
+    for p in previous_partitions(spec, partition, max(count - 1, 0)):
+        if this_run and p in this_run:  # an earlier partition of the same (ranged) run
+            frames.append(this_run[p].select("feature", "method", "value", pl.lit(p).alias("chunk_key")))
+            continue
         found = latest_checked_materialization(context.instance, ns(spec).key("drift_report"), p, context.run_id)
         if found:
             frames.append(deserialize(lakefs.get(found[0], found[1]), found[1])
                           .select("feature", "method", "value", pl.lit(p).alias("chunk_key")))
-    frames.append(latest.select("feature", "method", "value", pl.lit(context.partition_key).alias("chunk_key")))
+    frames.append(latest.select("feature", "method", "value", pl.lit(partition).alias("chunk_key")))
     out = pl.concat(frames, how="vertical_relaxed")
     order = {k: i for i, k in enumerate(sorted(out["chunk_key"].unique().to_list()))}
     return out.with_columns(pl.col("chunk_key").replace_strict(order, return_dtype=pl.Int64).alias("chunk_index"))
@@ -152,9 +157,29 @@ def drift_results(check_prefix: str, partition: str, latest: "pl.DataFrame", sum
                               description="; ".join(warning) or "every chunk informative")
 
 
+class MissingUpstream(ValueError):
+    """A ranged run's partition whose input has no checked version (withheld upstream): it is withheld too."""
+
+
+def read_batch(context, lakefs: LakeFSResource, key: dg.AssetKey, partition: str):
+    """One partition of an upstream asset at its checked commit (`read_upstream_table`), or MissingUpstream."""
+    from resources.lakefs import LakeFSError
+
+    if latest_checked_materialization(context.instance, key, partition, context.run.run_id) is None:
+        raise MissingUpstream(f"{key.to_user_string()} [{partition}] has no checked version in lakeFS repository "
+                              f"{lakefs.repository!r} (withheld by the run that made it, or never materialized)")
+    try:
+        return read_upstream_table(context, lakefs, key, partition=partition)
+    except LakeFSError as exc:
+        raise MissingUpstream(str(exc)) from exc
+
+
 def build_monitoring(spec: DatasetSpec) -> list:
     parts = partitions_def(spec)
     n = ns(spec)
+
+    def _read_batch(context, lakefs: LakeFSResource, name: str, partition: str):
+        return read_batch(context, lakefs, n.key(name), partition)
 
     @dg.asset(
         key_prefix=[spec.name], group_name="monitoring", kinds={"polars", "lakefs"}, code_version="1",
@@ -164,27 +189,51 @@ def build_monitoring(spec: DatasetSpec) -> list:
         check_specs=drift_check_specs("drift", n.key("drift_report")),
     )
     def drift_report(context: dg.AssetExecutionContext, lakefs: LakeFSResource):
+        # This batch's partition of `features` and the history's features: never the other batches.
+        ref, _ = read_upstream_table(context, lakefs, n.key("reference_features"))
+        keys = ranged_keys(context)
+        if keys is None:
+            yield from drift_one(context, lakefs, ref, context.partition_key)
+            return
+        # A burst: one report per partition, each to its own path; a partition without features is withheld.
+        values, metas, checks_by, this_run = {}, {}, {}, {}
+        for partition in keys:
+            try:
+                results = list(drift_one(context, lakefs, ref, partition, this_run))
+            except MissingUpstream as exc:
+                withhold(context, drift_report.key, partition, str(exc))
+                continue
+            out = results[0]
+            values[partition], metas[partition] = out.value, out.metadata
+            this_run[partition] = out.value
+            checks_by[partition] = [r for r in results[1:]]
+        write_partitions(context, lakefs, drift_report.key, values, metas)
+        yield dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+        yield from merge_check_results(checks_by) if checks_by else []
+
+    def drift_one(context, lakefs: LakeFSResource, ref, partition: str, this_run: dict | None = None):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        # This batch's partition of `features` and the history's features: never the other batches.
-        ref, _ = read_upstream_table(context, lakefs, n.key("reference_features"))
-        batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
+        if this_run is None:  # one batch
+            batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=partition)
+        else:  # a ranged run: a partition withheld upstream is withheld here too
+            batch, commit = _read_batch(context, lakefs, "features", partition)
         if batch.height == 0:
-            raise ValueError(f"no production rows for batch {context.partition_key} in `features` at lakeFS "
+            raise ValueError(f"no production rows for batch {partition} in `features` at lakeFS "
                              f"commit {commit[:12]}")
         engine, latest, summary = batch_drift(spec, ref, batch)
-        over_time = drift_over_time(context, lakefs, spec, latest)
-        summary["partition"] = context.partition_key
+        over_time = drift_over_time(context, lakefs, spec, latest, partition, this_run)
+        summary["partition"] = partition
         # Plot: each feature's main distance over time (one line per feature), alerts marked.
         method = "jensen_shannon" if "jensen_shannon" in engine.methods else engine.methods[0]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for feat in over_time["feature"].unique().sort().to_list():
             s = over_time.filter((pl.col("feature") == feat) & (pl.col("method") == method)).sort("chunk_index")
             ax.plot(s["chunk_key"].cast(pl.String).to_list(), s["value"].to_list(), marker="o", ms=3, label=feat)
-        ax.set_title(f"{method} per feature over time (up to {context.partition_key})")
+        ax.set_title(f"{method} per feature over time (up to {partition})")
         ax.tick_params(axis="x", rotation=60, labelsize=7)
         ax.legend(fontsize=6, ncol=2)
         png, md_img = _png_md(fig, "drift over time")
@@ -192,9 +241,9 @@ def build_monitoring(spec: DatasetSpec) -> list:
         from resources.publish import open_run_branch
 
         branch = open_run_branch(context.instance, lakefs, context.run_id)
-        img_path = f"reports/{spec.name}/drift_report/partition={context.partition_key}/drift_over_time.png"
+        img_path = f"reports/{spec.name}/drift_report/partition={partition}/drift_over_time.png"
         lakefs.put(branch, img_path, png, "image/png")  # committed together with the report
-        yield from drift_results("drift", context.partition_key, latest, summary, batch.height, {
+        yield from drift_results("drift", partition, latest, summary, batch.height, {
             "drift_over_time": dg.MetadataValue.md(md_img),
             "plot_in_lakefs": dg.MetadataValue.url(lakefs.object_url("main", img_path)),
         })
@@ -207,13 +256,33 @@ def build_monitoring(spec: DatasetSpec) -> list:
     def performance_estimate(context: dg.AssetExecutionContext, batch_predictions,
                              lakefs: LakeFSResource, mlflow: MLflowResource) -> dg.Output:
         mlflow = mlflow.scoped(spec)
+        keys = ranged_keys(context)
+        if keys is None:
+            return estimate_one(context, lakefs, mlflow, batch_predictions, context.partition_key, {})
+        # A burst: `batch_predictions` came in as all partitions at once; each partition is estimated on its own.
+        values, metas, refs = {}, {}, {}
+        for partition in keys:
+            try:
+                preds, _ = _read_batch(context, lakefs, "batch_predictions", partition)
+            except MissingUpstream as exc:
+                withhold(context, performance_estimate.key, partition, str(exc))
+                continue
+            out = estimate_one(context, lakefs, mlflow, preds, partition, refs)
+            values[partition], metas[partition] = out.value, out.metadata
+        write_partitions(context, lakefs, performance_estimate.key, values, metas)
+        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+
+    def estimate_one(context, lakefs: LakeFSResource, mlflow: MLflowResource, batch_predictions, partition: str,
+                     refs: dict) -> dg.Output:
         champ_v = batch_predictions["model_version"][0]
-        ref = champion_reference(context, spec, lakefs, mlflow, champ_v)
+        if champ_v not in refs:  # the champion's reference, once per run
+            refs[champ_v] = champion_reference(context, spec, lakefs, mlflow, champ_v)
+        ref = refs[champ_v]
         batch = batch_predictions
         if not spec.is_classification:  # DLE reads the features beside the predictions
-            features, _ = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
+            features, _ = read_upstream_table(context, lakefs, n.key("features"), partition=partition)
             batch = batch.join(features.select(spec.id_column, *spec.model_feature_names), on=spec.id_column)
-        est = estimate_performance(spec, ref, batch, lakefs, context)
+        est = estimate_performance(spec, ref, batch, lakefs, context, partition)
         metric = spec.estimated_metric
         return dg.Output(pl.DataFrame([est]), metadata={
             f"estimated_{metric}": dg.MetadataValue.float(est["estimated"]),
@@ -272,11 +341,28 @@ def build_monitoring(spec: DatasetSpec) -> list:
         partitions_def=parts, ins=n.ins("raw_records"),
         description="Missing values, unseen categories and range violations per feature in one batch.",
     )
-    def data_quality_report(context: dg.AssetExecutionContext, raw_records) -> dg.Output:
+    def data_quality_report(context: dg.AssetExecutionContext, raw_records, lakefs: LakeFSResource) -> dg.Output:
+        keys = ranged_keys(context)
+        if keys is None:
+            return quality_one(raw_records, context.partition_key)
+        # A burst: `raw_records` came in as all partitions at once; each partition gets its own report.
+        values, metas = {}, {}
+        for partition in keys:
+            try:
+                records, _ = _read_batch(context, lakefs, "raw_records", partition)
+            except MissingUpstream as exc:
+                withhold(context, data_quality_report.key, partition, str(exc))
+                continue
+            out = quality_one(records, partition)
+            values[partition], metas[partition] = out.value, out.metadata
+        write_partitions(context, lakefs, data_quality_report.key, values, metas)
+        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+
+    def quality_one(raw_records, partition: str) -> dg.Output:
         report = data_quality(raw_records, spec)
         issues = int(report.filter(pl.col("missing") + pl.col("unseen_categories") + pl.col("out_of_range") > 0)
                      .height)
-        return dg.Output(report.with_columns(pl.lit(context.partition_key).alias("partition")), metadata={
+        return dg.Output(report.with_columns(pl.lit(partition).alias("partition")), metadata={
             "features_with_issues": dg.MetadataValue.int(issues),
             "missing_values": dg.MetadataValue.int(int(report["missing"].sum())),
             "unseen_categories": dg.MetadataValue.int(int(report["unseen_categories"].sum())),
@@ -323,7 +409,8 @@ def champion_reference(context, spec: DatasetSpec, lakefs: LakeFSResource, mlflo
     return test.with_columns(pl.Series("prediction", modeling.predict(booster, test, spec)))
 
 
-def estimate_performance(spec: DatasetSpec, ref: "pl.DataFrame", batch: "pl.DataFrame", lakefs, context) -> dict:
+def estimate_performance(spec: DatasetSpec, ref: "pl.DataFrame", batch: "pl.DataFrame", lakefs, context,
+                         partition: str | None = None) -> dict:
     import os
 
     os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
@@ -352,7 +439,7 @@ def estimate_performance(spec: DatasetSpec, ref: "pl.DataFrame", batch: "pl.Data
     est.fit(r)
     res = est.estimate(a).filter(period="analysis").to_df()[metric]
     ref_score = float(modeling.metrics(ref[spec.target].to_numpy(), ref["prediction"].to_numpy(), spec)[metric])
-    return {"partition": context.partition_key, "metric": metric, "estimated": float(res["value"].iloc[0]),
+    return {"partition": partition or context.partition_key, "metric": metric, "estimated": float(res["value"].iloc[0]),
             "lower": _f(res["lower_confidence_boundary"].iloc[0]), "upper": _f(res["upper_confidence_boundary"].iloc[0]),
             "alert": bool(res["alert"].iloc[0]), "lower_threshold": _f(res["lower_threshold"].iloc[0]),
             "reference_score": ref_score, "rows": int(len(a)), "model_version": str(batch["model_version"][0])}

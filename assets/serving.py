@@ -8,8 +8,8 @@ pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
 from mlplatform.batches import window
-from resources.partitions import partitions_def
-from resources.io import read_upstream_table
+from resources.partitions import partitions_def, ranged_keys, withhold, write_partitions
+from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.naming import ns
@@ -33,6 +33,10 @@ def score_batch(features: "pl.DataFrame", spec: DatasetSpec, champion, champion_
     return out
 
 
+class MissingFeatures(ValueError):
+    """A ranged run's partition whose features were withheld upstream: it is withheld too."""
+
+
 def build_serving(spec: DatasetSpec) -> list:
     n = ns(spec)
 
@@ -44,21 +48,46 @@ def build_serving(spec: DatasetSpec) -> list:
     def batch_predictions(context: dg.AssetExecutionContext, lakefs: LakeFSResource,
                           mlflow: MLflowResource) -> dg.Output:
         mlflow = mlflow.scoped(spec)
+        keys = ranged_keys(context)
+        models: dict = {}
+        if keys is None:
+            return score_one(context, lakefs, mlflow, context.partition_key, models)
+        # A burst: the models are loaded once, each partition scored and written to its own path; a partition
+        # whose features were withheld upstream is withheld too.
+        values, metas = {}, {}
+        for partition in keys:
+            try:
+                out = score_one(context, lakefs, mlflow, partition, models)
+            except MissingFeatures as exc:
+                withhold(context, batch_predictions.key, partition, str(exc))
+                continue
+            values[partition], metas[partition] = out.value, out.metadata
+        write_partitions(context, lakefs, batch_predictions.key, values, metas)
+        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+
+    def score_one(context, lakefs: LakeFSResource, mlflow: MLflowResource, partition: str, models: dict):
         # Only this batch's partition of `features` is read: a batch costs its own size, not the history's.
-        batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=context.partition_key)
+        if ranged_keys(context) is not None and latest_checked_materialization(
+                context.instance, n.key("features"), partition, context.run_id) is None:
+            raise MissingFeatures(f"{n.key_str('features')} [{partition}] has no checked version")
+        batch, commit = read_upstream_table(context, lakefs, n.key("features"), partition=partition)
         if batch.height == 0:
-            start, end = window(spec, context.partition_key)
-            raise ValueError(f"no production features for batch {context.partition_key} ({start} to {end}) in "
+            start, end = window(spec, partition)
+            raise ValueError(f"no production features for batch {partition} ({start} to {end}) in "
                              f"`features` at lakeFS commit {commit[:12]}: materialize raw_records"
-                             f"[{context.partition_key}] and features[{context.partition_key}] first")
-        al = registry.aliases(mlflow)
-        champ_v = al.get(registry.CHAMPION)
-        if not champ_v:
-            raise ValueError(f"model {mlflow.model_name} has no `champion` alias in MLflow {mlflow.display_uri}: "
-                             f"train and promote a model first")
-        champion = registry.load_booster(mlflow, champ_v)
-        chall_v = al.get(registry.CHALLENGER)
-        challenger = registry.load_booster(mlflow, chall_v) if chall_v and chall_v != champ_v else None
+                             f"[{partition}] and features[{partition}] first")
+        if not models:  # once per run
+            al = registry.aliases(mlflow)
+            champ_v = al.get(registry.CHAMPION)
+            if not champ_v:
+                raise ValueError(f"model {mlflow.model_name} has no `champion` alias in MLflow {mlflow.display_uri}: "
+                                 f"train and promote a model first")
+            chall_v = al.get(registry.CHALLENGER)
+            models.update(champ_v=champ_v, champion=registry.load_booster(mlflow, champ_v), chall_v=chall_v,
+                          challenger=registry.load_booster(mlflow, chall_v) if chall_v and chall_v != champ_v
+                          else None)
+        champ_v, champion, chall_v, challenger = (models["champ_v"], models["champion"], models["chall_v"],
+                                                  models["challenger"])
         out = score_batch(batch, spec, champion, champ_v, challenger, chall_v if challenger else None, commit)
         meta = {"rows": out.height, "champion_version": dg.MetadataValue.int(int(champ_v)),
                 "mean_prediction": dg.MetadataValue.float(float(out["prediction"].mean())),

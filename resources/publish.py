@@ -10,6 +10,7 @@ import dagster as dg
 
 from mlplatform.audit import AuditTrail
 from resources.lakefs import LakeFSError, LakeFSResource, MergeConflict, run_branch
+from resources.partitions import RANGE_END_TAG, RANGE_START_TAG
 from resources.mlflow import MLflowResource
 
 PUBLISHED_TAG = "lakefs/published_commit"
@@ -157,7 +158,8 @@ def publish_run(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: st
     except MergeConflict as exc:
         instance.add_run_tags(run_id, {KEPT_TAG: branch})
         others = conflicting_runs(lakefs, branch)
-        partition = run.tags.get(PARTITION_TAG)
+        partition = run.tags.get(PARTITION_TAG) or (
+            f"{run.tags[RANGE_START_TAG]}...{run.tags[RANGE_END_TAG]}" if run.tags.get(RANGE_START_TAG) else None)
         where = f" of partition {partition!r}" if partition else ""
         detail = f"run {run_id}{where} conflicts with published run(s) {list(others) or ['?']}: {exc}"
         if run.tags.get(CONFLICT_RETRY_TAG):
@@ -200,6 +202,8 @@ def conflict_retry_request(run: dg.DagsterRun, outcome: PublishOutcome) -> dg.Ru
             and k not in (KEPT_TAG, PUBLISHED_TAG, GATE_TAG, MODEL_VERSION_TAG, MODEL_NAME_TAG, EXPERIMENT_TAG,
                           "mlp/transient_failure")}
     keep.update({CONFLICT_RETRY_TAG: "1", CONFLICT_OF_TAG: run.run_id})
+    # A ranged run (a burst) is re-executed over the same range.
+    keep.update({k: run.tags[k] for k in (RANGE_START_TAG, RANGE_END_TAG) if run.tags.get(k)})
     return dg.RunRequest(run_key=f"conflict-retry-{run.run_id}", job_name=run.job_name,
                          partition_key=run.tags.get(PARTITION_TAG), run_config=dict(run.run_config or {}),
                          asset_selection=list(run.asset_selection) if run.asset_selection else None, tags=keep)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from mlplatform.batches import KINDS, LandedFile, Landing
-from resources.partitions import partitions_def
+from resources.partitions import contiguous_groups, partitions_def, range_tags, run_partitions
 from resources.landing import LandingZoneResource
 from resources.naming import Namespace, ns, partitioned_job_config
 from mlplatform.spec import DatasetSpec
@@ -59,6 +59,10 @@ JOBS = {"records": "ingest_batch", "labels": "ingest_labels", "score": "score_ba
 PARTITION_TAG = "dagster/partition"
 STAMP_TAG, FILES_TAG, ATTEMPT_TAG, KIND_TAG = "arrival/stamp", "arrival/files", "arrival/attempt", "arrival/kind"
 RECORDS_RUN_TAG = "arrival/records_run"  # labels: the records run whose data they were requested after
+# A burst: records of several consecutive partitions landed and not yet ingested are requested as ONE ranged run
+# (Dagster's range tags; the assets loop over the partitions) with each partition's files stamp in this tag.
+RANGE_STAMPS_TAG = "arrival/range_stamps"
+MAX_RANGE = 31  # partitions per ranged run
 MAX_FILES_TAG_CHARS = 8000
 MAX_BACKOFF_SECONDS = 3600.0
 RUN_HISTORY_LIMIT = 200
@@ -166,6 +170,8 @@ def records_waiting(plan: "Plan", instance: dg.DagsterInstance, partition: str,
     stamp = stamp_of(records) if records else ""
     job = n.job(JOBS["records"])
     history = run_history(instance, job, partition, stamp, {f.entry for f in records})
+    if partition in plan.ranged_active:
+        history.in_progress.append(plan.ranged_active[partition])
     if history.in_progress:
         return (f"{job} for {partition} is queued or running "
                 f"({', '.join(history.in_progress[:3])})")
@@ -224,6 +230,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
     done: dict[str, str] = field(default_factory=dict)
+    # Ranged records runs (bursts): partition -> id of a queued or running one covering it; partition -> the
+    # stamps a finished one already tried (such a partition is requested on its own again, never in a range).
+    ranged_active: dict[str, str] = field(default_factory=dict)
+    ranged_tried: dict[str, set] = field(default_factory=dict)
 
     def skip_reason(self) -> str:
         parts = self.waiting + self.warnings
@@ -249,6 +259,11 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
         done = {}  # a cursor of an older sensor version: the run history is the truth anyway
     plan = Plan(done=done)
     try:
+        ranged_runs(plan, instance, n.job(JOBS["records"]), partition_keys)
+    except Exception as exc:  # noqa: BLE001 - without it, every partition is requested on its own
+        plan.warnings.append(f"could not read the ranged {n.job(JOBS['records'])} runs: {exc}")
+        plan.ranged_tried = {k: {"*"} for k in partition_keys}
+    try:
         plan.warnings += [f"skipped {s}" for s in zone.root_strays()]
     except OSError as exc:
         plan.warnings.append(f"cannot list {zone.root}: {exc}")
@@ -268,7 +283,53 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
                                 None if records is None else records.get(partition, []))
             except Exception as exc:  # noqa: BLE001 - one partition never blocks the others
                 plan.warnings.append(f"{kind}/{partition}: skipped this tick ({type(exc).__name__}: {exc})")
+    group_records(plan, n, partition_keys)
     return plan
+
+
+def ranged_runs(plan: Plan, instance: dg.DagsterInstance, job: str, partition_keys: list[str]) -> None:
+    """Note on the plan which partitions a ranged records run covers now (queued or running) or tried before."""
+    for rec in instance.get_run_records(dg.RunsFilter(job_name=job), limit=RUN_HISTORY_LIMIT):
+        run = rec.dagster_run
+        if run.tags.get(PARTITION_TAG) or not run.tags.get(RANGE_STAMPS_TAG):
+            continue
+        covered = run_partitions(run, partition_keys)
+        if run.status in IN_PROGRESS or (run.status == dg.DagsterRunStatus.FAILURE
+                                         and run.tags.get("dagster/will_retry") == "true"):
+            for p in covered:
+                plan.ranged_active.setdefault(p, run.run_id)
+            continue
+        try:
+            stamps = json.loads(run.tags[RANGE_STAMPS_TAG])
+        except ValueError:
+            stamps = {}
+        for p in covered:
+            plan.ranged_tried.setdefault(p, set()).add(stamps.get(p, "*"))
+
+
+def group_records(plan: Plan, n: Namespace, partition_keys: list[str]) -> None:
+    """Records requests of consecutive partitions, each a first attempt on its files and never tried in a range
+    before, become one ranged run per group (a burst pays a run's fixed costs once). A lone partition keeps its
+    own run (the one-batch path, unchanged); a partition a ranged run already tried (it failed, or withheld the
+    partition) is requested on its own, so it fails or publishes by itself."""
+    job = n.job(JOBS["records"])
+    candidates = {r.partition_key: r for r in plan.requests
+                  if r.job_name == job and r.tags.get(KIND_TAG) == "records" and r.tags.get(ATTEMPT_TAG) == "0"
+                  and r.partition_key and not plan.ranged_tried.get(r.partition_key, set())
+                  & {r.tags.get(STAMP_TAG), "*"}}
+    grouped = [g for g in contiguous_groups(list(candidates), partition_keys, MAX_RANGE) if len(g) > 1]
+    if not grouped:
+        return
+    taken = {p for g in grouped for p in g}
+    requests = [r for r in plan.requests if not (r.job_name == job and r.partition_key in taken
+                                                and r.tags.get(KIND_TAG) == "records")]
+    for g in grouped:
+        stamps = {p: candidates[p].tags[STAMP_TAG] for p in g}
+        digest = hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:16]
+        tags = {**n.tags, KIND_TAG: "records", ATTEMPT_TAG: "0", **range_tags(g[0], g[-1]),
+                RANGE_STAMPS_TAG: json.dumps(stamps, separators=(",", ":"))}
+        requests.append(dg.RunRequest(run_key=f"records/{g[0]}...{g[-1]}/{digest}", job_name=job, tags=tags))
+    plan.requests = requests
 
 
 def _plan_partition(plan: Plan, instance: dg.DagsterInstance, n: Namespace, kind: str, partition: str,
@@ -296,6 +357,8 @@ def _plan_partition(plan: Plan, instance: dg.DagsterInstance, n: Namespace, kind
     if history.ingested_by:
         plan.done[key] = stamp
         return
+    if kind == "records" and partition in plan.ranged_active:
+        history.in_progress.append(plan.ranged_active[partition])
     if history.in_progress:
         plan.waiting.append(f"{key}: a run of {job} for this partition is queued or running "
                             f"({', '.join(history.in_progress[:3])}); waiting for it")
@@ -377,7 +440,8 @@ def build_arrivals(spec: DatasetSpec) -> dict:
         for message in plan.waiting:  # also the skip reason when nothing is requested
             context.log.debug(message)
         for req in plan.requests:
-            context.log.info(f"requesting {req.job_name} [{req.partition_key}] as {req.run_key}")
+            where = req.partition_key or "{}...{}".format(*(req.partition_key_range or ("?", "?")))
+            context.log.info(f"requesting {req.job_name} [{where}] as {req.run_key}")
         if plan.requests:
             return dg.SensorResult(run_requests=plan.requests, cursor=plan.cursor())
         return dg.SensorResult(skip_reason=plan.skip_reason(), cursor=plan.cursor())

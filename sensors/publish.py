@@ -23,6 +23,7 @@ from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
 from resources.naming import dataset_of_run, ns
 from resources.publish import ACTIVE, PARTITION_TAG, conflict_retry_request, publish_pending, publish_run
+from resources.partitions import RANGE_END_TAG, RANGE_START_TAG, range_tags
 from sensors.arrivals import JOBS, QUALITY_ASSET, SCORE_ASSETS
 
 AFTER_RUN_TAG = "mlp/after_run"  # a scoring run: the records run whose publication requested it
@@ -34,6 +35,10 @@ def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunR
     This is the only automatic path to these assets: records ingested by the arrivals sensor, or raw_records
     materialized by hand in the UI or the CLI, are followed the same way."""
     partition, dataset = run.tags.get(PARTITION_TAG), dataset_of_run(run)
+    ranged = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
+    if not partition and all(ranged) and dataset:
+        # A ranged run (a burst of batches): ONE scoring run over the same range, published as one.
+        return ranged_scoring_request(instance, run, dataset, *ranged)
     if not partition or not dataset:
         return None
     n = ns(dataset)
@@ -52,6 +57,23 @@ def scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.RunR
     return dg.RunRequest(run_key=f"score/{dataset}/{partition}/{run.run_id}", job_name=n.job(JOBS["score"]),
                          partition_key=partition, asset_selection=n.keys(*assets),
                          tags={**n.partition_tags(partition), AFTER_RUN_TAG: run.run_id})
+
+
+def ranged_scoring_request(instance: dg.DagsterInstance, run: dg.DagsterRun, dataset: str, start: str,
+                           end: str) -> dg.RunRequest | None:
+    n = ns(dataset)
+    if run.job_name == n.job(JOBS["score"]):
+        return None
+    selection = run.asset_selection or None  # none, or empty: the whole job
+    if selection is not None and n.key("raw_records") not in selection:
+        return None
+    if selection is None and run.job_name != n.job(JOBS["records"]):
+        return None
+    made_quality = n.key(QUALITY_ASSET) in selection if selection else run.job_name == n.job(JOBS["records"])
+    assets = [*SCORE_ASSETS] + ([] if made_quality else [QUALITY_ASSET])
+    return dg.RunRequest(run_key=f"score/{dataset}/{start}...{end}/{run.run_id}", job_name=n.job(JOBS["score"]),
+                         asset_selection=n.keys(*assets),
+                         tags={**n.tags, **range_tags(start, end), AFTER_RUN_TAG: run.run_id})
 
 
 def build_publish_sensors(jobs: Sequence = ()) -> list:
@@ -83,7 +105,8 @@ def build_publish_sensors(jobs: Sequence = ()) -> list:
         if outcome.status == "published" and score_jobs:
             request = scoring_request(context.instance, context.dagster_run)
             if request is not None and request.job_name in {j.name for j in score_jobs}:
-                context.log.info(f"requesting {request.job_name} [{request.partition_key}] after {outcome.run_id}")
+                where = request.partition_key or "{}...{}".format(*request.partition_key_range)
+                context.log.info(f"requesting {request.job_name} [{where}] after {outcome.run_id}")
                 return request
         return None
 
