@@ -60,11 +60,9 @@ up: setup
 
 # The demo walks one data set (car_loan unless DEMO_DATASET or MLP_DATASET names another); `make dev` serves them all.
 DEMO_DATASET ?= $(or $(MLP_DATASET),car_loan)
+# One process: `mlp simulate reset`, `mlp simulate next 4`, the steps, then where to look (each command printed).
 demo: up
-	$(RUN) mlp simulate reset --dataset $(DEMO_DATASET)
-	$(RUN) mlp simulate next 4 --dataset $(DEMO_DATASET)
-	MLP_DATASET=$(DEMO_DATASET) $(RUN) $(PY) -m tooling.demo
-	@MLP_DATASET=$(DEMO_DATASET) $(RUN) $(PY) -m tooling.demo --summary
+	MLP_DATASET=$(DEMO_DATASET) $(RUN) $(PY) -m tooling.demo --release 4 --then-summary
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is not used): installed here
 # if missing (as root), else a clear error naming the package. Idempotent: nothing happens when it is there.
