@@ -13,8 +13,9 @@ mlplatform.features. dbt tests are the models' asset checks; they run in the run
 cover exactly what the run built (one partition, or the history).
 
 Isolation: every step builds into its own DuckDB file, `<state>/duckdb/runs/<data set>/<run_id>/<step>.duckdb`, removed
-when the step ends; dbt gets that path (and its own target folder) through the environment of its own
-process, so no two runs share a mutable local file. The exports read that file from an in-memory connection.
+when the step ends; dbt runs in the step's process (resources/dbt_runner.py: imported and the project parsed once
+per process) and gets that path (and its own target folder) for that one invocation, so no two runs share a
+mutable local file. The exports read that file from an in-memory connection.
 
 Full rebuild: a partition run always rebuilds its partition from raw (no incremental state is carried), so a
 backfill of `rebuild_features` over all partitions is the full rebuild. A changed model, macro or feature
@@ -33,6 +34,7 @@ from pathlib import Path
 import dagster as dg
 
 from mlplatform.spec import DatasetSpec, state_dir
+from resources.dbt_runner import dbt_build
 from resources.duckdb import DuckDBResource
 from resources.io import asset_path, asset_prefix
 from resources.lakefs import LakeFSResource
@@ -201,19 +203,17 @@ def build_features(spec: DatasetSpec) -> list:
         database = run_database(context.run.run_id, step, spec.name)
         target = state_dir() / "duckdb" / "dbt-target" / spec.name / context.run.run_id / step
         database.parent.mkdir(parents=True, exist_ok=True)
-        # dbt's own process gets the per-run database in its environment: nothing global is changed here.
+        # dbt's profile reads the per-run database from this environment, set for the one invocation only.
         env = {**duckdb.dbt_env(), "MLP_DUCKDB_PATH": str(database), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
                "DBT_TARGET_PATH": str(target), "DBT_LOG_PATH": str(target), "DO_NOT_TRACK": "1"}
-        cmd = [str(Path(sys.executable).parent / "dbt"), "build", "--project-dir", str(DBT_DIR),
-               "--profiles-dir", str(DBT_DIR), "--select", *dbt_select(selected, models),
-               "--vars", json.dumps(dbt_vars(spec, tables))]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=DBT_DIR)
-            results_file = target / "run_results.json"
-            if not results_file.exists():
-                raise RuntimeError(f"`dbt build` in {DBT_DIR} produced no run_results.json (exit {proc.returncode}):"
-                                   f"\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
-            results = {r["unique_id"]: r for r in json.loads(results_file.read_text())["results"]}
+            # In this process (dbt imported once, the project parsed once per process), not one `dbt` process each.
+            proc = dbt_build(DBT_DIR, dbt_select(selected, models), dbt_vars(spec, tables), dbt_vars(spec), env, target)
+            if proc.results is None:
+                where = f" for partition {partition}" if partition else ""
+                raise RuntimeError(f"`dbt build` in {DBT_DIR} ran no model{where} (log in {target}):\n"
+                                   f"{proc.output[-3000:]}")
+            results = proc.results
             built = [name for name in selected if results.get(models[name]["unique_id"], {}).get("status") == "success"]
             con = duckdb.connect(in_memory=True)
             out = []

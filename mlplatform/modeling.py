@@ -185,10 +185,23 @@ def metric_fn(spec: DatasetSpec):
     raise ValueError(f"{spec.path}: setting 'training.metric' {name!r} is not supported")
 
 
+def rank_roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of 0/1 labels as the Mann-Whitney statistic (ties get average ranks): the value of
+    sklearn's roc_auc_score without its per-call validation, for the bootstrap's hundreds of resamples."""
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    n_pos = int(pos.sum())
+    n_neg = len(y) - n_pos
+    return float((rankdata(p)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def paired_bootstrap(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, spec: DatasetSpec,
                      n: int = 300, seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
     """CI of (metric(new) - metric(old)) on the same resampled rows, oriented so positive = better."""
     fn = metric_fn(spec)
+    binary = spec.is_classification and set(np.unique(y).tolist()) <= {0, 1}
+    boot_fn = rank_roc_auc if spec.metric == "roc_auc" and binary else fn
     rng = np.random.default_rng(seed)
     sign = 1.0 if spec.higher_is_better else -1.0
     diffs = []
@@ -197,7 +210,7 @@ def paired_bootstrap(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, spec: 
         i = rng.integers(0, size, size)
         if spec.is_classification and len(np.unique(y[i])) < 2:
             continue
-        diffs.append(sign * (fn(y[i], p_new[i]) - fn(y[i], p_old[i])))
+        diffs.append(sign * (boot_fn(y[i], p_new[i]) - boot_fn(y[i], p_old[i])))
     d = np.array(diffs)
     return {"diff": float(sign * (fn(y, p_new) - fn(y, p_old))), "ci_low": float(np.quantile(d, alpha / 2)),
             "ci_high": float(np.quantile(d, 1 - alpha / 2)), "n_boot": int(len(d))}

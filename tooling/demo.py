@@ -74,6 +74,11 @@ class Runner:
         from resources.environment import LAKEFS
         from tooling.cli import _resources
 
+        from mlplatform.serving.models import compile_promotions_in_background
+
+        # A promotion's compile for serving (lleaves, ONNX) runs beside the next steps, not before them; main()
+        # waits for it at the end, so the compiled form is stored as a publish that waited would store it.
+        compile_promotions_in_background()
         defs = runpy.run_path(str(ROOT / "platform" / "definitions.py"))["defs"]
         self.assets = list(defs.assets or [])
         self.resources = dict(defs.resources or {})
@@ -134,17 +139,45 @@ def summary() -> None:
     mlp(["status", "--dataset", spec.name])
 
 
+def simulate(batches: int) -> None:
+    """`mlp simulate reset` then `mlp simulate next <batches>` for the demo's data set, in this process (each
+    printed as the command that does it)."""
+    from mlplatform.spec import dataset_spec
+    from tooling.cli import main as mlp
+
+    name = dataset_spec().name
+    for args in (["simulate", "reset", "--dataset", name], ["simulate", "next", str(batches), "--dataset", name]):
+        print(f"$ mlp {' '.join(args)}", flush=True)
+        if mlp(args) != 0:
+            raise SystemExit(f"`mlp {' '.join(args)}` failed")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`python -m tooling.demo` runs the steps for the landing zone as it is; `--release N` first resets it and
+    releases N batches (`mlp simulate reset` + `next N`); `--then-summary` prints where to look after the steps;
+    `--summary` prints only that. `make demo` does all three in this one process: the libraries are imported
+    once, not once per command."""
     from tooling.cli import _simulator
 
     argv = sys.argv[1:] if argv is None else argv
     if "--summary" in argv:
         summary()
         return
+    if "--release" in argv:
+        simulate(int(argv[argv.index("--release") + 1]))
     steps = flow(_simulator().state())
     runner = Runner()
     for select, partition in steps:
         runner.materialize(select, partition)
+    from mlplatform.serving.models import wait_for_promotion_compiles
+
+    t0 = time.time()
+    if wait_for_promotion_compiles(timeout=300):
+        print("  the champion's compile for serving is still running: the model server compiles on its first load")
+    elif time.time() - t0 >= 1:
+        print(f"  waited {time.time() - t0:.0f}s for the champion's compile for serving", flush=True)
+    if "--then-summary" in argv:
+        summary()
 
 
 if __name__ == "__main__":

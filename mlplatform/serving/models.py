@@ -145,11 +145,32 @@ def compile_version(tracking: Tracking, version: str) -> str:
     return load_version(tracking, version, compile=True).compiled_from or "booster"
 
 
+_BACKGROUND: list[threading.Thread] = []  # promotion compiles started by this process
+_IN_BACKGROUND = threading.Event()
+
+
+def compile_promotions_in_background() -> None:
+    """For a process that goes on working after its publishes (the demo): a promotion's compile no longer holds
+    the publish (`wait_seconds` becomes 0), it runs beside the work that follows; call
+    `wait_for_promotion_compiles` before the process ends, so the compiled form is stored."""
+    _IN_BACKGROUND.set()
+
+
+def wait_for_promotion_compiles(timeout: float | None = None) -> int:
+    """Join the promotion compiles this process started; returns how many are still running after `timeout`."""
+    for thread in list(_BACKGROUND):
+        thread.join(timeout)
+    _BACKGROUND[:] = [t for t in _BACKGROUND if t.is_alive()]
+    return len(_BACKGROUND)
+
+
 def compile_at_promotion(tracking: Tracking, version: str, wait_seconds: float = 30.0, log=log) -> str:
     """`compile_version` for a publish: never raises, and returns after `wait_seconds` at most (a longer compile
     goes on in a daemon thread; if the process ends first, the server compiles on its first load). Returns
-    what happened, for the publish's detail."""
+    what happened, for the publish's detail. After `compile_promotions_in_background()`, it does not wait."""
     done: dict = {}
+    if _IN_BACKGROUND.is_set():
+        wait_seconds = 0.0
 
     def work():
         try:
@@ -167,6 +188,7 @@ def compile_at_promotion(tracking: Tracking, version: str, wait_seconds: float =
 
     thread = threading.Thread(target=work, name=f"compile-v{version}", daemon=True)
     thread.start()
+    _BACKGROUND.append(thread)
     thread.join(wait_seconds)
     onnx = (f"; ONNX export written (max |diff| vs Booster {done['onnx']:.2g})" if "onnx" in done else
             f"; no ONNX export ({type(done['onnx_error']).__name__})" if "onnx_error" in done else "")
