@@ -12,7 +12,8 @@ np = lazy_import("numpy")
 pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
-from resources.partitions import merge_check_results, partitions_def, ranged_keys, withhold, write_partitions
+from resources.partitions import (each_partition, merge_check_results, partitions_def, ranged_keys, withhold,
+                                  write_partitions)
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource, run_branch
 from resources.mlflow import MLflowResource
@@ -260,17 +261,9 @@ def build_monitoring(spec: DatasetSpec) -> list:
         if keys is None:
             return estimate_one(context, lakefs, mlflow, batch_predictions, context.partition_key, {})
         # A burst: `batch_predictions` came in as all partitions at once; each partition is estimated on its own.
-        values, metas, refs = {}, {}, {}
-        for partition in keys:
-            try:
-                preds, _ = _read_batch(context, lakefs, "batch_predictions", partition)
-            except MissingUpstream as exc:
-                withhold(context, performance_estimate.key, partition, str(exc))
-                continue
-            out = estimate_one(context, lakefs, mlflow, preds, partition, refs)
-            values[partition], metas[partition] = out.value, out.metadata
-        write_partitions(context, lakefs, performance_estimate.key, values, metas)
-        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+        refs: dict = {}
+        return each_partition(context, lakefs, performance_estimate.key, keys, lambda p: estimate_one(
+            context, lakefs, mlflow, _read_batch(context, lakefs, "batch_predictions", p)[0], p, refs), MissingUpstream)
 
     def estimate_one(context, lakefs: LakeFSResource, mlflow: MLflowResource, batch_predictions, partition: str,
                      refs: dict) -> dg.Output:
@@ -346,17 +339,8 @@ def build_monitoring(spec: DatasetSpec) -> list:
         if keys is None:
             return quality_one(raw_records, context.partition_key)
         # A burst: `raw_records` came in as all partitions at once; each partition gets its own report.
-        values, metas = {}, {}
-        for partition in keys:
-            try:
-                records, _ = _read_batch(context, lakefs, "raw_records", partition)
-            except MissingUpstream as exc:
-                withhold(context, data_quality_report.key, partition, str(exc))
-                continue
-            out = quality_one(records, partition)
-            values[partition], metas[partition] = out.value, out.metadata
-        write_partitions(context, lakefs, data_quality_report.key, values, metas)
-        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+        return each_partition(context, lakefs, data_quality_report.key, keys, lambda p: quality_one(
+            _read_batch(context, lakefs, "raw_records", p)[0], p), MissingUpstream)
 
     def quality_one(raw_records, partition: str) -> dg.Output:
         report = data_quality(raw_records, spec)

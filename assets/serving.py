@@ -8,7 +8,7 @@ pl = lazy_import("polars")
 
 from mlplatform import modeling, registry
 from mlplatform.batches import window
-from resources.partitions import partitions_def, ranged_keys, withhold, write_partitions
+from resources.partitions import each_partition, partitions_def, ranged_keys
 from resources.io import latest_checked_materialization, read_upstream_table
 from resources.lakefs import LakeFSResource
 from resources.mlflow import MLflowResource
@@ -54,16 +54,8 @@ def build_serving(spec: DatasetSpec) -> list:
             return score_one(context, lakefs, mlflow, context.partition_key, models)
         # A burst: the models are loaded once, each partition scored and written to its own path; a partition
         # whose features were withheld upstream is withheld too.
-        values, metas = {}, {}
-        for partition in keys:
-            try:
-                out = score_one(context, lakefs, mlflow, partition, models)
-            except MissingFeatures as exc:
-                withhold(context, batch_predictions.key, partition, str(exc))
-                continue
-            values[partition], metas[partition] = out.value, out.metadata
-        write_partitions(context, lakefs, batch_predictions.key, values, metas)
-        return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+        return each_partition(context, lakefs, batch_predictions.key, keys,
+                              lambda p: score_one(context, lakefs, mlflow, p, models), MissingFeatures)
 
     def score_one(context, lakefs: LakeFSResource, mlflow: MLflowResource, partition: str, models: dict):
         # Only this batch's partition of `features` is read: a batch costs its own size, not the history's.

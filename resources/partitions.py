@@ -118,6 +118,21 @@ def withhold(context, key: dg.AssetKey, partition: str, why: str) -> None:
     context.add_asset_metadata({WITHHELD: dg.MetadataValue.text(why[:2000])}, asset_key=key, partition_key=partition)
 
 
+def each_partition(context, lakefs, key: dg.AssetKey, keys: list[str], one, missing: type[Exception]) -> dg.Output:
+    """A ranged run's asset: `one(partition)` gives each partition's dg.Output, written to its own path with its own
+    materialization; a partition whose input was withheld upstream (`one` raises `missing`) is withheld too."""
+    values, metas = {}, {}
+    for partition in keys:
+        try:
+            out = one(partition)
+        except missing as exc:
+            withhold(context, key, partition, str(exc))
+            continue
+        values[partition], metas[partition] = out.value, out.metadata
+    write_partitions(context, lakefs, key, values, metas)
+    return dg.Output(None, metadata={"partitions_published": dg.MetadataValue.json(sorted(values))})
+
+
 def merge_check_results(by_partition: dict[str, list]) -> list:
     """One AssetCheckResult per check of a ranged run: passed when it passed for every partition, the failures
     named per partition (Dagster records one result per check and run)."""
