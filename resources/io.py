@@ -266,35 +266,15 @@ class LakeFSIOManager(dg.ConfigurableIOManager):
                 time.sleep(pause)
 
     def _branch_for(self, run_id: str, instance: dg.DagsterInstance | None = None) -> str:
-        """The run's branch, made once (idempotent: a retried step finds it). A run resuming a failed one
-        starts from the failed run's branch, which holds the outputs it will not rebuild; that branch is
-        left as it was, for inspection."""
+        """The run's branch, made once (`open_run_branch`: a run resuming a failed one starts from the failed
+        run's branch, which holds the outputs it will not rebuild)."""
         from resources.publish import open_run_branch
 
         name = run_branch(run_id)
         if name in self._branches:
             return name
-        run = instance.get_run_by_id(run_id) if instance is not None else None
-        source = None
-        if is_resumed(run) and not self.lakefs.branch_exists(name):
-            # Branch from the nearest run it resumes that has a branch: a retry that itself failed before
-            # writing anything has none, and its own parent's branch holds the outputs. An ancestor that did
-            # write outputs but whose branch is gone: branching from main would silently drop them.
-            for ancestor in resumed_lineage(instance, run_id)[1:]:
-                if self.lakefs.branch_exists(run_branch(ancestor)):
-                    source = run_branch(ancestor)
-                    break
-                if instance.get_records_for_run(ancestor, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
-                                                limit=1).records:
-                    raise LakeFSError(
-                        f"run {run_id} resumes run {ancestor}, whose branch {run_branch(ancestor)!r} (holding the "
-                        f"outputs this run skips) is gone from lakeFS repository {self.lakefs.repository!r} at "
-                        f"{self.lakefs.endpoint}: re-execute the whole job instead of resuming from the failure")
-        if source is not None:
-            self.lakefs.ensure_branch(name, source=source)
-        else:
-            open_run_branch(instance if self.await_publication else None, self.lakefs, run_id,
-                            self.publication_patience_seconds)
+        open_run_branch(instance, self.lakefs, run_id, self.publication_patience_seconds,
+                        wait=self.await_publication)
         self._branches.add(name)
         return name
 

@@ -387,12 +387,40 @@ def _awaits_publication(instance: dg.DagsterInstance, lakefs: LakeFSResource, ru
 
 
 def open_run_branch(instance: dg.DagsterInstance | None, lakefs: LakeFSResource, run_id: str,
-                    patience_seconds: float | None = None, log=None) -> str:
-    """The run's branch, made from main once every run that succeeded before it is published (see
-    `await_publication`; no wait without an instance). Never publishes anything itself."""
+                    patience_seconds: float | None = None, log=None, wait: bool = True) -> str:
+    """The run's branch, made once (idempotent: a retried step finds it). A run resuming a failed one (Dagster's
+    FROM_FAILURE retry) starts from the failed run's branch, which holds the outputs it will not rebuild; any other
+    run starts from main once every run that succeeded before it is published (see `await_publication`; no wait
+    without an instance or with `wait=False`). Never publishes anything itself. Every writer of a run's outputs
+    (the I/O manager, and steps writing lakeFS themselves, e.g. ranged runs) opens its branch here."""
     branch = run_branch(run_id)
     if not lakefs.branch_exists(branch):
-        if instance is not None:
+        source = resumed_source(instance, lakefs, run_id) if instance is not None else None
+        if source is not None:
+            lakefs.ensure_branch(branch, source=source)
+            return branch
+        if instance is not None and wait:
             await_publication(instance, lakefs, run_id, patience_seconds, log=log)
         lakefs.ensure_branch(branch)
     return branch
+
+
+def resumed_source(instance: dg.DagsterInstance, lakefs: LakeFSResource, run_id: str) -> str | None:
+    """For a run resuming a failed one: the branch of the nearest run it resumes that has one (a retry that itself
+    failed before writing anything has none; its own parent's branch holds the outputs). None for any other run.
+    An ancestor that did write outputs but whose branch is gone is an error: branching from main would silently
+    drop them. The ancestors' branches are left as they were, for inspection."""
+    from resources.io import is_resumed, resumed_lineage
+
+    if not is_resumed(instance.get_run_by_id(run_id)):
+        return None
+    for ancestor in resumed_lineage(instance, run_id)[1:]:
+        if lakefs.branch_exists(run_branch(ancestor)):
+            return run_branch(ancestor)
+        if instance.get_records_for_run(ancestor, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                        limit=1).records:
+            raise LakeFSError(
+                f"run {run_id} resumes run {ancestor}, whose branch {run_branch(ancestor)!r} (holding the "
+                f"outputs this run skips) is gone from lakeFS repository {lakefs.repository!r} at "
+                f"{lakefs.endpoint}: re-execute the whole job instead of resuming from the failure")
+    return None

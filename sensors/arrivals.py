@@ -289,9 +289,13 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
 
 def ranged_runs(plan: Plan, instance: dg.DagsterInstance, job: str, partition_keys: list[str]) -> None:
     """Note on the plan which partitions a ranged records run covers now (queued or running) or tried before."""
-    for rec in instance.get_run_records(dg.RunsFilter(job_name=job), limit=RUN_HISTORY_LIMIT):
+    records = instance.get_run_records(dg.RunsFilter(job_name=job), limit=RUN_HISTORY_LIMIT)
+    # A run Dagster retried (its failure marked `dagster/will_retry`, for good) is judged by its retry, not by itself:
+    # otherwise it would hold its partitions "in progress" long after the retry ended.
+    retried = {rec.dagster_run.tags.get("dagster/parent_run_id") for rec in records} - {None}
+    for rec in records:
         run = rec.dagster_run
-        if run.tags.get(PARTITION_TAG) or not run.tags.get(RANGE_STAMPS_TAG):
+        if run.tags.get(PARTITION_TAG) or not run.tags.get(RANGE_STAMPS_TAG) or run.run_id in retried:
             continue
         covered = run_partitions(run, partition_keys)
         if run.status in IN_PROGRESS or (run.status == dg.DagsterRunStatus.FAILURE

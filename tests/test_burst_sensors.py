@@ -46,10 +46,13 @@ def zone(root):
     return LandingZoneResource(root=str(root.parent), settle_seconds=0.0)
 
 
+def launch_tags(req: dg.RunRequest) -> dict:
+    return {**req.tags, "dagster/run_key": req.run_key, "dagster/sensor_name": "car_loan__landing_arrivals"}
+
+
 def launch_ranged(instance, req: dg.RunRequest) -> dg.DagsterRun:
     """Record the run the daemon makes of a ranged request (no `dagster/partition`, the range tags)."""
-    tags = {**req.tags, "dagster/run_key": req.run_key, "dagster/sensor_name": "car_loan__landing_arrivals"}
-    return queue(instance, dg.DagsterRun(job_name=req.job_name, run_id=str(uuid.uuid4()), tags=tags,
+    return queue(instance, dg.DagsterRun(job_name=req.job_name, run_id=str(uuid.uuid4()), tags=launch_tags(req),
                                          status=dg.DagsterRunStatus.NOT_STARTED))
 
 
@@ -118,6 +121,27 @@ def test_after_a_ranged_run_fails_each_of_its_partitions_is_requested_on_its_own
     assert sorted(r.partition_key for r in reqs if r.partition_key) == [NOV, DEC, JAN]
     assert [(r.partition_key_range.start, r.partition_key_range.end) for r in reqs if r.partition_key is None] \
         == [(FEB, MAR)]
+
+
+def test_a_ranged_run_dagster_retried_is_judged_by_its_retry_not_held_in_progress_forever(sensor, instance, root,
+                                                                                          zone):
+    for p in (NOV, DEC, JAN):
+        land(root, "records", p, "batch.parquet")
+    (req,) = records_requests(Tick(sensor, instance, zone))
+    parent = launch_ranged(instance, req)
+    start(instance, parent)
+    instance.add_run_tags(parent.run_id, {"dagster/will_retry": "true"})  # Dagster leaves it there for good
+    instance.report_run_failed(instance.get_run_by_id(parent.run_id))
+    retry = queue(instance, dg.DagsterRun(job_name=req.job_name, run_id=str(uuid.uuid4()), tags={
+        **launch_tags(req), "dagster/parent_run_id": parent.run_id,
+        "dagster/root_run_id": parent.run_id}, status=dg.DagsterRunStatus.NOT_STARTED))
+    assert records_requests(Tick(sensor, instance, zone)) == []  # the retry is in flight: nothing again
+    fail(instance, retry)
+    # The retry failed for good: each partition is requested on its own, the retried parent holds nothing.
+    tick = Tick(sensor, instance, zone)
+    reqs = records_requests(tick)
+    assert sorted(r.partition_key for r in reqs) == [NOV, DEC, JAN], tick.skip
+    assert sorted(r.partition_key for r in reqs) == [NOV, DEC, JAN]
 
 
 def test_a_published_ranged_records_run_requests_one_ranged_scoring_run(instance):

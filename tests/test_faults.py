@@ -391,6 +391,31 @@ def test_a_resumed_run_starts_its_own_branch_from_the_failed_runs_and_reads_its_
     assert load_asset(lakefs, "top")["v"].to_list() == [8] and load_asset(lakefs, "base")["v"].to_list() == [7]
 
 
+def test_a_resumed_step_writing_lakefs_itself_starts_from_the_failed_runs_branch_not_from_main(lakefs, instance):
+    """Ranged runs write their partitions themselves (`open_run_branch`, not the I/O manager): resumed, such a step
+    must still see what the failed run wrote, or its inputs would be missing and the run would publish nothing."""
+    from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
+
+    from resources.publish import open_run_branch
+
+    seen = {}
+
+    @dg.asset(name="self_writer", deps=["base"])
+    def self_writer(context) -> None:
+        branch = open_run_branch(context.instance, lakefs, context.run.run_id, wait=False)
+        seen["paths"] = sorted(lakefs.list_paths(branch, "assets/"))
+
+    io = LakeFSIOManager(lakefs=lakefs, await_publication=False)
+    first = dg.materialize([resumable_base], instance=instance, resources={"io_manager": io})
+    instance.report_run_failed(instance.get_run_by_id(first.run_id))
+    before = lakefs.head()
+    dg.materialize([resumable_base, self_writer], selection=["self_writer"], instance=instance,
+                   resources={"io_manager": io},
+                   tags={PARENT_RUN_ID_TAG: first.run_id, ROOT_RUN_ID_TAG: first.run_id, RESUME_RETRY_TAG: "true"})
+    assert seen["paths"] == ["assets/base/data.parquet"]  # the failed run's output, on the resumed run's branch
+    assert lakefs.head() == before
+
+
 def test_a_resumed_run_whose_parent_branch_is_gone_fails_instead_of_branching_from_main(lakefs, instance):
     from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RESUME_RETRY_TAG, ROOT_RUN_ID_TAG
 
