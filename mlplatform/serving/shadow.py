@@ -95,12 +95,11 @@ class ShadowProcess:
     """ShadowScorer's interface (submit / close / scored / failed / skipped), scoring in a child process."""
 
     def __init__(self, spec, tracking, settings, log_dir, interval: float = 0.05, max_queue: int = 10_000,
-                 restart_seconds: float = 5.0, start_timeout: float = 120.0):
+                 restart_seconds: float = 5.0):
         import multiprocessing as mp
 
         self.spec, self.tracking, self.settings, self.log_dir = spec, tracking, settings, log_dir
         self.interval, self.max_queue, self.restart_seconds = interval, max_queue, restart_seconds
-        self.start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")  # never fork a process that runs an event loop and threads
         self._counters = self._ctx.Array("q", 3, lock=False)  # scored, failed, skipped (child side)
         self._pending: collections.deque = collections.deque()
@@ -138,14 +137,22 @@ class ShadowProcess:
                               pickle.dumps((model.version, prepared, request_id, alias, mode, now), protocol=5)))
         return True
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
+        self._last_start = time.monotonic()  # also when starting fails: the next try waits restart_seconds
         recv, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child_main, name="shadow-scorer", daemon=True,
-                                 args=(recv, self.spec, self.tracking, self.settings, str(self.log_dir),
-                                       self._counters, self.interval))
-        proc.start()
+        try:
+            proc = self._ctx.Process(target=_child_main, name="shadow-scorer", daemon=True,
+                                     args=(recv, self.spec, self.tracking, self.settings, str(self.log_dir),
+                                           self._counters, self.interval))
+            proc.start()
+        except Exception:  # noqa: BLE001 - no shadow process: its rows are counted as skipped, serving goes on
+            log.exception("shadow scorer process could not be started; retrying in %.0fs", self.restart_seconds)
+            recv.close()
+            send.close()
+            return False
         recv.close()
-        self._proc, self._conn, self._last_start = proc, send, time.monotonic()
+        self._proc, self._conn = proc, send
+        return True
 
     def _alive(self) -> bool:
         if self._proc is not None and self._proc.is_alive():
@@ -159,8 +166,7 @@ class ShadowProcess:
         wait = self.restart_seconds - (time.monotonic() - self._last_start)
         if self._last_start and wait > 0:
             return False  # crash loop guard: jobs meanwhile are skipped
-        self._spawn()
-        return True
+        return self._spawn()
 
     def _close_conn(self) -> None:
         if self._conn is not None:
@@ -195,20 +201,22 @@ class ShadowProcess:
                 self._send()
             except Exception:  # noqa: BLE001 - the sender never dies: say why, and go on with the next batch
                 log.exception("shadow sender: a batch could not be handed over")
-        self._send()
+        try:
+            self._send()
+            if self._conn is not None:
+                self._conn.send_bytes(b"")  # end of stream (from this thread only): the child drains and exits
+        except (OSError, ValueError):
+            pass
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """Send what is queued, let the child score and log it, then stop it (a graceful shutdown loses nothing
-        that was accepted)."""
+        that was accepted, unless the child takes longer than `timeout`: then it is terminated)."""
         self._stop.set()
+        end = time.monotonic() + timeout
         self._thread.join(timeout)
         if self._proc is None:
             return
-        try:
-            self._conn.send_bytes(b"")  # end of stream: the child drains, flushes its log and exits
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout)
+        self._proc.join(max(0.1, end - time.monotonic()))
         if self._proc.is_alive():
             log.warning("shadow scorer process %s did not stop in %.0fs; terminated", self._proc.pid, timeout)
             self._proc.terminate()
