@@ -19,6 +19,7 @@ from sensors.arrivals import build_arrivals
 from resources.audit import AuditResource
 from resources.mlflow import MLflowResource
 from resources.naming import Namespace, ns
+from resources.partitions import WITHHELD
 from mlplatform.spec import DatasetSpec
 
 # The history's dbt models (unpartitioned) are rebuilt with each training; the batches' features are built per
@@ -49,7 +50,16 @@ def _checked(instance: dg.DagsterInstance, key: str | dg.AssetKey, limit: int = 
     if run_ids:
         ok = {r.run_id for r in instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids,
                                                                         statuses=[dg.DagsterRunStatus.SUCCESS]))}
-    return [r for r in records if not r.run_id or r.run_id in ok]
+    # A partition a ranged run withheld has a materialization but nothing published: not evidence.
+    return [r for r in records if (not r.run_id or r.run_id in ok) and WITHHELD not in r.asset_materialization.metadata]
+
+
+EVIDENCE_LIMIT = 40  # materializations read per tick: more than a ranged run publishes at once (31)
+
+
+def new_evidence(records: list, seen_id: int, trained_at: float) -> list:
+    """The records (newest first) made since the trigger last looked (`seen_id`) and after the current model."""
+    return [r for r in records if r.storage_id > seen_id and r.timestamp > trained_at]
 
 
 def meta_value(meta: dict, key: str, default=None):
@@ -87,9 +97,11 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     drift = auto.drift
     if drift.enabled:
-        rec = _checked(instance, n.key("drift_report"), limit=10)[:1]
-        if rec and rec[0].storage_id > seen.get("drift", 0) and rec[0].timestamp > trained_at:
-            summary = meta_value(rec[0].asset_materialization.metadata, "summary", {}) or {}
+        # Every new report counts (a burst publishes many at once), newest first; the first alerting one fires.
+        recs = new_evidence(_checked(instance, n.key("drift_report"), limit=EVIDENCE_LIMIT), seen.get("drift", 0),
+                            trained_at)
+        for rec in recs:
+            summary = meta_value(rec.asset_materialization.metadata, "summary", {}) or {}
             method = drift.method
             by_feature = summary.get("alerts_by_feature", {})
             feats = sorted(f for f, ms in by_feature.items() if not method or method in ms)
@@ -97,15 +109,17 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
             if len(feats) >= drift.min_alerting_features or (mv and drift.on_multivariate_alert):
                 fired.append(Trigger("drift", f"{len(feats)} feature(s) drift by {method or 'any method'}"
                                               f"{' and a multivariate alert' if mv else ''} in batch "
-                                              f"{rec[0].partition_key}",
-                                     {"features": feats, "multivariate_alert": mv, "partition": rec[0].partition_key},
-                                     rec[0].storage_id))
+                                              f"{rec.partition_key}",
+                                     {"features": feats, "multivariate_alert": mv, "partition": rec.partition_key},
+                                     recs[0].storage_id))
+                break
 
     perf = auto.performance
     if perf.enabled:
-        rec = _checked(instance, n.key("performance_estimate"), limit=10)[:1]
-        if rec and rec[0].storage_id > seen.get("performance", 0) and rec[0].timestamp > trained_at:
-            meta = rec[0].asset_materialization.metadata
+        recs = new_evidence(_checked(instance, n.key("performance_estimate"), limit=EVIDENCE_LIMIT),
+                            seen.get("performance", 0), trained_at)
+        for rec in recs:
+            meta = rec.asset_materialization.metadata
             metric = spec.estimated_metric
             est = float(meta_value(meta, f"estimated_{metric}", float("nan")))
             champ = float(meta_value(meta, "champion_test_score", float("nan")))
@@ -114,11 +128,12 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
             margin = perf.margin_below_champion_test
             below_champ = margin is not None and ((est < champ - margin) if higher else (est > champ + margin))
             if below_floor or below_champ:
-                fired.append(Trigger("performance", f"estimated {metric} {est:.4f} in batch {rec[0].partition_key} "
+                fired.append(Trigger("performance", f"estimated {metric} {est:.4f} in batch {rec.partition_key} "
                                      + ("is below the floor " + str(perf.floor) if below_floor else
                                         f"is below the champion's test score {champ:.4f} by more than {margin}"),
                                      {"estimated": est, "champion_test_score": champ,
-                                      "partition": rec[0].partition_key}, rec[0].storage_id))
+                                      "partition": rec.partition_key}, recs[0].storage_id))
+                break
     return fired
 
 

@@ -100,6 +100,24 @@ def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors
     assert json.loads(again.tags["retrain/evidence"])["drift"]["partition"] == "2019-06-01"
 
 
+def test_a_burst_of_reports_is_evidence_as_a_whole_and_a_withheld_partition_is_none(sensors, instance, state):
+    """A ranged run publishes many partitions' reports at once: a drifting one fires even if it is not the newest,
+    and a partition the run withheld (a materialization with nothing published) is never evidence."""
+    from resources.partitions import WITHHELD
+
+    s = sensors["retrain_on_evidence"]
+    report(instance, "drift_report", "2019-04-01", summary=drift_evidence(5, "2019-04-01"))
+    report(instance, "drift_report", "2019-05-01", summary=drift_evidence(1, "2019-05-01"))
+    report(instance, "performance_estimate", "2019-05-01", **{WITHHELD: "features [2019-05-01] withheld upstream"},
+           estimated_roc_auc=0.10, champion_test_score=0.97)
+    result, cursor = tick(s, instance)
+    (req,) = requests(result)
+    assert req.tags["retrain/trigger"] == "drift"  # not "performance": the withheld estimate is not evidence
+    assert json.loads(req.tags["retrain/evidence"])["drift"]["partition"] == "2019-04-01"
+    result, _ = tick(s, instance, cursor=past_the_interval(cursor))
+    assert skipped(result) == "no trigger has new evidence"  # the whole burst was consumed at once
+
+
 def test_a_storm_of_evidence_makes_one_run_and_the_minimum_interval_holds(sensors, instance, state):
     s = sensors["retrain_on_evidence"]
     report(instance, "training_set", None, rows_train=10000)
