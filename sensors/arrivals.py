@@ -284,6 +284,10 @@ def plan_arrivals(instance: dg.DagsterInstance, zone: Landing, partition_keys: l
             except Exception as exc:  # noqa: BLE001 - one partition never blocks the others
                 plan.warnings.append(f"{kind}/{partition}: skipped this tick ({type(exc).__name__}: {exc})")
     group_records(plan, n, partition_keys)
+    try:
+        split_failed_ranged_scoring(plan, instance, n, partition_keys)
+    except Exception as exc:  # noqa: BLE001 - retried next tick; ingestion is not held up by it
+        plan.warnings.append(f"could not read the failed ranged {n.job(JOBS['score'])} runs: {exc}")
     return plan
 
 
@@ -309,6 +313,31 @@ def ranged_runs(plan: Plan, instance: dg.DagsterInstance, job: str, partition_ke
             stamps = {}
         for p in covered:
             plan.ranged_tried.setdefault(p, set()).add(stamps.get(p, "*"))
+
+
+SPLIT_FROM_TAG = "arrival/split_from"  # a scoring run of one partition, requested after the ranged run that failed
+
+
+def split_failed_ranged_scoring(plan: Plan, instance: dg.DagsterInstance, n: Namespace,
+                                partition_keys: list[str]) -> None:
+    """A ranged scoring run that failed for good (no Dagster retry coming) is split: each partition of its range is
+    scored by a run of its own (once: the run key names the failed run), so one bad partition fails alone, visibly,
+    and the others publish, as they would have without the burst."""
+    job = n.job(JOBS["score"])
+    records = instance.get_run_records(dg.RunsFilter(job_name=job, statuses=[dg.DagsterRunStatus.FAILURE]),
+                                       limit=RUN_HISTORY_LIMIT)
+    for rec in records:
+        run = rec.dagster_run
+        if run.tags.get(PARTITION_TAG) or run.tags.get("dagster/will_retry") == "true":
+            continue  # a single-partition run, or Dagster retries it (the retry is judged instead)
+        covered = run_partitions(run, partition_keys)
+        if not covered or instance.get_runs(dg.RunsFilter(tags={SPLIT_FROM_TAG: run.run_id}), limit=1):
+            continue  # split already
+        selection = list(run.asset_selection) if run.asset_selection else None
+        for p in covered:
+            plan.requests.append(dg.RunRequest(
+                run_key=f"score/{p}/split-{run.run_id}", job_name=job, partition_key=p, asset_selection=selection,
+                tags={**n.partition_tags(p), SPLIT_FROM_TAG: run.run_id}))
 
 
 def group_records(plan: Plan, n: Namespace, partition_keys: list[str]) -> None:
@@ -431,10 +460,11 @@ def build_arrivals(spec: DatasetSpec) -> dict:
                       f"Rebuild one {spec.name} batch's dbt models (staging, features) from its raw partition; "
                       f"backfill all partitions for a full rebuild.")
 
-    @dg.sensor(name=n.sensor("landing_arrivals"), jobs=[ingest_job, labels_job], minimum_interval_seconds=5,
+    @dg.sensor(name=n.sensor("landing_arrivals"), jobs=[ingest_job, labels_job, score_job], minimum_interval_seconds=5,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Complete files in the landing zone -> ingest their partition (records, then labels); "
-                           "failed ingestions are retried with backoff.")
+                           "failed ingestions are retried with backoff; a failed ranged scoring run is split into "
+                           "one run per partition.")
     def landing_arrivals(context: dg.SensorEvaluationContext, landing: LandingZoneResource):
         plan = plan_arrivals(context.instance, landing.zone(spec), partition_keys, context.cursor,
                              max_attempts=landing.max_ingest_attempts,

@@ -144,6 +144,34 @@ def test_a_ranged_run_dagster_retried_is_judged_by_its_retry_not_held_in_progres
     assert sorted(r.partition_key for r in reqs) == [NOV, DEC, JAN]
 
 
+def test_a_ranged_scoring_run_that_failed_for_good_is_split_into_one_scoring_run_per_partition(sensor, instance,
+                                                                                                 zone):
+    from sensors.arrivals import SPLIT_FROM_TAG
+
+    def ranged_scoring(**extra) -> dg.DagsterRun:
+        run = queue(instance, dg.DagsterRun(job_name="car_loan__score_batch", run_id=str(uuid.uuid4()), tags={
+            "mlp/dataset": "car_loan", RANGE_START_TAG: NOV, RANGE_END_TAG: JAN, **extra},
+            status=dg.DagsterRunStatus.NOT_STARTED))
+        start(instance, run)
+        return run
+
+    def scoring(tick):
+        return [r for r in tick.requests if r.job_name == "car_loan__score_batch"]
+
+    retried = ranged_scoring(**{"dagster/will_retry": "true"})
+    instance.report_run_failed(instance.get_run_by_id(retried.run_id))
+    assert scoring(Tick(sensor, instance, zone)) == []  # Dagster retries it: its retry is judged instead
+    failed = ranged_scoring()
+    instance.report_run_failed(instance.get_run_by_id(failed.run_id))
+    reqs = scoring(Tick(sensor, instance, zone))
+    assert sorted(r.partition_key for r in reqs) == [NOV, DEC, JAN]
+    assert {r.tags[SPLIT_FROM_TAG] for r in reqs} == {failed.run_id} and len({r.run_key for r in reqs}) == 3
+    queue(instance, dg.DagsterRun(job_name="car_loan__score_batch", run_id=str(uuid.uuid4()),
+                                  tags={**reqs[0].tags, "dagster/partition": NOV},
+                                  status=dg.DagsterRunStatus.NOT_STARTED))
+    assert scoring(Tick(sensor, instance, zone)) == []  # split once
+
+
 def test_a_published_ranged_records_run_requests_one_ranged_scoring_run(instance):
     from sensors.arrivals import JOBS, SCORE_ASSETS
     from sensors.publish import AFTER_RUN_TAG, scoring_request
