@@ -58,8 +58,11 @@ EVIDENCE_LIMIT = 40  # materializations read per tick: more than a ranged run pu
 
 
 def new_evidence(records: list, seen_id: int, trained_at: float) -> list:
-    """The records (newest first) made since the trigger last looked (`seen_id`) and after the current model."""
-    return [r for r in records if r.storage_id > seen_id and r.timestamp > trained_at]
+    """The newest run's records (newest first; several when that run was a burst over many partitions), if made
+    since the trigger last looked (`seen_id`) and after the current model. An older run's report is superseded by
+    the newer batch's, as it always was for batches one by one."""
+    fresh = [r for r in records if r.storage_id > seen_id and r.timestamp > trained_at]
+    return [r for r in fresh if r.run_id == fresh[0].run_id] if fresh else []
 
 
 def meta_value(meta: dict, key: str, default=None):
@@ -97,7 +100,7 @@ def evaluate_triggers(instance: dg.DagsterInstance, spec: DatasetSpec, seen: dic
 
     drift = auto.drift
     if drift.enabled:
-        # Every new report counts (a burst publishes many at once), newest first; the first alerting one fires.
+        # Every report of the newest run counts (a burst publishes many at once); the first alerting one fires.
         recs = new_evidence(_checked(instance, n.key("drift_report"), limit=EVIDENCE_LIMIT), seen.get("drift", 0),
                             trained_at)
         for rec in recs:

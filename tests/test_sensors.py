@@ -101,8 +101,9 @@ def test_drift_on_enough_features_triggers_one_retrain_with_its_evidence(sensors
 
 
 def test_a_burst_of_reports_is_evidence_as_a_whole_and_a_withheld_partition_is_none(sensors, instance, state):
-    """A ranged run publishes many partitions' reports at once: a drifting one fires even if it is not the newest,
-    and a partition the run withheld (a materialization with nothing published) is never evidence."""
+    """A ranged run publishes many partitions' reports at once: a drifting one fires even if it is not the newest of
+    the run, and a partition the run withheld (a materialization with nothing published) is never evidence. (Here
+    the reports come from outside a run, as one burst.)"""
     from resources.partitions import WITHHELD
 
     s = sensors["retrain_on_evidence"]
