@@ -26,6 +26,17 @@ from mlplatform.spec import DatasetSpec, state_dir
 log = logging.getLogger(__name__)
 
 
+def take_all(queue: collections.deque) -> list:
+    """Everything in `queue` now, oldest first, while other threads may still append (popleft is atomic)."""
+    out = []
+    while queue:
+        try:
+            out.append(queue.popleft())
+        except IndexError:
+            break
+    return out
+
+
 def spool_dir(spec: DatasetSpec, configured: str = "") -> Path:
     return Path(configured) if configured else state_dir() / "online_predictions" / spec.name
 
@@ -60,13 +71,7 @@ class PredictionLog:
             self._wake.set()
 
     def _take(self) -> list[dict]:
-        out = []
-        while self._rows:
-            try:
-                out.append(self._rows.popleft())
-            except IndexError:
-                break
-        return out
+        return take_all(self._rows)
 
     def _run(self) -> None:
         while not self._stop.is_set():

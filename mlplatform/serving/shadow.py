@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from mlplatform.serving.predlog import take_all
+
 log = logging.getLogger(__name__)
 
 
@@ -47,12 +49,7 @@ class ShadowScorer:
         self.drain()
 
     def drain(self) -> None:
-        jobs = []
-        while self._jobs:
-            try:
-                jobs.append(self._jobs.popleft())
-            except IndexError:
-                break
+        jobs = take_all(self._jobs)
         by_model: dict[int, list] = collections.defaultdict(list)
         for job in jobs:
             by_model[id(job[0])].append(job)
@@ -177,12 +174,7 @@ class ShadowProcess:
             self._conn = None
 
     def _send(self) -> None:
-        jobs = []
-        while self._pending:
-            try:
-                jobs.append(self._pending.popleft())
-            except IndexError:
-                break
+        jobs = take_all(self._pending)
         if not jobs:
             return
         rows = sum(n for n, _ in jobs)
