@@ -15,23 +15,9 @@ from resources.partitions import RANGE_END_TAG, RANGE_START_TAG, contiguous_grou
 from sensors.arrivals import RANGE_STAMPS_TAG
 
 from .test_arrivals import Tick, fail, land, launch, queue, start  # noqa: F401 - shared run recorders
+from .test_arrivals import sensor, spec  # noqa: F401 - the same fixtures (car_loan's arrivals sensor)
 
 NOV, DEC, JAN, FEB, MAR = "2018-11-01", "2018-12-01", "2019-01-01", "2019-02-01", "2019-03-01"
-
-
-@pytest.fixture(scope="module")
-def spec():
-    from .helpers import car_loan
-
-    return car_loan()
-
-
-@pytest.fixture
-def sensor(spec):
-    from sensors.arrivals import build_arrivals
-
-    (s,) = build_arrivals(spec)["sensors"]
-    return s
 
 
 @pytest.fixture
